@@ -1,0 +1,97 @@
+"""The few named exceptions the platform raises, and their mapping to the contract's JSON error shape.
+
+Every function raises one of these; one handler table (``functions/common.py``) turns them into
+``{"error": {"code", "message", "field"?}}`` with the right status. Nothing else builds error bodies.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """Base class: an error with an HTTP status, a snake_case code and a human message."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        """The contract's error object."""
+        error = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class MalformedBody(ApiError):
+    """400: the body is not JSON, or not the JSON shape the endpoint takes."""
+
+    status = 400
+    code = "malformed_body"
+
+
+class Unauthorized(ApiError):
+    """401: a token is missing or unknown."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    """403: the token is valid but may not do this (another node's job, a non-admin key)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    """404: no such id (or one that belongs to another tenant)."""
+
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    """409: the request conflicts with the current state (stale attempt, terminal job)."""
+
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is over the endpoint's cap."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class InvalidField(ApiError):
+    """422: one field of a well-formed body is invalid; ``field`` names it as a dotted path."""
+
+    status = 422
+    code = "invalid_field"
+
+
+class RateLimited(ApiError):
+    """429: too many requests; ``Retry-After`` says when to try again."""
+
+    status = 429
+    code = "rate_limited"
+
+
+class StoreUnavailable(ApiError):
+    """503: Redis is unreachable or too slow; ``Retry-After`` says when to try again."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the state store is unreachable; try again shortly",
+                 retry_after_s: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
