@@ -1,0 +1,462 @@
+"""The job spec: validate a submitted body and return it with every default filled in.
+
+Pure Python on purpose (no torch): the HTTP control plane rejects a job that can never train
+(unknown field, layers whose shapes cannot connect, a model far too large) before it is queued,
+and the node's training package reuses the same shape rules to build the model, so the two
+cannot disagree. Every error names the dotted field at fault (``model.layers.2.type``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+from shared.errors import InvalidField, MalformedBody
+
+MAX_PARAMETERS = 200_000_000  # beyond this a job would not fit a node's memory, let alone train quickly
+MAX_WIDTH = 65_536
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
+NORMS = ("none", "layernorm", "rmsnorm")
+BUILTIN_DATASETS = ("digits", "tiny-text", "blobs", "spirals")
+TEXT_VOCAB_SIZE = 256  # text datasets are modelled as raw bytes, so every text shares one vocabulary
+_REQUIRED = object()  # sentinel: the field has no default
+
+
+class _Fields:
+    """One JSON object being read: typed, range-checked getters, then ``finish`` rejects leftovers."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if not isinstance(raw, dict):
+            raise InvalidField(f"{path} must be an object", field=path)
+        self.raw: dict[str, Any] = raw
+        self.path = path
+        self.read: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.read.add(key)
+        if key in self.raw:
+            return self.raw[key]
+        if default is _REQUIRED:
+            raise InvalidField(f"{self.name(key)} is required", field=self.name(key))
+        return default
+
+    def integer(self, key: str, default: Any, low: int, high: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidField(f"{self.name(key)} must be an integer", field=self.name(key))
+        if not low <= value <= high:
+            raise InvalidField(f"{self.name(key)} must be between {low} and {high}", field=self.name(key))
+        return value
+
+    def number(self, key: str, default: Any, low: float, high: float, *, above_low: bool = False) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidField(f"{self.name(key)} must be a number", field=self.name(key))
+        if value > high or value < low or (above_low and value == low):
+            bound = "above" if above_low else "at least"
+            raise InvalidField(f"{self.name(key)} must be {bound} {low} and at most {high}", field=self.name(key))
+        return float(value)
+
+    def choice(self, key: str, default: Any, options: tuple[str, ...]) -> str:
+        value = self._get(key, default)
+        if value not in options:
+            raise InvalidField(f"{self.name(key)} must be one of {', '.join(options)}", field=self.name(key))
+        return str(value)
+
+    def boolean(self, key: str, default: Any) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise InvalidField(f"{self.name(key)} must be true or false", field=self.name(key))
+        return value
+
+    def text(self, key: str, default: Any, max_length: int = 128) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str) or not 0 < len(value) <= max_length or not value.isprintable():
+            raise InvalidField(f"{self.name(key)} must be a printable string of 1 to {max_length} characters",
+                               field=self.name(key))
+        return value
+
+    def widths(self, key: str, default: Any, min_items: int, max_items: int) -> list[int]:
+        value = self._get(key, default)
+        if not isinstance(value, list) or not min_items <= len(value) <= max_items:
+            raise InvalidField(f"{self.name(key)} must be a list of {min_items} to {max_items} sizes",
+                               field=self.name(key))
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_WIDTH:
+                raise InvalidField(f"{self.name(key)}.{index} must be an integer from 1 to {MAX_WIDTH}",
+                                   field=f"{self.name(key)}.{index}")
+        return list(value)
+
+    def child(self, key: str, *, required: bool = False) -> _Fields:
+        return _Fields(self._get(key, _REQUIRED if required else {}), self.name(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.raw) - self.read)
+        if unknown:
+            raise InvalidField(f"unknown field {self.name(unknown[0])}", field=self.name(unknown[0]))
+
+
+def parse_job_spec(raw: object) -> dict[str, Any]:
+    """Validate a decoded POST /v1/jobs body; return the normalized spec (plain JSON values).
+
+    Raises ``MalformedBody`` when the body is not a JSON object and ``InvalidField`` naming the
+    dotted field for anything else: unknown fields, bad values, shapes that cannot connect.
+    """
+    if not isinstance(raw, dict):
+        raise MalformedBody("the job spec must be a JSON object")
+    top = _Fields(raw, "")
+    dataset = _parse_dataset(top._get("dataset", _REQUIRED))
+    info = known_data_info(dataset)
+    model = _parse_model(top.child("model", required=True), info)
+    training = _parse_training(_Fields(top._get("training", {}), "training"))
+    check_model_fits(model, info)
+    spec = {
+        "name": top.text("name", f"{dataset['name']}-{model['type']}"),
+        "model": model,
+        "dataset": dataset,
+        "training": training,
+        "requirements": _parse_requirements(top.child("requirements")),
+        "priority": top.choice("priority", "normal", ("low", "normal", "high")),
+        "max_attempts": top.integer("max_attempts", 3, 1, 10),
+    }
+    top.finish()
+    return spec
+
+
+def _parse_dataset(raw: object) -> dict[str, Any]:
+    if isinstance(raw, str):  # "dataset": "digits" is shorthand for {"name": "digits"}
+        raw = {"name": raw}
+    fields = _Fields(raw, "dataset")
+    if "url" in fields.raw:
+        dataset = _parse_url_dataset(fields)
+    else:
+        name = fields._get("name", _REQUIRED)
+        if name not in BUILTIN_DATASETS:
+            raise InvalidField(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)} "
+                               "or give a url", field="dataset.name")
+        dataset = {"name": name}
+        if name == "blobs":
+            dataset.update(n_samples=fields.integer("n_samples", 1000, 20, 1_000_000),
+                           n_features=fields.integer("n_features", 2, 1, 4096),
+                           n_classes=fields.integer("n_classes", 3, 2, 1000),
+                           noise=fields.number("noise", 1.0, 0.0, 100.0))
+        elif name == "spirals":
+            dataset.update(n_samples=fields.integer("n_samples", 1000, 20, 1_000_000),
+                           n_classes=fields.integer("n_classes", 2, 2, 16),
+                           noise=fields.number("noise", 0.2, 0.0, 10.0))
+    dataset["val_fraction"] = fields.number("val_fraction", 0.2, 0.0, 0.9)
+    fields.finish()
+    return dataset
+
+
+def _parse_url_dataset(fields: _Fields) -> dict[str, Any]:
+    url = fields.text("url", _REQUIRED, max_length=4096)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("", "file", "http", "https"):
+        raise InvalidField("dataset.url must be a file path, a file:// url or an http(s) url", field="dataset.url")
+    path = url.split("?", 1)[0].rstrip("/")
+    basename = path.rsplit("/", 1)[-1]
+    guessed = "npz" if basename.endswith(".npz") else "csv" if basename.endswith((".csv", ".csv.gz")) else _REQUIRED
+    stem = basename.split(".", 1)[0] or "data"
+    return {
+        "name": fields.text("name", stem),
+        "url": url,
+        "format": fields.choice("format", guessed, ("npz", "csv")),
+        # auto: integer targets mean classification, float targets regression
+        "task": fields.choice("task", "auto", ("auto", "classification", "regression")),
+    }
+
+
+def known_data_info(dataset: dict[str, Any]) -> dict[str, Any] | None:
+    """The shapes a normalized dataset spec yields, or None for user data (known only once loaded).
+
+    Keys: task (classification|regression|lm), num_features, image_shape ([C, H, W] or None),
+    num_classes, target_dim, vocab_size (each None where it does not apply).
+    """
+    name = dataset["name"]
+    if "url" in dataset:
+        return None
+    if name == "digits":
+        return data_info("classification", num_features=64, image_shape=[1, 8, 8], num_classes=10)
+    if name == "tiny-text":
+        return data_info("lm", vocab_size=TEXT_VOCAB_SIZE)
+    if name == "blobs":
+        return data_info("classification", num_features=dataset["n_features"], num_classes=dataset["n_classes"])
+    return data_info("classification", num_features=2, num_classes=dataset["n_classes"])  # spirals
+
+
+def data_info(task: str, *, num_features: int | None = None, image_shape: list[int] | None = None,
+              num_classes: int | None = None, target_dim: int | None = None,
+              vocab_size: int | None = None) -> dict[str, Any]:
+    """Build the data-shape record shared by validation, model building and saved weights."""
+    return {"task": task, "num_features": num_features, "image_shape": image_shape,
+            "num_classes": num_classes, "target_dim": target_dim, "vocab_size": vocab_size}
+
+
+def _parse_model(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]:
+    kind = fields.choice("type", _REQUIRED, ("mlp", "cnn", "transformer", "sequential"))
+    model: dict[str, Any] = {"type": kind}
+    if kind == "mlp":
+        model.update(hidden=fields.widths("hidden", [128, 64], 0, 32),
+                     activation=fields.choice("activation", "gelu", ACTIVATIONS),
+                     norm=fields.choice("norm", "none", NORMS),
+                     dropout=fields.number("dropout", 0.0, 0.0, 0.99))
+    elif kind == "cnn":
+        model.update(channels=fields.widths("channels", [16, 32], 1, 8),
+                     kernel_size=fields.integer("kernel_size", 3, 1, 15),
+                     pool=fields.boolean("pool", True),
+                     activation=fields.choice("activation", "relu", ACTIVATIONS),
+                     hidden=fields.widths("hidden", [64], 0, 8),
+                     dropout=fields.number("dropout", 0.0, 0.0, 0.99))
+    elif kind == "transformer":
+        d_model = fields.integer("d_model", 128, 8, 8192)
+        model.update(d_model=d_model,
+                     n_layers=fields.integer("n_layers", 2, 1, 64),
+                     n_heads=fields.integer("n_heads", 4, 1, 128),
+                     d_ff=fields.integer("d_ff", 4 * d_model, 1, MAX_WIDTH),
+                     context=fields.integer("context", 128, 2, 8192),
+                     activation=fields.choice("activation", "gelu", ("relu", "gelu", "silu")),
+                     norm=fields.choice("norm", "layernorm", ("layernorm", "rmsnorm")),
+                     dropout=fields.number("dropout", 0.0, 0.0, 0.99))
+        if d_model % model["n_heads"]:
+            raise InvalidField("model.n_heads must divide model.d_model", field="model.n_heads")
+    else:
+        raw_layers = fields._get("layers", _REQUIRED)
+        if not isinstance(raw_layers, list) or not 1 <= len(raw_layers) <= 256:
+            raise InvalidField("model.layers must be a list of 1 to 256 layers", field="model.layers")
+        model["layers"] = [_parse_layer(_Fields(layer, f"model.layers.{i}"), info)
+                           for i, layer in enumerate(raw_layers)]
+        model["context"] = fields.integer("context", 64, 2, 8192)  # sequence length, for text datasets only
+    fields.finish()
+    return model
+
+
+_SHAPELESS_LAYERS = ("flatten", *ACTIVATIONS, "layernorm", "rmsnorm")
+
+
+def _parse_layer(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]:
+    kind = fields.choice("type", _REQUIRED, ("linear", "conv2d", "maxpool", "avgpool", "dropout", "embedding",
+                                             *_SHAPELESS_LAYERS))
+    layer: dict[str, Any] = {"type": kind}
+    if kind == "linear":
+        layer.update(out=fields.integer("out", _REQUIRED, 1, MAX_WIDTH), bias=fields.boolean("bias", True))
+    elif kind == "conv2d":
+        layer.update(out_channels=fields.integer("out_channels", _REQUIRED, 1, 16_384),
+                     kernel_size=fields.integer("kernel_size", 3, 1, 31),
+                     stride=fields.integer("stride", 1, 1, 16),
+                     padding=fields.integer("padding", 0, 0, 31))
+    elif kind in ("maxpool", "avgpool"):
+        kernel = fields.integer("kernel_size", 2, 1, 32)
+        layer.update(kernel_size=kernel, stride=fields.integer("stride", kernel, 1, 32))
+    elif kind == "dropout":
+        layer["p"] = fields.number("p", 0.5, 0.0, 0.99)
+    elif kind == "embedding":
+        vocab = (info or {}).get("vocab_size") or 1
+        layer.update(num_embeddings=fields.integer("num_embeddings", vocab, 1, 1_000_000),
+                     dim=fields.integer("dim", _REQUIRED, 1, MAX_WIDTH))
+    fields.finish()
+    return layer
+
+
+def _parse_training(fields: _Fields) -> dict[str, Any]:
+    checkpoint = fields.child("checkpoint")
+    training = {
+        "epochs": fields.integer("epochs", _REQUIRED, 1, 10_000),
+        "batch_size": fields.integer("batch_size", 64, 1, 65_536),
+        "optimizer": fields.choice("optimizer", "adamw", ("sgd", "adam", "adamw")),
+        "learning_rate": fields.number("learning_rate", 1e-3, 0.0, 10.0, above_low=True),
+        "weight_decay": fields.number("weight_decay", 0.01, 0.0, 10.0),
+        "momentum": fields.number("momentum", 0.9, 0.0, 0.999),  # sgd only
+        "betas": _betas(fields),  # adam and adamw only
+        "lr_schedule": fields.choice("lr_schedule", "constant", ("constant", "cosine")),
+        "warmup_steps": fields.integer("warmup_steps", 0, 0, 10_000_000),
+        "seed": fields.integer("seed", 0, 0, 2**63 - 1),
+        "grad_clip": fields.number("grad_clip", 1.0, 0.0, 1e6),  # max global grad norm; 0 turns clipping off
+        "kernels": fields.choice("kernels", "auto", ("auto", "triton", "torch")),
+        "progress_every_steps": fields.integer("progress_every_steps", 50, 1, 10_000_000),
+        "progress_every_s": fields.number("progress_every_s", 5.0, 0.1, 86_400.0),
+        "checkpoint": {"enabled": checkpoint.boolean("enabled", True),
+                       # at most one epoch-end checkpoint per interval: tiny epochs would upload constantly
+                       "min_interval_s": checkpoint.number("min_interval_s", 60.0, 0.0, 86_400.0)},
+    }
+    checkpoint.finish()
+    fields.finish()
+    return training
+
+
+def _betas(fields: _Fields) -> list[float]:
+    value = fields._get("betas", [0.9, 0.999])
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)):
+        raise InvalidField("training.betas must be two numbers in [0, 1)", field="training.betas")
+    return [float(b) for b in value]
+
+
+def _parse_requirements(fields: _Fields) -> dict[str, Any]:
+    labels = fields._get("labels", {})
+    if not isinstance(labels, dict) or len(labels) > 32:
+        raise InvalidField("requirements.labels must be an object of at most 32 labels", field="requirements.labels")
+    for key, value in labels.items():
+        if not (0 < len(key) <= 63 and isinstance(value, str) and len(value) <= 256):
+            raise InvalidField("labels map names (1-63 characters) to strings (at most 256 characters)",
+                               field=f"requirements.labels.{key}")
+    requirements = {"gpu": fields.boolean("gpu", False),
+                    "min_gpu_memory_mb": fields.integer("min_gpu_memory_mb", 0, 0, 100_000_000),
+                    "min_ram_mb": fields.integer("min_ram_mb", 0, 0, 100_000_000),
+                    "labels": dict(labels)}
+    fields.finish()
+    return requirements
+
+
+# ---------------------------------------------------------------- shapes and sizes
+
+def check_model_fits(model: dict[str, Any], info: dict[str, Any] | None) -> int:
+    """Check that a normalized model can train on data of this shape; return its parameter count.
+
+    ``info`` None (user data not loaded yet) checks only what does not depend on the data.
+    The node calls this again once the data is loaded; it raises ``InvalidField`` either way.
+    """
+    kind, task = model["type"], (info or {}).get("task")
+    if kind == "transformer" and task != "lm":
+        raise InvalidField("a transformer is a language model: it needs a text dataset such as tiny-text",
+                           field="model.type")
+    if kind in ("mlp", "cnn") and task == "lm":
+        raise InvalidField(f"{kind} cannot model text; use a transformer or a sequential model with an embedding",
+                           field="model.type")
+    outputs = _output_size(info)
+    if kind == "mlp":
+        features = (info or {}).get("num_features") or 1
+        widths = [features, *model["hidden"]]
+        norm = {"none": 0, "layernorm": 2, "rmsnorm": 1}[model["norm"]]
+        count = sum(a * b + b + norm * b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs
+    elif kind == "cnn":
+        count = _cnn_parameters(model, info, outputs)
+    elif kind == "transformer":
+        count = _transformer_parameters(model, info["vocab_size"] if info else TEXT_VOCAB_SIZE)
+    else:
+        count = sum(size for _, size in sequential_shapes(model, info))
+    if count > MAX_PARAMETERS:
+        raise InvalidField(f"the model has {count:,} parameters; the limit is {MAX_PARAMETERS:,}", field="model")
+    return count
+
+
+def _output_size(info: dict[str, Any] | None) -> int:
+    info = info or {}
+    return int(info.get("num_classes") or info.get("target_dim") or info.get("vocab_size") or 1)
+
+
+def _cnn_parameters(model: dict[str, Any], info: dict[str, Any] | None, outputs: int) -> int:
+    if info is None:
+        channels, height, width = 1, 1 << 30, 1 << 30  # unknown image: only the sizes can be checked
+    elif info.get("image_shape") is None:
+        raise InvalidField("a cnn needs image-shaped data (channels, height, width); this dataset is flat",
+                           field="model.type")
+    else:
+        channels, height, width = info["image_shape"]
+    count, k = 0, model["kernel_size"]
+    for out_channels in model["channels"]:
+        count += channels * out_channels * k * k + out_channels
+        channels = out_channels
+        if model["pool"]:  # same-padded conv keeps the size; each 2x2 pool halves it
+            height, width = height // 2, width // 2
+            if height < 1 or width < 1:
+                raise InvalidField("too many pooled conv layers for this image size", field="model.channels")
+    if info is None:
+        return count
+    widths = [channels * height * width, *model["hidden"]]
+    return int(count + sum(a * b + b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs)
+
+
+def _transformer_parameters(model: dict[str, Any], vocab_size: int) -> int:
+    d, d_ff = model["d_model"], model["d_ff"]
+    norm = 2 * d if model["norm"] == "layernorm" else d
+    block = 2 * norm + (d * 3 * d + 3 * d) + (d * d + d) + (d * d_ff + d_ff) + (d_ff * d + d)
+    return int(vocab_size * d + model["context"] * d + model["n_layers"] * block + norm + d * vocab_size)
+
+
+def sequential_input(model: dict[str, Any], info: dict[str, Any] | None) -> tuple[list[int], bool]:
+    """The per-sample input shape a sequential model sees, and whether it is token ids.
+
+    Text gives ``context`` token ids; image data gives (C, H, W) when the first layer that cares
+    is a conv or pool, so one dataset serves both ``linear``-first and ``conv2d``-first stacks.
+    """
+    if info is None:
+        return [], False
+    if info["task"] == "lm":
+        return [model["context"]], True
+    shaping = (layer["type"] for layer in model["layers"] if layer["type"] not in (*_SHAPELESS_LAYERS, "dropout"))
+    first = next(shaping, None)
+    if first in ("conv2d", "maxpool", "avgpool") and info.get("image_shape"):
+        return list(info["image_shape"]), False
+    return [info["num_features"]], False
+
+
+def sequential_shapes(model: dict[str, Any], info: dict[str, Any] | None) -> list[tuple[list[int], int]]:
+    """Each layer's output shape (per sample) and parameter count; raises InvalidField where they break.
+
+    With unknown data (``info`` None) shapes are not tracked and only sizes that need no input are counted.
+    """
+    shape, tokens = sequential_input(model, info)
+    known, vocab = info is not None, (info or {}).get("vocab_size") or 0
+    results: list[tuple[list[int], int]] = []
+    for index, layer in enumerate(model["layers"]):
+        kind, params = layer["type"], 0
+        if known and tokens and kind != "embedding":
+            raise _layer_error(index, f"{kind} cannot take token ids: start a text model with an embedding layer")
+        if kind == "embedding":
+            if known and not tokens:
+                raise _layer_error(index, "embedding needs token ids, which only text datasets give")
+            if layer["num_embeddings"] < vocab:
+                raise _layer_error(index, f"num_embeddings must cover the vocabulary ({vocab})", "num_embeddings")
+            params, shape, tokens = layer["num_embeddings"] * layer["dim"], [*shape, layer["dim"]], False
+        elif kind == "linear":
+            if known and len(shape) not in (1, 2):
+                raise _layer_error(index, f"linear needs flat input but gets shape {tuple(shape)}: "
+                                          "add a flatten layer first")
+            inputs = shape[-1] if known else 0
+            params = inputs * layer["out"] + (layer["out"] if layer["bias"] else 0)
+            shape = [*shape[:-1], layer["out"]]
+        elif kind in ("conv2d", "maxpool", "avgpool"):
+            if known and len(shape) != 3:
+                raise _layer_error(index, f"{kind} needs image-shaped input (channels, height, width) "
+                                          f"but gets {tuple(shape)}")
+            channels = layer.get("out_channels", shape[0] if known else 0)
+            if kind == "conv2d":
+                params = (shape[0] if known else 0) * channels * layer["kernel_size"] ** 2 + channels
+            if known:
+                padding = layer.get("padding", 0)
+                sides = [(size + 2 * padding - layer["kernel_size"]) // layer["stride"] + 1 for size in shape[1:]]
+                if min(sides) < 1:
+                    raise _layer_error(index, f"kernel_size {layer['kernel_size']} is too large for the "
+                                              f"{shape[1]}x{shape[2]} input", "kernel_size")
+                shape = [channels, *sides]
+        elif kind == "flatten":
+            shape = [math.prod(shape)] if known else []
+        elif kind in ("layernorm", "rmsnorm"):
+            params = (2 if kind == "layernorm" else 1) * (shape[-1] if known and shape else 0)
+        results.append((list(shape), params))
+    if info is not None:
+        _check_sequential_output(model, info, shape)
+    return results
+
+
+def _layer_error(index: int, message: str, field: str = "type") -> InvalidField:
+    return InvalidField(message, field=f"model.layers.{index}.{field}")
+
+
+def _check_sequential_output(model: dict[str, Any], info: dict[str, Any], shape: list[int]) -> None:
+    last = f"model.layers.{len(model['layers']) - 1}"
+    if info["task"] == "lm":
+        wanted = [model["context"], info["vocab_size"]]
+    elif info["task"] == "classification":
+        wanted = [info["num_classes"]]
+    else:
+        wanted = [info["target_dim"]]
+    if shape != wanted:
+        raise InvalidField(f"the last layer gives shape {tuple(shape)} per sample but the dataset needs "
+                           f"{tuple(wanted)}", field=last)
+
