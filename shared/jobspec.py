@@ -332,7 +332,7 @@ def check_model_fits(model: dict[str, Any], info: dict[str, Any] | None) -> int:
         features = (info or {}).get("num_features") or 1
         widths = [features, *model["hidden"]]
         norm = {"none": 0, "layernorm": 2, "rmsnorm": 1}[model["norm"]]
-        count = sum(a * b + b + norm * b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs
+        count = int(sum(a * b + b + norm * b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs)
     elif kind == "cnn":
         count = _cnn_parameters(model, info, outputs)
     elif kind == "transformer":

@@ -1,0 +1,95 @@
+"""Progress function: nodes report progress and upload artifacts; users read, stream and download.
+
+POST /v1/jobs/{id}/progress and PUT /v1/jobs/{id}/artifacts/{name} (node session token);
+GET /v1/jobs/{id}/progress, GET /v1/jobs/{id}/events (SSE) and GET /v1/jobs/{id}/artifacts/{name}
+(API key; HTTP Range honoured). Run alone: ``hypercorn functions.progress.app:app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from shared import auth, errors, jobs
+from shared.artifacts import RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
+from shared.http import JSONResponse, make_app, read_json, store_of
+from shared.sse import job_event_stream
+
+ATTEMPT_HEADER = "x-cyxwiz-attempt"  # fences uploads; without it the job's current attempt is meant
+
+
+async def _node(request: Request) -> str:
+    return await auth.authenticate_node_token(store_of(request), request.headers.get("authorization"))
+
+
+async def report(request: Request) -> Response:
+    node_id = await _node(request)
+    store = store_of(request)
+    answer = await jobs.report_progress(store, node_id, request.path_params["job_id"], await read_json(request))
+    return JSONResponse(answer)
+
+
+async def list_progress(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    job_id = request.path_params["job_id"]
+    await jobs.check_job_visible(store, who, job_id)
+    return JSONResponse({"events": [event for _, event in await jobs.progress_events(store, job_id)]})
+
+
+async def events(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    job_id = request.path_params["job_id"]
+    await jobs.check_job_visible(store, who, job_id)
+    return StreamingResponse(job_event_stream(store, job_id), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def upload(request: Request) -> Response:
+    node_id = await _node(request)
+    store = store_of(request)
+    job_id, name = request.path_params["job_id"], request.path_params["name"]
+    check_name(name)
+    attempt = await jobs.upload_attempt(store, job_id, request.headers.get(ATTEMPT_HEADER))
+    size = await RedisArtifactStore(store).put(job_id, name, node_id, attempt, request.stream())
+    return JSONResponse({"name": name, "size": size}, status_code=201)
+
+
+async def download(request: Request) -> Response:
+    store = store_of(request)
+    job_id, name = request.path_params["job_id"], request.path_params["name"]
+    await auth.authenticate_job_reader(store, job_id, request.headers.get("authorization"))
+    artifacts = RedisArtifactStore(store)
+    size = await artifacts.size(job_id, name)
+    if size is None:
+        raise errors.NotFound(f"job {job_id} has no artifact {name}")
+    try:
+        wanted = parse_range(request.headers.get("range"), size)
+    except RangeNotSatisfiable:
+        body = errors.ApiError(f"range not satisfiable: the artifact has {size} bytes", code="range_not_satisfiable")
+        return JSONResponse(body.body(), status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    start, end = wanted if wanted else (0, size - 1)
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
+    if wanted:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    body: AsyncIterator[bytes] = artifacts.read(job_id, name, start, end) if size else _empty()
+    return StreamingResponse(body, status_code=206 if wanted else 200, headers=headers,
+                             media_type="application/octet-stream")
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    yield b""
+
+
+routes = [
+    Route("/v1/jobs/{job_id}/progress", report, methods=["POST"]),
+    Route("/v1/jobs/{job_id}/progress", list_progress, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/events", events, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/artifacts/{name}", upload, methods=["PUT"]),
+    Route("/v1/jobs/{job_id}/artifacts/{name}", download, methods=["GET"]),
+]
+app = make_app(routes)

@@ -1,0 +1,69 @@
+"""Submit function: users create, list, read and cancel jobs; admins create API keys.
+
+POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}/cancel (API key);
+POST /v1/keys (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from shared import auth, errors, jobs
+from shared.http import JSONResponse, make_app, read_json, store_of
+
+
+async def submit(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    body = await read_json(request)
+    status, answer = await jobs.submit_job(store, who, body, request.headers.get("idempotency-key"))
+    return JSONResponse(answer, status_code=status)
+
+
+async def list_jobs(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    q = request.query_params
+    return JSONResponse(await jobs.list_jobs(store, who, q.get("status") or None, q.get("limit"), q.get("cursor")))
+
+
+async def get_job(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    return JSONResponse(await jobs.get_job(store, who, request.path_params["job_id"]))
+
+
+async def cancel_job(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    return JSONResponse(await jobs.cancel_job(store, who, request.path_params["job_id"]), status_code=202)
+
+
+async def create_key(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    if not who.admin:
+        raise errors.Forbidden("only an admin API key may create API keys")
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise errors.MalformedBody("the body must be a JSON object")
+    unknown = sorted(set(body) - {"tenant"})
+    if unknown:
+        raise errors.InvalidField(f"unknown field {unknown[0]!r}", field=unknown[0])
+    tenant = body.get("tenant")
+    if not isinstance(tenant, str):
+        raise errors.InvalidField("tenant is required and must be a string", field="tenant")
+    key = await auth.create_api_key(store, tenant)
+    return JSONResponse({"api_key": key, "tenant": tenant}, status_code=201)
+
+
+routes = [
+    Route("/v1/jobs", submit, methods=["POST"]),
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/v1/keys", create_key, methods=["POST"]),
+]
+app = make_app(routes)

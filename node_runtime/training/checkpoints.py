@@ -1,0 +1,141 @@
+"""Checkpoints and final weights as safetensors: tensors plus JSON metadata, never pickle.
+
+A checkpoint holds the model, the optimizer state, the RNG state and the exact position
+(epoch, batch within it, step), so a resumed attempt continues as if never interrupted.
+Final weights hold the model's state_dict plus the spec and data shapes needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from node_runtime.training.context import JobError
+
+CHECKPOINT_FORMAT = "cyxwiz-checkpoint/1"
+WEIGHTS_FORMAT = "cyxwiz-weights/1"
+# training settings that do not change the numbers a run computes, so a resume may differ in them
+_NOT_NUMERIC = ("epochs", "progress_every_steps", "progress_every_s", "checkpoint", "kernels")
+
+
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` counts finished epochs, ``batch`` finished batches of the next one."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    """A digest of everything in the spec that shapes the computation (model, data, hyperparameters)."""
+    numeric = {key: value for key, value in spec["training"].items() if key not in _NOT_NUMERIC}
+    text = json.dumps([spec["model"], spec["dataset"], numeric], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                      position: Position, metrics: dict[str, Any]) -> bytes:
+    """Serialize the full training state to safetensors bytes."""
+    tensors = {f"model/{name}": value for name, value in model.state_dict().items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value  # e.g. an int step, a None momentum buffer
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": spec_fingerprint(spec),
+                "position": json.dumps(asdict(position)), "optimizer_scalars": json.dumps(scalars),
+                "metrics": json.dumps(metrics)}
+    return safetensors.torch.save(_storable(tensors), metadata=metadata)
+
+
+def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module,
+                       optimizer: torch.optim.Optimizer) -> tuple[Position, dict[str, Any]]:
+    """Load a checkpoint into model, optimizer and RNG; return its position and last metrics."""
+    try:
+        metadata = read_metadata(data)
+    except ValueError as error:
+        raise JobError(f"the checkpoint to resume from is damaged: {error}") from error
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise JobError("the checkpoint to resume from is not a CyxWiz training checkpoint")
+    if metadata.get("fingerprint") != spec_fingerprint(spec):
+        raise JobError("the checkpoint to resume from was made for a different model, dataset or settings")
+    try:
+        tensors = safetensors.torch.load(data)
+        model.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in json.loads(metadata["optimizer_scalars"]).items()}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = value
+        # the spec, not the checkpoint, decides hyperparameters: keep the live param_groups
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+        torch.set_rng_state(tensors["rng/cpu"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        position = Position(**json.loads(metadata["position"]))
+        metrics: dict[str, Any] = json.loads(metadata["metrics"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise JobError(f"the checkpoint to resume from is damaged or does not fit this model: {error}") from error
+    return position, metrics
+
+
+def encode_weights(spec: dict[str, Any], info: dict[str, Any], model: nn.Module) -> bytes:
+    """The final model as safetensors bytes, with what ``load_trained_model`` needs to rebuild it."""
+    metadata = {"format": "pt", "cyxwiz_format": WEIGHTS_FORMAT,
+                "spec": json.dumps(spec, sort_keys=True), "data_info": json.dumps(info, sort_keys=True)}
+    return safetensors.torch.save(_storable(model.state_dict()), metadata=metadata)
+
+
+def load_trained_model(path_or_bytes: str | Path | bytes) -> nn.Module:
+    """Rebuild the model described in a ``model.safetensors`` file's metadata and load its weights.
+
+    The model is built from torch modules (no Triton needed), on the CPU, in eval mode.
+    """
+    from node_runtime.training.models import build_model  # models imports nothing from here; avoids a cycle
+
+    if isinstance(path_or_bytes, bytes):
+        data = path_or_bytes
+        weights = safetensors.torch.load(data)
+    else:
+        data = Path(path_or_bytes).read_bytes()
+        weights = safetensors.torch.load_file(str(path_or_bytes))
+    metadata = read_metadata(data)
+    if metadata.get("cyxwiz_format") != WEIGHTS_FORMAT:
+        raise ValueError("not a CyxWiz model file: its metadata lacks the spec to rebuild the model")
+    model = build_model(json.loads(metadata["spec"]), json.loads(metadata["data_info"]))
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (read from the header: 8-byte length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("the safetensors data is truncated")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError("the safetensors header is truncated")
+    try:
+        header = json.loads(data[8:8 + length])
+    except ValueError as error:
+        raise ValueError(f"the safetensors header is not valid JSON: {error}") from error
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors wants contiguous CPU tensors that share no storage with each other
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}

@@ -1,0 +1,46 @@
+"""What the executor hands to a training run, what it gets back, and the one error the job owns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainingContext:
+    """The executor's side of one training run (all callables are called from the training thread).
+
+    ``report`` must not block: it receives ``{"epoch", "step", "total_steps", "metrics"}``.
+    ``should_stop`` turning True (job cancelled, node draining) stops the run before the next step;
+    the run then saves one last checkpoint of its exact position, so a drained job loses nothing
+    (make ``save_checkpoint`` a no-op for a cancelled job if that upload is unwanted).
+    ``save_checkpoint`` may be slow; it is called at epoch ends, at most once per
+    ``training.checkpoint.min_interval_s``, and on stop.
+    """
+
+    report: Callable[[dict[str, Any]], None]
+    should_stop: Callable[[], bool]
+    save_checkpoint: Callable[[bytes], None]
+    initial_checkpoint: bytes | None = None  # from an earlier attempt: resume from it
+    data_root: Path | None = None  # operator-allowed directory for local dataset files; None refuses them
+    allow_http: bool = False  # operator allows http(s) dataset urls
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None: every core this process may use
+
+
+@dataclass
+class TrainingResult:
+    """The outcome of ``run_training``."""
+
+    status: str  # "completed", or "stopped" when should_stop fired
+    metrics: dict[str, Any]  # final metrics: loss, accuracy, val_loss, val_accuracy, samples_per_s, ...
+    weights: bytes  # safetensors bytes of the model's state_dict, with the spec and data shapes as metadata
+    epoch: int  # epochs completed
+    step: int  # optimizer steps taken, resumed attempts included
+    total_steps: int
+
+
+class JobError(Exception):
+    """A failure caused by the job itself (bad data, NaN loss, shapes that cannot work): retrying cannot help."""

@@ -1,0 +1,218 @@
+"""The training loop: one job's model trained on its dataset, with progress, checkpoints and stop.
+
+Deterministic for a given spec on the CPU: the initial weights come from the seed, the batch
+order from (seed, epoch), dropout from the global generator seeded once and saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node_runtime.training import layers
+from node_runtime.training.checkpoints import Position, encode_checkpoint, encode_weights, restore_checkpoint
+from node_runtime.training.context import JobError, TrainingContext, TrainingResult
+from node_runtime.training.datasets import Dataset, load_dataset
+from node_runtime.training.models import build_model
+
+
+def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
+    """Train the model of a normalized job spec (``shared.jobspec.parse_job_spec``) on ``ctx.device``.
+
+    Resumes from ``ctx.initial_checkpoint`` when given. Returns status "completed", or "stopped"
+    as soon as ``ctx.should_stop()`` turns True. Raises ``JobError`` for failures the job causes
+    (unusable data, shapes that do not fit, a loss that turns NaN or infinite).
+    """
+    device = torch.device(ctx.device)
+    if device.type == "cpu":
+        torch.set_num_threads(ctx.cpu_threads or _usable_cpus())
+    training = spec["training"]
+    torch.manual_seed(training["seed"])  # seeds CUDA too; dropout is the only consumer of these generators
+    use_kernels = layers.use_triton_kernels(training["kernels"], device)
+    data = load_dataset(spec, ctx.data_root, ctx.allow_http)
+    model = build_model(spec, data.info, use_kernels=use_kernels).to(device)
+    optimizer = layers.make_optimizer(model.parameters(), training, use_kernels)
+    return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class _Totals:
+    """Sums over the batches of one epoch (or one report window)."""
+
+    loss_sum: float = 0.0  # loss times the number of predictions
+    correct: int = 0
+    predictions: int = 0  # samples, or tokens for a language model
+    samples: int = 0
+    seconds: float = 0.0  # time spent in training steps, so validation does not dilute throughput
+
+
+class _Run:
+    """The state of one run between steps."""
+
+    def __init__(self, spec: dict[str, Any], ctx: TrainingContext, data: Dataset, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, device: torch.device, use_kernels: bool) -> None:
+        self.spec, self.ctx, self.data, self.model, self.optimizer, self.device = (
+            spec, ctx, data, model, optimizer, device)
+        self.training = spec["training"]
+        self.task = data.info["task"]
+        self.cross_entropy = layers.cross_entropy(use_kernels) if self.task != "regression" else None
+        self.batches_per_epoch = data.batches_per_epoch(self.training["batch_size"])
+        self.total_steps = self.training["epochs"] * self.batches_per_epoch
+        self.position, self.val_metrics, self.epoch_totals = Position(), {}, _Totals()
+        if ctx.initial_checkpoint is not None:
+            self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer)
+            self.val_metrics, self.epoch_totals = saved["val"], _Totals(**saved["epoch_totals"])
+        self.saved_position = Position(**asdict(self.position))
+        self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
+        self.steps_since_report = 0
+
+    def train(self) -> TrainingResult:
+        self.model.train()
+        batch_size, seed = self.training["batch_size"], self.training["seed"]
+        for epoch in range(self.position.epoch, self.training["epochs"]):
+            for inputs, targets in self.data.train_batches(seed, epoch, batch_size, self.position.batch):
+                if self.ctx.should_stop():
+                    return self._stop()
+                self._step(inputs, targets)
+                if (self.steps_since_report >= self.training["progress_every_steps"]
+                        or time.monotonic() - self.last_report_at >= self.training["progress_every_s"]):
+                    self._report()
+            self.position = Position(epoch + 1, 0, self.position.step)
+            validation = self._validate()
+            if validation is None:
+                return self._stop()
+            self.val_metrics = validation
+            self._report()
+            if epoch + 1 < self.training["epochs"]:  # the last epoch's state is the result itself
+                self.epoch_totals = _Totals()
+                self._checkpoint_if_due()
+        return self._result("completed")
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        started = time.perf_counter()
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.position.step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            outputs = self.model(inputs)
+            loss = self._loss(outputs, targets)
+        correct = self._correct(outputs, targets)
+        loss_value, correct_count = torch.stack([loss.detach().float(), correct.float()]).tolist()  # one sync
+        if not math.isfinite(loss_value):
+            raise JobError(f"the loss became {loss_value} at step {self.position.step + 1} (epoch "
+                           f"{self.position.epoch + 1}): lower training.learning_rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.training["grad_clip"] > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.training["grad_clip"])
+        self.optimizer.step()
+        elapsed = time.perf_counter() - started
+        for totals in (self.epoch_totals, self.window):
+            predictions = targets.numel() if self.task == "lm" else len(targets)
+            totals.loss_sum += loss_value * predictions
+            totals.correct += int(correct_count)
+            totals.predictions += predictions
+            totals.samples += len(targets)
+            totals.seconds += elapsed
+        self.position.batch += 1
+        self.position.step += 1
+        self.steps_since_report += 1
+
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cross_entropy is None:
+            return F.mse_loss(outputs.float(), targets)
+        loss: torch.Tensor = self.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+        return loss
+
+    def _correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.task == "regression":
+            return torch.zeros((), device=outputs.device)
+        return (outputs.detach().argmax(-1) == targets).sum()
+
+    def _learning_rate(self, step: int) -> float:
+        base, warmup = self.training["learning_rate"], self.training["warmup_steps"]
+        if step < warmup:
+            return float(base * (step + 1) / warmup)
+        if self.training["lr_schedule"] == "cosine":  # decays to a tenth of the base rate at the last step
+            progress = (step - warmup) / max(1, self.total_steps - warmup)
+            return float(base * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))))
+        return float(base)
+
+    def _validate(self) -> dict[str, float] | None:
+        """Validation metrics over the held-out split; None when should_stop fired meanwhile."""
+        totals = _Totals()
+        self.model.eval()
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                 enabled=self.device.type == "cuda"):
+                for inputs, targets in self.data.val_batches(self.training["batch_size"]):
+                    if self.ctx.should_stop():
+                        return None
+                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    outputs = self.model(inputs)
+                    predictions = targets.numel() if self.task == "lm" else len(targets)
+                    totals.loss_sum += float(self._loss(outputs, targets)) * predictions
+                    totals.correct += int(self._correct(outputs, targets))
+                    totals.predictions += predictions
+        finally:
+            self.model.train()
+        if totals.predictions == 0:
+            return {}
+        metrics = {"val_loss": totals.loss_sum / totals.predictions}
+        if self.task != "regression":
+            metrics["val_accuracy"] = totals.correct / totals.predictions
+        return metrics
+
+    def _metrics(self, totals: _Totals) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.epoch_totals.predictions:
+            metrics["loss"] = self.epoch_totals.loss_sum / self.epoch_totals.predictions
+            if self.task != "regression":
+                metrics["accuracy"] = self.epoch_totals.correct / self.epoch_totals.predictions
+        metrics.update(self.val_metrics)
+        metrics["samples_per_s"] = totals.samples / totals.seconds if totals.seconds > 0 else 0.0
+        if self.task == "lm":
+            metrics["tokens_per_s"] = totals.predictions / totals.seconds if totals.seconds > 0 else 0.0
+        metrics["gpu_memory_mb"] = (round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+                                    if self.device.type == "cuda" else 0)
+        return metrics
+
+    def _report(self) -> None:
+        current_epoch = self.position.epoch + (1 if self.position.batch else 0)
+        self.ctx.report({"epoch": max(1, current_epoch), "step": self.position.step,
+                         "total_steps": self.total_steps, "metrics": self._metrics(self.window)})
+        self.window, self.steps_since_report, self.last_report_at = _Totals(), 0, time.monotonic()
+
+    def _checkpoint_if_due(self) -> None:
+        checkpointing = self.training["checkpoint"]
+        if checkpointing["enabled"] and (time.monotonic() - self.last_checkpoint_at
+                                         >= checkpointing["min_interval_s"]):
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        saved = {"val": self.val_metrics, "epoch_totals": asdict(self.epoch_totals)}
+        self.ctx.save_checkpoint(encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved))
+        self.saved_position, self.last_checkpoint_at = Position(**asdict(self.position)), time.monotonic()
+
+    def _stop(self) -> TrainingResult:
+        # always keep the exact position on stop (a draining node's job resumes elsewhere), once
+        if self.training["checkpoint"]["enabled"] and self.saved_position != self.position:
+            self._save_checkpoint()
+        return self._result("stopped")
+
+    def _result(self, status: str) -> TrainingResult:
+        return TrainingResult(status=status, metrics=self._metrics(self.epoch_totals),
+                              weights=encode_weights(self.spec, self.data.info, self.model),
+                              epoch=self.position.epoch, step=self.position.step, total_steps=self.total_steps)

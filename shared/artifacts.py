@@ -1,0 +1,120 @@
+"""Artifact storage: final weights and checkpoints of jobs.
+
+:class:`ArtifactStore` is the small interface the progress function uses; :class:`RedisArtifactStore`
+(the default) keeps each artifact as a hash of fixed-size chunks. An upload streams into a
+temporary key and is renamed into place by the fenced COMMIT_ARTIFACT script, so readers never see
+half an artifact and a stale attempt can never overwrite the current one. A file or object store can
+replace it by implementing the same three methods.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from shared import errors, keys
+from shared.store import Store
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHUNK_BYTES = 512 * 1024
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise errors.InvalidField("artifact names are 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'", field="name")
+
+
+class ArtifactStore(Protocol):
+    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes]) -> int:
+        """Store a whole artifact for this attempt of the job; return its size."""
+
+    async def size(self, job_id: str, name: str) -> int | None:
+        """The artifact's size, or None if there is none."""
+
+    def read(self, job_id: str, name: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive) of the artifact."""
+
+
+class RedisArtifactStore:
+    """Artifacts as chunked Redis hashes, capped per artifact and per job."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes]) -> int:
+        settings = self.store.settings
+        upload = keys.artifact_upload_key(job_id, name, uuid.uuid4().hex)
+        buffer = bytearray()
+        size = chunks = 0
+        try:
+            async for piece in body:
+                size += len(piece)
+                if size > settings.max_artifact_bytes:
+                    raise errors.PayloadTooLarge(f"an artifact may be at most {settings.max_artifact_bytes} bytes")
+                buffer += piece
+                while len(buffer) >= CHUNK_BYTES:
+                    await self._write_chunk(upload, chunks, bytes(buffer[:CHUNK_BYTES]))
+                    del buffer[:CHUNK_BYTES]
+                    chunks += 1
+            if buffer or chunks == 0:
+                await self._write_chunk(upload, chunks, bytes(buffer))
+                chunks += 1
+            await self.store.raw.hset(upload, mapping={"size": size, "chunk_size": CHUNK_BYTES, "chunks": chunks})
+        except BaseException:
+            await self.store.raw.delete(upload)
+            raise
+        await self.store.run("COMMIT_ARTIFACT", [job_id, node_id, attempt, name, size,
+                                                 settings.max_job_artifact_bytes],
+                             keys=[upload, keys.artifact_key(job_id, name)])
+        return size
+
+    async def _write_chunk(self, upload: str, index: int, data: bytes) -> None:
+        async with self.store.raw.pipeline(transaction=True) as pipe:
+            pipe.hset(upload, str(index), data)
+            pipe.expire(upload, keys.UPLOAD_TTL_S)
+            await pipe.execute()
+
+    async def size(self, job_id: str, name: str) -> int | None:
+        raw = await self.store.redis.hget(keys.artifact_key(job_id, name), "size")
+        return None if raw is None else int(raw)
+
+    async def read(self, job_id: str, name: str, start: int, end: int) -> AsyncIterator[bytes]:
+        key = keys.artifact_key(job_id, name)
+        for index in range(start // CHUNK_BYTES, end // CHUNK_BYTES + 1):
+            chunk = await self.store.raw.hget(key, str(index))
+            if chunk is None:  # replaced or removed mid-read
+                return
+            base = index * CHUNK_BYTES
+            yield chunk[max(0, start - base): end - base + 1]
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=`` range as (start, end) inclusive; None means the whole body.
+    Raises :class:`RangeNotSatisfiable` when it cannot be served."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        return None  # other units and multi-ranges: serve the whole thing, as RFC 9110 allows
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                raise RangeNotSatisfiable(size)
+            return max(0, size - length), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        raise RangeNotSatisfiable(size)
+    return start, min(end, size - 1)
+
+
+class RangeNotSatisfiable(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range not satisfiable for {size} bytes")
+        self.size = size

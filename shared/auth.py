@@ -1,0 +1,155 @@
+"""Tokens: join tokens, node session tokens and tenants' API keys.
+
+Only SHA-256 digests of tokens are stored. API keys and join tokens are looked up by their digest
+(so no stored secret is ever compared byte by byte); a node's session token is compared with its
+stored digest by :func:`hmac.compare_digest`, in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from shared import errors, keys
+from shared.store import Store
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ADMIN_TENANT = "admin"
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(kind: str) -> str:
+    """A fresh random token; the prefix (``cwk`` API key, ``cwj`` join, ``cwn`` node) tells kinds apart."""
+    return f"{kind}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an API key belongs to. ``admin`` sees every tenant."""
+
+    tenant: str
+    admin: bool
+
+    def scope(self) -> str:
+        """The tenant filter for Lua scripts: '' means every tenant."""
+        return "" if self.admin else self.tenant
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or 401."""
+    if not authorization:
+        raise errors.Unauthorized("missing Authorization: Bearer <token> header")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise errors.Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+async def authenticate_api_key(store: Store, authorization: str | None) -> Principal:
+    """The principal of an API key, or 401."""
+    token = bearer_token(authorization)
+    raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
+    if raw is None:
+        raise errors.Unauthorized("unknown API key")
+    entry = orjson.loads(raw)
+    return Principal(tenant=entry["tenant"], admin=bool(entry.get("admin")))
+
+
+async def authenticate_join(store: Store, authorization: str | None) -> None:
+    """Pass for a valid join token, else 401."""
+    token = bearer_token(authorization)
+    if not await store.redis.hexists(keys.JOIN_TOKENS, hash_token(token)):
+        raise errors.Unauthorized("unknown join token")
+
+
+def new_session_token(node_id: str) -> str:
+    """A node's session token carries its node id, so node calls whose path names only a job (progress,
+    artifacts) know which node is calling; the secret part is what is checked."""
+    return f"cwn.{node_id}.{secrets.token_urlsafe(32)}"
+
+
+def session_node_id(token: str) -> str | None:
+    kind, _, rest = token.partition(".")
+    node_id, _, secret = rest.partition(".")
+    return node_id if kind == "cwn" and node_id and secret else None
+
+
+async def authenticate_node_token(store: Store, authorization: str | None) -> str:
+    """The node id of a valid session token; 401 for anything else (a lapsed node must register again)."""
+    token = bearer_token(authorization)
+    node_id = session_node_id(token)
+    stored = await store.redis.hget(keys.node_key(node_id), "token_hash") if node_id else None
+    if stored is None or not hmac.compare_digest(stored, hash_token(token)):
+        raise errors.Unauthorized("unknown node session token (if the node's heartbeat lapsed, register again)")
+    return node_id  # type: ignore[return-value]
+
+
+async def authenticate_node(store: Store, node_id: str, authorization: str | None) -> None:
+    """Pass when the token is this node's session token: another node's token is 403."""
+    caller = await authenticate_node_token(store, authorization)
+    if caller != node_id:
+        raise errors.Forbidden(f"this session token belongs to node {caller}, not {node_id}")
+
+
+async def authenticate_node_or_admin(store: Store, node_id: str, authorization: str | None) -> None:
+    """For DELETE /v1/nodes/{id}: the node itself, or an admin API key."""
+    token = bearer_token(authorization)
+    raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
+    if raw is not None:
+        if not orjson.loads(raw).get("admin"):
+            raise errors.Forbidden("only an admin API key or the node itself may drain a node")
+        return
+    await authenticate_node(store, node_id, authorization)
+
+
+async def create_api_key(store: Store, tenant: str, *, admin: bool = False) -> str:
+    """Store a new API key for a tenant and return it (the only time it is seen in clear)."""
+    if not TENANT_RE.match(tenant):
+        raise errors.InvalidField("tenant must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
+                                  field="tenant")
+    token = new_token("cwk")
+    entry = orjson.dumps({"tenant": tenant, "admin": admin, "created": int(time.time())})
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.API_KEYS, hash_token(token), entry)
+        pipe.sadd(keys.TENANTS, tenant)
+        await pipe.execute()
+    return token
+
+
+async def install_credentials(store: Store, *, admin_key: str, join_token: str) -> None:
+    """Make sure the admin key and join token of a credentials file are known to this store (idempotent)."""
+    entry = orjson.dumps({"tenant": ADMIN_TENANT, "admin": True, "created": int(time.time())})
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hsetnx(keys.API_KEYS, hash_token(admin_key), entry)
+        pipe.hsetnx(keys.JOIN_TOKENS, hash_token(join_token), int(time.time()))
+        pipe.sadd(keys.TENANTS, ADMIN_TENANT)
+        await pipe.execute()
+
+
+async def authenticate_job_reader(store: Store, job_id: str, authorization: str | None) -> None:
+    """For artifact downloads: an API key that may see the job, or the session token of the node
+    that holds the job's current attempt (it resumes from a checkpoint). Else 401/403/404."""
+    token = bearer_token(authorization)
+    raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
+    job = await store.redis.hmget(keys.job_key(job_id), ["tenant", "node_id"])
+    tenant, node_id = job
+    if raw is not None:
+        entry = orjson.loads(raw)
+        if tenant is None or (not entry.get("admin") and tenant != entry["tenant"]):
+            raise errors.NotFound(f"no job {job_id}")
+        return
+    if tenant is None:
+        raise errors.NotFound(f"no job {job_id}")
+    caller = await authenticate_node_token(store, authorization)
+    if caller != node_id:
+        raise errors.Forbidden(f"job {job_id} is not assigned to node {caller}")

@@ -1,0 +1,112 @@
+"""HTTP plumbing every function shares: the app factory, JSON in and out, and the one error table.
+
+A function module lists its routes and calls :func:`make_app`; the gateway joins the route lists of
+all four. Handlers raise :class:`shared.errors.ApiError`; the table below turns those, store outages
+and Starlette's own 404/405 into the contract's error shape. Client input never reaches a 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from shared import errors
+from shared.settings import Settings
+from shared.store import Store, is_unavailable
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def store_of(request: Request) -> Store:
+    """The process's store, made once by the app's lifespan."""
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+async def read_json(request: Request, *, optional: bool = False) -> Any:
+    """The request's JSON body, capped at max_body_bytes (413); not JSON: 400."""
+    limit = store_of(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"the body may be at most {limit} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"the body may be at most {limit} bytes")
+    if not body.strip():
+        if optional:
+            return None
+        raise errors.MalformedBody("a JSON body is required")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.MalformedBody(f"the body is not valid JSON: {exc}") from None
+
+
+def error_response(exc: errors.ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.ApiError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    if is_unavailable(exc):
+        return error_response(errors.StoreUnavailable())
+    body = {"error": {"code": "internal_error", "message": "an internal error occurred; it has been logged"}}
+    return JSONResponse(body, status_code=500)
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    errors.ApiError: _api_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}
+
+
+async def healthz(request: Request) -> Response:
+    """200 when the store answers a PING, else 503."""
+    try:
+        await store_of(request).redis.ping()
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise errors.StoreUnavailable() from None
+        raise
+    return JSONResponse({"status": "ok"})
+
+
+def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> Starlette:
+    """An app with the store opened at start-up and closed at shut-down, plus /healthz."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.store = Store(settings or Settings.from_env())
+        try:
+            yield
+        finally:
+            await app.state.store.close()
+
+    all_routes = [*routes, Route("/healthz", healthz, methods=["GET"])]
+    return Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

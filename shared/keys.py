@@ -1,0 +1,147 @@
+"""Every Redis key CyxWiz uses, built in this one module.
+
+No other file spells a key: Python code calls these functions, and the Lua scripts get the same
+builders from :data:`LUA_KEY_BUILDERS`, generated below from the same prefixes. docs/redis-keys.md
+mirrors this module for people inspecting state with ``redis-cli``.
+
+The deployment is one Redis (>= 6.2) or Valkey instance: scripts touch keys they derive at run time,
+which a Redis Cluster would not allow.
+"""
+
+from __future__ import annotations
+
+PREFIX = "cyxwiz:"
+
+# --- nodes -----------------------------------------------------------------------------------
+NODE = PREFIX + "node:"
+
+
+def node_key(node_id: str) -> str:
+    """Hash: one live node. TTL = the node's ttl_s, refreshed by each heartbeat (expiry = lost)."""
+    return NODE + node_id
+
+
+def node_jobs_key(node_id: str) -> str:
+    """Set: job ids assigned to or running on the node. No TTL: it must outlive the node hash,
+    so the reaper can requeue a dead node's jobs."""
+    return NODE + node_id + ":jobs"
+
+
+def node_cancels_key(node_id: str) -> str:
+    """Set: ids of the node's jobs that users cancelled, handed out (and cleared) by its next heartbeat."""
+    return NODE + node_id + ":cancels"
+
+
+def node_stream_key(node_id: str) -> str:
+    """Stream: the node's assignments (job_id, attempt, spec). Trimmed by MAXLEN ~ on every add."""
+    return NODE + node_id + ":assignments"
+
+
+# Consumer group of every assignment stream; one consumer per node runtime process.
+NODE_GROUP = "cyxwiz-node"
+# Assignment streams keep about this many entries; a node holds at most `slots` live ones.
+NODE_STREAM_MAXLEN = 1000
+
+NODES_SCORE = PREFIX + "nodes:score"        # ZSET node_id -> score: the score board of live nodes
+NODES_DEADLINE = PREFIX + "nodes:deadline"  # ZSET node_id -> ms when its TTL lapses: the reaper's to-do list
+
+
+def nodes_free_key(node_class: str) -> str:
+    """ZSET node_id -> score, only schedulable nodes (online, a free slot, not cooling off), one set
+    per capability class (``cpu``, ``gpu``) so placement reads a short top-of-set, not the fleet."""
+    return PREFIX + "nodes:free:" + node_class
+
+
+NODE_CLASSES = ("cpu", "gpu")
+
+NODE_NAMES = PREFIX + "nodes:names"        # HASH node_id -> name: outlives the node hash, so a reaped node's reputation can move
+REPUTATION = PREFIX + "reputation"  # HASH node name -> reputation 0..1; survives re-registration
+COOLOFF = PREFIX + "cooloff"        # HASH node name -> ms until which the node is not scheduled
+
+# --- jobs ------------------------------------------------------------------------------------
+JOB = PREFIX + "job:"
+
+
+def job_key(job_id: str) -> str:
+    """Hash: one job, its spec, status, attempt and latest progress. No TTL: jobs are the record."""
+    return JOB + job_id
+
+
+def job_progress_key(job_id: str) -> str:
+    """Stream: the job's progress reports, oldest first, capped at :data:`PROGRESS_MAXLEN`."""
+    return JOB + job_id + ":progress"
+
+
+PROGRESS_MAXLEN = 2000  # a long job keeps its latest reports; the job hash keeps the newest one
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    """Hash: one artifact: ``size``, ``chunk_size``, ``chunks``, then chunk fields ``0``, ``1``, ..."""
+    return JOB + job_id + ":artifact:" + name
+
+
+def artifact_upload_key(job_id: str, name: str, upload_id: str) -> str:
+    """Hash: an artifact being uploaded; renamed onto :func:`artifact_key` when whole. TTL 1 h so a
+    broken upload cleans itself up."""
+    return JOB + job_id + ":upload:" + name + ":" + upload_id
+
+
+UPLOAD_TTL_S = 3600
+
+QUEUE = PREFIX + "queue"  # ZSET job_id -> priority band * 1e12 + sequence: lowest score runs first
+JOB_SEQ = PREFIX + "seq:jobs"  # STRING counter: creation order; also the listing cursor
+
+
+def jobs_index_key(tenant: str | None = None, status: str | None = None) -> str:
+    """ZSET job_id -> creation sequence, for listing newest first.
+
+    One set per (tenant or all) x (status or any): ``cyxwiz:jobs:{tenant|*}:{status|*}``.
+    """
+    return PREFIX + "jobs:" + (tenant or "*") + ":" + (status or "*")
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    """String: job id created under an ``Idempotency-Key`` header. TTL 24 h, as payment APIs do."""
+    return PREFIX + "idem:" + tenant + ":" + key
+
+
+IDEMPOTENCY_TTL_S = 86400
+
+# --- auth ------------------------------------------------------------------------------------
+API_KEYS = PREFIX + "auth:api_keys"  # HASH sha256(key) -> JSON {"tenant", "admin"}
+JOIN_TOKENS = PREFIX + "auth:join_tokens"  # HASH sha256(token) -> created-at; any entry may register
+TENANTS = PREFIX + "tenants"  # SET tenant names that have a key
+
+
+def rate_key(key_hash: str, second: int) -> str:
+    """String counter of one API key's requests in one second. TTL 2 s."""
+    return PREFIX + "rate:" + key_hash + ":" + str(second)
+
+
+# --- Lua -------------------------------------------------------------------------------------
+# The same builders for Lua scripts, so key spelling stays in this module.
+LUA_KEY_BUILDERS = f"""
+local K_NODE = '{NODE}'
+local function node_key(id) return K_NODE .. id end
+local function node_jobs_key(id) return K_NODE .. id .. ':jobs' end
+local function node_cancels_key(id) return K_NODE .. id .. ':cancels' end
+local function node_stream_key(id) return K_NODE .. id .. ':assignments' end
+local function nodes_free_key(class) return '{PREFIX}nodes:free:' .. class end
+local NODES_SCORE = '{NODES_SCORE}'
+local NODES_DEADLINE = '{NODES_DEADLINE}'
+local NODE_CLASSES = {{'cpu', 'gpu'}}
+local NODE_GROUP = '{NODE_GROUP}'
+local NODE_STREAM_MAXLEN = {NODE_STREAM_MAXLEN}
+local NODE_NAMES = '{NODE_NAMES}'
+local REPUTATION = '{REPUTATION}'
+local COOLOFF = '{COOLOFF}'
+local K_JOB = '{JOB}'
+local function job_key(id) return K_JOB .. id end
+local function job_progress_key(id) return K_JOB .. id .. ':progress' end
+local PROGRESS_MAXLEN = {PROGRESS_MAXLEN}
+local QUEUE = '{QUEUE}'
+local JOB_SEQ = '{JOB_SEQ}'
+local function jobs_index_key(tenant, status) return '{PREFIX}jobs:' .. (tenant or '*') .. ':' .. (status or '*') end
+local function idempotency_key(tenant, key) return '{PREFIX}idem:' .. tenant .. ':' .. key end
+local IDEMPOTENCY_TTL_S = {IDEMPOTENCY_TTL_S}
+"""

@@ -1,0 +1,249 @@
+"""The named Lua scripts: every job and node state change happens inside one of these, atomically.
+
+Each body first binds ``KEYS``/``ARGV`` to named locals, then calls the prelude's helpers
+(:mod:`shared.lua_prelude`). A script answers a flat list whose first item says what happened
+(``ok``, ``created``, ``existing``, ``duplicate``...) or ``err`` followed by a code and a message,
+which :mod:`shared.store` turns into the matching :class:`shared.errors.ApiError`.
+"""
+
+from __future__ import annotations
+
+REGISTER_NODE = r"""
+local node_id = ARGV[1]
+local name = ARGV[2]
+local slots = ARGV[3]
+local class = ARGV[4]
+local gpu = ARGV[5]
+local gpu_memory_mb = ARGV[6]
+local ram_mb = ARGV[7]
+local capabilities = ARGV[8]
+local labels = ARGV[9]
+local token_hash = ARGV[10]
+local ttl_ms = tonumber(ARGV[11])
+local capability = ARGV[12]
+local w_rep, w_av, w_cap, w_up = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local now = now_ms()
+reap_expired(now)
+local rep = redis.call('HGET', REPUTATION, name)
+if not rep then
+  rep = REPUTATION_START
+  redis.call('HSET', REPUTATION, name, rep)
+end
+local nk = node_key(node_id)
+redis.call('HSET', nk, 'node_id', node_id, 'name', name, 'status', 'online', 'slots', slots, 'running', 0,
+  'class', class, 'gpu', gpu, 'gpu_memory_mb', gpu_memory_mb, 'ram_mb', ram_mb,
+  'capabilities', capabilities, 'labels', labels, 'token_hash', token_hash, 'ttl_ms', ttl_ms,
+  'reputation', rep, 'capability', capability, 'w_rep', w_rep, 'w_av', w_av, 'w_cap', w_cap, 'w_up', w_up,
+  'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now)
+redis.call('PEXPIRE', nk, ttl_ms)
+redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
+redis.call('HSET', NODE_NAMES, node_id, name)
+-- Group from id 0: entries added before the node first reads are still delivered to it.
+redis.pcall('XGROUP', 'CREATE', node_stream_key(node_id), NODE_GROUP, '0', 'MKSTREAM')
+rescore(node_id, now)
+local assigned = pull_queue(node_id, now)
+return {'ok', #assigned}
+"""
+
+HEARTBEAT = r"""
+local node_id = ARGV[1]
+local gpu_free_frac = ARGV[2]
+local now = now_ms()
+reap_expired(now)
+local nk = node_key(node_id)
+if redis.call('EXISTS', nk) == 0 then
+  return fail('not_found', 'node ' .. node_id .. ' is not registered (its heartbeat lapsed?); register again')
+end
+local ttl_ms = tonumber(redis.call('HGET', nk, 'ttl_ms'))
+redis.call('PEXPIRE', nk, ttl_ms)
+redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
+redis.call('HSET', nk, 'last_heartbeat_ms', now, 'gpu_free_frac', gpu_free_frac)
+rescore(node_id, now)
+local cancels = redis.call('SMEMBERS', node_cancels_key(node_id))
+redis.call('DEL', node_cancels_key(node_id))
+local assigned = pull_queue(node_id, now)
+local reply = {'ok', redis.call('HGET', nk, 'status'), #assigned}
+for _, job_id in ipairs(cancels) do table.insert(reply, job_id) end
+return reply
+"""
+
+DRAIN_NODE = r"""
+local node_id = ARGV[1]
+local now = now_ms()
+local nk = node_key(node_id)
+if redis.call('EXISTS', nk) == 0 then
+  return fail('not_found', 'no node ' .. node_id)
+end
+redis.call('HSET', nk, 'status', 'draining')
+rescore(node_id, now)
+if tonumber(redis.call('HGET', nk, 'running')) == 0 then
+  remove_node(node_id, now, false)
+  return {'ok', 'removed'}
+end
+return {'ok', 'draining'}
+"""
+
+REAP = r"""
+local now = now_ms()
+return reap_expired(now)
+"""
+
+SUBMIT_JOB = r"""
+local job_id = ARGV[1]
+local tenant = ARGV[2]
+local idem = ARGV[3]
+local name = ARGV[4]
+local priority = ARGV[5]
+local band = tonumber(ARGV[6])
+local max_attempts = ARGV[7]
+local spec = ARGV[8]
+local req_gpu, req_gpu_mem, req_ram, req_labels = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+if idem ~= '' then
+  local existing = redis.call('GET', idempotency_key(tenant, idem))
+  if existing then
+    local j = redis.call('HMGET', job_key(existing), 'status', 'node_id')
+    return {'existing', existing, j[1], j[2]}
+  end
+end
+local now = now_ms()
+reap_expired(now)
+local seq = redis.call('INCR', JOB_SEQ)
+redis.call('HSET', job_key(job_id), 'job_id', job_id, 'name', name, 'tenant', tenant, 'status', 'queued',
+  'node_id', '', 'attempt', 1, 'lost_count', 0, 'max_attempts', max_attempts, 'priority', priority,
+  'band', band, 'seq', seq, 'spec', spec, 'req_gpu', req_gpu, 'req_gpu_mem', req_gpu_mem,
+  'req_ram', req_ram, 'req_labels', req_labels, 'created_ms', now, 'last_seq', -1,
+  'artifacts', '[]', 'artifact_bytes', 0, 'progress', '', 'error', '')
+for _, t in ipairs({tenant, false}) do
+  redis.call('ZADD', jobs_index_key(t or nil, nil), seq, job_id)
+  redis.call('ZADD', jobs_index_key(t or nil, 'queued'), seq, job_id)
+end
+redis.call('ZADD', QUEUE, band * 1e12 + seq, job_id)
+if idem ~= '' then
+  redis.call('SET', idempotency_key(tenant, idem), job_id, 'EX', IDEMPOTENCY_TTL_S)
+end
+local node_id = place(job_id, now)
+if node_id then return {'created', job_id, 'assigned', node_id} end
+return {'created', job_id, 'queued', ''}
+"""
+
+CANCEL_JOB = r"""
+local job_id = ARGV[1]
+local tenant = ARGV[2]
+local jk = job_key(job_id)
+local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id')
+if not j[1] or (tenant ~= '' and j[2] ~= tenant) then
+  return fail('not_found', 'no job ' .. job_id)
+end
+if TERMINAL[j[1]] then return {'terminal', j[1]} end
+local now = now_ms()
+set_status(job_id, j[1], 'cancelled', j[2], j[3])
+redis.call('HSET', jk, 'finished_ms', now, 'error', 'cancelled by user')
+redis.call('ZREM', QUEUE, job_id)
+if j[4] ~= '' then
+  redis.call('SADD', node_cancels_key(j[4]), job_id)
+  release(job_id, j[4], now)
+  pull_queue(j[4], now)
+end
+return {'ok', 'cancelled'}
+"""
+
+# Fencing shared by progress reports and artifact uploads: the reporting node must be the one that
+# holds this attempt, and the attempt must be the job's current, live one.
+_FENCE = r"""
+local function fence(job_id, node_id, attempt)
+  local j = redis.call('HMGET', job_key(job_id), 'status', 'attempt', 'node:' .. attempt)
+  if not j[1] then return fail('not_found', 'no job ' .. job_id) end
+  if j[3] ~= node_id then
+    return fail('forbidden', 'attempt ' .. attempt .. ' of job ' .. job_id .. ' is not assigned to node ' .. node_id)
+  end
+  if j[1] == 'cancelled' then return fail('job_cancelled', 'job ' .. job_id .. ' was cancelled; stop it') end
+  if tonumber(attempt) ~= tonumber(j[2]) then
+    return fail('stale_attempt', 'attempt ' .. attempt .. ' of job ' .. job_id .. ' is stale; current is ' .. j[2])
+  end
+  if TERMINAL[j[1]] then return fail('job_terminal', 'job ' .. job_id .. ' is already ' .. j[1]) end
+  return nil
+end
+"""
+
+REPORT_PROGRESS = _FENCE + r"""
+local job_id = ARGV[1]
+local node_id = ARGV[2]
+local attempt = ARGV[3]
+local seq = tonumber(ARGV[4])
+local status = ARGV[5]
+local progress = ARGV[6]
+local event = ARGV[7]
+local error_text = ARGV[8]
+local fault = ARGV[9]
+local refused = fence(job_id, node_id, attempt)
+if refused then return refused end
+local jk = job_key(job_id)
+local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts')
+if seq <= tonumber(j[4]) then return {'duplicate', j[1]} end
+if status == 'completed' and not string.find(j[5], '"model.safetensors"', 1, true) then
+  return fail('missing_artifact', 'upload model.safetensors before reporting completed')
+end
+local now = now_ms()
+redis.call('HSET', jk, 'last_seq', seq)
+if progress ~= '' then redis.call('HSET', jk, 'progress', progress) end
+redis.call('XADD', job_progress_key(job_id), 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'event', event)
+local name = redis.call('HGET', NODE_NAMES, node_id)
+if status == 'running' then
+  if j[1] == 'assigned' then
+    set_status(job_id, j[1], 'running', j[2], j[3])
+    redis.call('HSET', jk, 'started_ms', now)
+  end
+elseif status == 'completed' then
+  set_status(job_id, j[1], 'completed', j[2], j[3])
+  redis.call('HSET', jk, 'finished_ms', now)
+  release(job_id, node_id, now)
+  adjust_reputation(node_id, name, 'success', now)
+  pull_queue(node_id, now)
+elseif status == 'failed' and fault == 'node' then
+  release(job_id, node_id, now)
+  adjust_reputation(node_id, name, 'node_fault', now)
+  if requeue(job_id, now, true, error_text) == 'queued' then place(job_id, now) end
+  pull_queue(node_id, now)
+elseif status == 'failed' then
+  set_status(job_id, j[1], 'failed', j[2], j[3])
+  redis.call('HSET', jk, 'finished_ms', now, 'error', error_text)
+  release(job_id, node_id, now)
+  pull_queue(node_id, now)
+elseif status == 'queued' then
+  release(job_id, node_id, now)
+  requeue(job_id, now, false, 'handed back')
+  place(job_id, now)
+end
+return {'ok', redis.call('HGET', jk, 'status')}
+"""
+
+COMMIT_ARTIFACT = _FENCE + r"""
+local upload_key = KEYS[1]
+local artifact_key = KEYS[2]
+local job_id = ARGV[1]
+local node_id = ARGV[2]
+local attempt = ARGV[3]
+local name = ARGV[4]
+local size = tonumber(ARGV[5])
+local max_job_bytes = tonumber(ARGV[6])
+local refused = fence(job_id, node_id, attempt)
+if refused then
+  redis.call('DEL', upload_key)
+  return refused
+end
+local jk = job_key(job_id)
+local old = tonumber(redis.call('HGET', artifact_key, 'size') or '0')
+local total = tonumber(redis.call('HGET', jk, 'artifact_bytes')) - old + size
+if total > max_job_bytes then
+  redis.call('DEL', upload_key)
+  return fail('payload_too_large', 'artifacts of job ' .. job_id .. ' would exceed ' .. max_job_bytes .. ' bytes')
+end
+redis.call('RENAME', upload_key, artifact_key)
+redis.call('PERSIST', artifact_key)
+local names = cjson.decode(redis.call('HGET', jk, 'artifacts'))
+local known = false
+for _, n in ipairs(names) do if n == name then known = true end end
+if not known then table.insert(names, name) end
+redis.call('HSET', jk, 'artifacts', cjson.encode(names), 'artifact_bytes', total)
+return {'ok'}
+"""

@@ -1,0 +1,117 @@
+"""Settings: one frozen object per process, read once at start from the environment.
+
+A bad value fails fast with the variable's name in the message. Flags of the CLI are applied by
+setting these variables before the process (or its workers) start, so every process of one server
+sees the same values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _read(env: dict[str, str], name: str, default: str) -> str:
+    return env.get(name, default)
+
+
+def _read_float(env: dict[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _read_int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def default_data_dir(env: dict[str, str] | None = None) -> Path:
+    """``$CYXWIZ_DATA_DIR``, else ``~/.cyxwiz``."""
+    env = dict(os.environ) if env is None else env
+    raw = env.get("CYXWIZ_DATA_DIR")
+    return Path(raw).expanduser() if raw else Path.home() / ".cyxwiz"
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """Weights of the node score; each component is on 0..1, so the score is too (weights sum to 1)."""
+
+    reputation: float = 0.4
+    availability: float = 0.3
+    capability: float = 0.2
+    uptime: float = 0.1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a function process needs, fixed at start."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    heartbeat_interval_s: float = 10.0
+    ttl_s: float = 30.0
+    weights: ScoreWeights = field(default_factory=ScoreWeights)
+    max_body_bytes: int = 1 << 20            # JSON bodies: a job spec is a few KB
+    max_artifact_bytes: int = 256 << 20      # per artifact upload
+    max_job_artifact_bytes: int = 512 << 20  # all artifacts of one job together
+    redis_timeout_s: float = 2.0             # a hung Redis turns into a 503 after this long
+    schedule_scan: int = 64                  # nodes looked at per placement, per capability class
+    queue_scan: int = 200                    # queued jobs looked at when a node pulls work
+    reap_batch: int = 20                     # expired nodes reaped per function call at most
+    reputation_floor: float = 0.3            # below this a node cools off (not scheduled)
+    cooloff_s: float = 600.0
+    rate_limit_per_s: int = 0                # per API key; 0 turns it off
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Read every ``CYXWIZ_*`` variable once; raise :class:`SettingsError` naming a bad one."""
+        env = dict(os.environ) if env is None else env
+        interval = _read_float(env, "CYXWIZ_HEARTBEAT_INTERVAL_S", 10.0, minimum=0.1)
+        ttl = _read_float(env, "CYXWIZ_TTL_S", 3 * interval, minimum=0.1)
+        if ttl < interval:
+            raise SettingsError(f"CYXWIZ_TTL_S ({ttl}) must be >= CYXWIZ_HEARTBEAT_INTERVAL_S ({interval})")
+        weights = ScoreWeights(
+            reputation=_read_float(env, "CYXWIZ_WEIGHT_REPUTATION", 0.4),
+            availability=_read_float(env, "CYXWIZ_WEIGHT_AVAILABILITY", 0.3),
+            capability=_read_float(env, "CYXWIZ_WEIGHT_CAPABILITY", 0.2),
+            uptime=_read_float(env, "CYXWIZ_WEIGHT_UPTIME", 0.1),
+        )
+        total = weights.reputation + weights.availability + weights.capability + weights.uptime
+        if abs(total - 1.0) > 1e-6:
+            raise SettingsError(f"CYXWIZ_WEIGHT_* must sum to 1, got {total}")
+        return cls(
+            redis_url=_read(env, "CYXWIZ_REDIS_URL", "redis://127.0.0.1:6379/0"),
+            heartbeat_interval_s=interval,
+            ttl_s=ttl,
+            weights=weights,
+            max_body_bytes=_read_int(env, "CYXWIZ_MAX_BODY_BYTES", 1 << 20, minimum=1024),
+            max_artifact_bytes=_read_int(env, "CYXWIZ_MAX_ARTIFACT_BYTES", 256 << 20, minimum=1),
+            max_job_artifact_bytes=_read_int(env, "CYXWIZ_MAX_JOB_ARTIFACT_BYTES", 512 << 20, minimum=1),
+            redis_timeout_s=_read_float(env, "CYXWIZ_REDIS_TIMEOUT_S", 2.0, minimum=0.05),
+            schedule_scan=_read_int(env, "CYXWIZ_SCHEDULE_SCAN", 64, minimum=1),
+            queue_scan=_read_int(env, "CYXWIZ_QUEUE_SCAN", 200, minimum=1),
+            reap_batch=_read_int(env, "CYXWIZ_REAP_BATCH", 20, minimum=1),
+            reputation_floor=_read_float(env, "CYXWIZ_REPUTATION_FLOOR", 0.3),
+            cooloff_s=_read_float(env, "CYXWIZ_COOLOFF_S", 600.0),
+            rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 0),
+        )

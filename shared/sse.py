@@ -1,0 +1,50 @@
+"""Server-sent events of one job: ``progress`` events as they are reported and ``status`` events when
+the status changes; the stream closes once the job is terminal and every event has been sent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from shared import keys
+from shared.store import Store
+from shared.transitions import TERMINAL
+
+BLOCK_MS = 1000      # one XREAD wait; well under the store's socket timeout
+KEEPALIVE_S = 15.0   # a comment line keeps proxies from closing an idle stream
+
+
+def _frame(event: str, data: Any, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+
+
+async def job_event_stream(store: Store, job_id: str) -> AsyncIterator[bytes]:
+    """Yield SSE frames until the job ends."""
+    progress_key = keys.job_progress_key(job_id)
+    last_id = "0-0"
+    last_status = None
+    last_sent = time.monotonic()
+    while True:
+        status = await store.redis.hget(keys.job_key(job_id), "status")
+        if status is None:
+            return
+        block = None if status in TERMINAL else BLOCK_MS
+        found = await store.redis.xread({progress_key: last_id}, count=500, block=block)
+        for _, entries in found or []:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                yield _frame("progress", orjson.loads(fields["event"]), entry_id)
+                last_sent = time.monotonic()
+        if status != last_status:
+            last_status = status
+            yield _frame("status", {"job_id": job_id, "status": status})
+            last_sent = time.monotonic()
+        if status in TERMINAL and not found:
+            return
+        if time.monotonic() - last_sent > KEEPALIVE_S:
+            yield b": keep-alive\n\n"
+            last_sent = time.monotonic()
