@@ -76,7 +76,8 @@ def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module,
     try:
         tensors = safetensors.torch.load(data)
         model.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
-        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in json.loads(metadata["optimizer_scalars"]).items()}
+        scalars = json.loads(metadata["optimizer_scalars"])
+        state: dict[int, dict[str, Any]] = {int(index): dict(values) for index, values in scalars.items()}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
                 _, index, name = key.split("/", 2)

@@ -87,7 +87,10 @@ def is_linear(module: nn.Module) -> bool:
 
 def cross_entropy(use_kernels: bool) -> nn.Module:
     """Mean cross-entropy over (N, C) logits and (N,) targets."""
-    return triton_kernels().CrossEntropyLoss(ignore_index=-100, reduction="mean") if use_kernels else nn.CrossEntropyLoss()
+    if use_kernels:
+        loss: nn.Module = triton_kernels().CrossEntropyLoss(ignore_index=-100, reduction="mean")
+        return loss
+    return nn.CrossEntropyLoss()
 
 
 def make_optimizer(parameters: Any, training: dict[str, Any], use_kernels: bool) -> torch.optim.Optimizer:

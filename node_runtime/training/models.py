@@ -6,6 +6,7 @@ ids) and returns logits (classification, language modelling) or predictions (reg
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -72,7 +73,7 @@ class MLP(nn.Module):
     def __init__(self, model: dict[str, Any], info: dict[str, Any], use_kernels: bool) -> None:
         super().__init__()
         widths = [info["num_features"], *model["hidden"]]
-        self.blocks = nn.Sequential(*(DenseBlock(a, b, model, use_kernels) for a, b in zip(widths, widths[1:])))
+        self.blocks = nn.Sequential(*(DenseBlock(a, b, model, use_kernels) for a, b in itertools.pairwise(widths)))
         self.head, _ = layers.linear(widths[-1], output_size(info), use_kernels=use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ class CNN(nn.Module):
             channels = out_channels
         self.features = nn.Sequential(*stages)
         widths = [channels * height * width, *model["hidden"]]
-        self.blocks = nn.Sequential(*(DenseBlock(a, b, model, use_kernels) for a, b in zip(widths, widths[1:])))
+        self.blocks = nn.Sequential(*(DenseBlock(a, b, model, use_kernels) for a, b in itertools.pairwise(widths)))
         self.head, _ = layers.linear(widths[-1], output_size(info), use_kernels=use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,8 @@ class SequentialModel(nn.Module):
         for index, layer in enumerate(specs):
             input_shape = shapes[index][0]
             following = specs[index + 1]["type"] if index + 1 < len(specs) else None
-            if modules and layers.is_linear(modules[-1]) and use_kernels and layer["type"] in layers.FUSABLE_ACTIVATIONS:
+            fused = use_kernels and layer["type"] in layers.FUSABLE_ACTIVATIONS
+            if fused and modules and layers.is_linear(modules[-1]):
                 modules.append(nn.Identity())  # fused into the LinearAct just before
                 continue
             modules.append(_layer_module(layer, input_shape, following, use_kernels))
