@@ -148,7 +148,8 @@ return {'ok', 'cancelled'}
 """
 
 # Fencing shared by progress reports and artifact uploads: the reporting node must be the one that
-# holds this attempt, and the attempt must be the job's current, live one.
+# holds this attempt, the job must not be cancelled, and the attempt must be the job's current one.
+# (Terminal jobs are checked by each caller: a retried final report is a duplicate, not a conflict.)
 _FENCE = r"""
 local function fence(job_id, node_id, attempt)
   local j = redis.call('HMGET', job_key(job_id), 'status', 'attempt', 'node:' .. attempt)
@@ -160,8 +161,11 @@ local function fence(job_id, node_id, attempt)
   if tonumber(attempt) ~= tonumber(j[2]) then
     return fail('stale_attempt', 'attempt ' .. attempt .. ' of job ' .. job_id .. ' is stale; current is ' .. j[2])
   end
-  if TERMINAL[j[1]] then return fail('job_terminal', 'job ' .. job_id .. ' is already ' .. j[1]) end
   return nil
+end
+
+local function terminal_conflict(job_id, status)
+  return fail('job_terminal', 'job ' .. job_id .. ' is already ' .. status)
 end
 """
 
@@ -180,6 +184,7 @@ if refused then return refused end
 local jk = job_key(job_id)
 local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts')
 if seq <= tonumber(j[4]) then return {'duplicate', j[1]} end
+if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
 if status == 'completed' and not string.find(j[5], '"model.safetensors"', 1, true) then
   return fail('missing_artifact', 'upload model.safetensors before reporting completed')
 end
@@ -232,6 +237,11 @@ if refused then
   return refused
 end
 local jk = job_key(job_id)
+local status = redis.call('HGET', jk, 'status')
+if TERMINAL[status] then
+  redis.call('DEL', upload_key)
+  return terminal_conflict(job_id, status)
+end
 local old = tonumber(redis.call('HGET', artifact_key, 'size') or '0')
 local total = tonumber(redis.call('HGET', jk, 'artifact_bytes')) - old + size
 if total > max_job_bytes then

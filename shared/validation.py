@@ -13,10 +13,12 @@ T = TypeVar("T")
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"unknown field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"missing required field `(?P<name>[^`]+)`")
 
 
 def dotted_path(raw: str) -> str:
     """msgspec's ``$.model.layers[2].type`` as the contract's ``model.layers.2.type``."""
+    raw = raw.replace("[...]", "")  # a dict value: msgspec does not say which key; name the dict
     return re.sub(r"\[(\d+)\]", r".\1", raw).lstrip(".")
 
 
@@ -26,10 +28,11 @@ def field_error(exc: msgspec.ValidationError) -> errors.InvalidField:
     match = _PATH.search(text)
     path = dotted_path(match.group("path")) if match else ""
     message = _PATH.sub("", text)
-    unknown = _UNKNOWN.search(message)
-    if unknown:
-        path = f"{path}.{unknown.group('name')}" if path else unknown.group("name")
-        message = f"unknown field {unknown.group('name')!r}"
+    for pattern, wording in ((_UNKNOWN, "unknown field"), (_MISSING, "missing required field")):
+        found = pattern.search(message)
+        if found:
+            path = f"{path}.{found.group('name')}" if path else found.group("name")
+            message = f"{wording} {found.group('name')!r}"
     return errors.InvalidField(message, field=path or None)
 
 

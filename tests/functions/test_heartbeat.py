@@ -1,0 +1,67 @@
+"""Heartbeat function: liveness, cancels, pulling queued work, and lazy reaping of lapsed nodes."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import redis
+
+from tests.conftest import bearer, keyspace, register, submit
+
+
+def beat(http: httpx.Client, reg: dict[str, str], **body: object) -> httpx.Response:
+    return http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", json=body or None, headers=bearer(reg["session_token"]))
+
+
+def test_heartbeat_refreshes_ttl(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    time.sleep(1.0)
+    resp = beat(http, reg)
+    assert resp.status_code == 200
+    assert resp.json() == {"ttl_s": 2.0, "cancel": [], "status": "online", "assigned": 0}
+    assert r.pttl(f"cyxwiz:node:{reg['node_id']}") > 1500
+
+
+def test_heartbeat_auth(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    a, b = register(http, creds["join_token"], "a"), register(http, creds["join_token"], "b")
+    before = keyspace(r)
+    other = http.post(f"/v1/nodes/{a['node_id']}/heartbeat", headers=bearer(b["session_token"]))
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+    for headers in ({}, bearer("cwn.x.y"), bearer(creds["api_key"])):
+        assert http.post(f"/v1/nodes/{a['node_id']}/heartbeat", headers=headers).status_code == 401
+    bad = http.post(f"/v1/nodes/{a['node_id']}/heartbeat", json={"gpu_free_mb": "lots"},
+                    headers=bearer(a["session_token"]))
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "gpu_free_mb"
+    assert keyspace(r) == before
+
+
+def test_heartbeat_pulls_queued_work(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"], slots=1)
+    first, second = submit(http, creds["api_key"]), submit(http, creds["api_key"])
+    assert second["status"] == "queued"
+    http.post(f"/v1/jobs/{first['job_id']}/cancel", headers=bearer(creds["api_key"]))
+    # cancelling freed the slot and pulled the queue already; the heartbeat reports the cancel
+    assert beat(http, reg).json()["cancel"] == [first["job_id"]]
+    assert http.get(f"/v1/jobs/{second['job_id']}", headers=bearer(creds["api_key"])).json()["status"] == "assigned"
+
+
+def test_lapsed_node_is_reaped_and_its_job_moves(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    dead = register(http, creds["join_token"], "dead")
+    job = submit(http, creds["api_key"])
+    assert job["node_id"] == dead["node_id"]
+    alive = register(http, creds["join_token"], "alive")
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:  # the live node heartbeats; its calls reap the dead one
+        beat(http, alive)
+        state = http.get(f"/v1/jobs/{job['job_id']}", headers=bearer(creds["api_key"])).json()
+        if state["node_id"] == alive["node_id"]:
+            break
+        time.sleep(0.2)
+    assert state["node_id"] == alive["node_id"] and state["attempt"] == 2 and state["status"] == "assigned"
+    assert not r.exists(f"cyxwiz:node:{dead['node_id']}", f"cyxwiz:node:{dead['node_id']}:jobs",
+                        dead["assignments"]["stream"])
+    assert r.zscore("cyxwiz:nodes:score", dead["node_id"]) is None
+    assert float(r.hget("cyxwiz:reputation", "dead")) < 0.75  # a lost job costs reputation
+    lapsed = beat(http, dead)
+    assert lapsed.status_code == 401  # its session ended with it: register again

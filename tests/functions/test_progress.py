@@ -1,0 +1,186 @@
+"""Progress function: reports (idempotent, fenced), completion, artifacts with Range, SSE."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import redis
+
+from tests.conftest import bearer, keyspace, register, submit
+
+
+def report(http: httpx.Client, token: str, job_id: str, **body: object) -> httpx.Response:
+    return http.post(f"/v1/jobs/{job_id}/progress", json=body, headers=bearer(token))
+
+
+def upload(http: httpx.Client, token: str, job_id: str, data: bytes, name: str = "model.safetensors",
+           attempt: int | None = None) -> httpx.Response:
+    headers = bearer(token) | ({"X-CyxWiz-Attempt": str(attempt)} if attempt else {})
+    return http.put(f"/v1/jobs/{job_id}/artifacts/{name}", content=data, headers=headers)
+
+
+def test_full_lifecycle(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"], slots=1)
+    token, key = reg["session_token"], creds["api_key"]
+    job_id = submit(http, key)["job_id"]
+    waiting = submit(http, key)["job_id"]
+    assert report(http, token, job_id, attempt=1, seq=1, status="running", epoch=1, step=5, total_steps=20,
+                  metrics={"loss": 2.0}).json() == {"ok": True, "status": "running", "duplicate": False}
+    assert report(http, token, job_id, attempt=1, seq=1, status="running").json()["duplicate"] is True
+    report(http, token, job_id, attempt=1, seq=2, status="running", epoch=2, step=10, total_steps=20,
+           metrics={"loss": 1.0})
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(key)).json()
+    assert job["status"] == "running" and job["started_at"] and job["progress"]["step"] == 10
+    early = report(http, token, job_id, attempt=1, seq=3, status="completed")
+    assert early.status_code == 409 and early.json()["error"]["code"] == "missing_artifact"
+    weights = os.urandom(1_300_000)
+    assert upload(http, token, job_id, weights, attempt=1).status_code == 201
+    done = report(http, token, job_id, attempt=1, seq=4, status="completed", epoch=2, step=20, total_steps=20,
+                  metrics={"loss": 0.5, "val_accuracy": 0.97}, artifacts=["model.safetensors"])
+    assert done.json()["status"] == "completed"
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(key)).json()
+    assert job["status"] == "completed" and job["finished_at"] and job["artifacts"] == ["model.safetensors"]
+    assert job["progress"]["metrics"]["val_accuracy"] == 0.97
+    # the slot went to the queued job; success raised reputation
+    assert http.get(f"/v1/jobs/{waiting}", headers=bearer(key)).json()["node_id"] == reg["node_id"]
+    assert float(r.hget("cyxwiz:reputation", "node")) > 0.75
+    events = http.get(f"/v1/jobs/{job_id}/progress", headers=bearer(key)).json()["events"]
+    assert [e["seq"] for e in events] == [1, 2, 4] and [e["metrics"]["loss"] for e in events] == [2.0, 1.0, 0.5]
+    assert http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=bearer(key)).content == weights
+    late = report(http, token, job_id, attempt=1, seq=5, status="running")
+    assert late.status_code == 409 and late.json()["error"]["code"] == "job_terminal"
+
+
+def test_range_requests(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    data = os.urandom(1_200_000)  # spans three chunks
+    upload(http, reg["session_token"], job_id, data)
+    url, key = f"/v1/jobs/{job_id}/artifacts/model.safetensors", bearer(creds["api_key"])
+    for header, expected in (("bytes=0-9", data[:10]), ("bytes=524280-524300", data[524280:524301]),
+                             ("bytes=1199990-", data[1199990:]), ("bytes=-5", data[-5:]),
+                             ("bytes=1000000-9999999", data[1000000:])):
+        resp = http.get(url, headers=key | {"Range": header})
+        assert resp.status_code == 206 and resp.content == expected, header
+        assert resp.headers["content-range"].endswith(f"/{len(data)}")
+    resp = http.get(url, headers=key | {"Range": "bytes=2000000-"})
+    assert resp.status_code == 416 and resp.headers["content-range"] == f"bytes */{len(data)}"
+    assert http.get(url, headers=key).headers["accept-ranges"] == "bytes"
+
+
+def test_node_cannot_touch_other_nodes_jobs(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    a = register(http, creds["join_token"], "a")
+    job_id = submit(http, creds["api_key"])["job_id"]
+    b = register(http, creds["join_token"], "b")
+    before = keyspace(r)
+    resp = report(http, b["session_token"], job_id, attempt=1, seq=1, status="running")
+    assert resp.status_code == 403
+    assert upload(http, b["session_token"], job_id, b"x").status_code == 403
+    assert http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors",
+                    headers=bearer(b["session_token"])).status_code == 403
+    assert report(http, creds["api_key"], job_id, attempt=1, seq=1).status_code == 401
+    assert report(http, a["session_token"], "j-nope", attempt=1, seq=1).status_code == 404
+    assert keyspace(r) == before
+
+
+def test_stale_attempt_is_fenced(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"], slots=1)
+    token = reg["session_token"]
+    job_id = submit(http, creds["api_key"])["job_id"]
+    failed = report(http, token, job_id, attempt=1, seq=1, status="failed", error="CUDA error", fault="node")
+    assert failed.json()["status"] in ("queued", "assigned")  # retried: attempt 2
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["attempt"] == 2
+    stale = report(http, token, job_id, attempt=1, seq=2, status="running")
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "stale_attempt"
+    stale_upload = upload(http, token, job_id, b"old weights", attempt=1)
+    assert stale_upload.status_code == 409 and stale_upload.json()["error"]["code"] == "stale_attempt"
+
+
+def test_job_fault_is_not_retried(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    report(http, reg["session_token"], job_id, attempt=1, seq=1, status="failed", error="bad data", fault="job")
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["status"] == "failed" and job["error"] == "bad data" and job["attempt"] == 1
+    assert float(r.hget("cyxwiz:reputation", "node")) == 0.75  # the job's fault costs the node nothing
+
+
+def test_retries_end_in_failed(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"], max_attempts=2)["job_id"]
+    for attempt in (1, 2):
+        report(http, reg["session_token"], job_id, attempt=attempt, seq=1, status="failed", error="segfault",
+               fault="node")
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["status"] == "failed" and "max_attempts" in job["error"]
+
+
+def test_cancelled_job_answers_409(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    http.post(f"/v1/jobs/{job_id}/cancel", headers=bearer(creds["api_key"]))
+    resp = report(http, reg["session_token"], job_id, attempt=1, seq=1, status="running")
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "job_cancelled"
+
+
+def test_hand_back_requeues_without_spending_attempts(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"], max_attempts=1)["job_id"]
+    http.delete(f"/v1/nodes/{reg['node_id']}", headers=bearer(reg["session_token"]))
+    report(http, reg["session_token"], job_id, attempt=1, seq=1, status="queued")
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["status"] == "queued" and job["attempt"] == 2
+    other = register(http, creds["join_token"], "other")
+    assert http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()["node_id"] == other["node_id"]
+
+
+def test_bad_reports_change_nothing(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    before = keyspace(r)
+    for body, field in (({"seq": 1}, "attempt"), ({"attempt": 1, "seq": 1, "status": "done"}, "status"),
+                        ({"attempt": 1, "seq": 1, "status": "failed"}, "error"),
+                        ({"attempt": 1, "seq": 1, "metrics": {"loss": "low"}}, "metrics"),
+                        ({"attempt": 0, "seq": 1}, "attempt"), ({"attempt": 1, "seq": 1, "extra": 1}, "extra")):
+        resp = report(http, reg["session_token"], job_id, **body)
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == field, resp.text
+    resp = http.post(f"/v1/jobs/{job_id}/progress", content=b"{", headers=bearer(reg["session_token"]))
+    assert resp.status_code == 400
+    assert upload(http, reg["session_token"], job_id, b"x", name="../etc").status_code in (404, 422)
+    assert upload(http, reg["session_token"], job_id, b"x", name="bad name!").status_code == 422
+    assert keyspace(r) == before
+
+
+def test_artifact_caps(api_url: str, creds: dict[str, str], redis_url: str, r: redis.Redis) -> None:
+    from tests.conftest import start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_MAX_ARTIFACT_BYTES": "1000", "CYXWIZ_MAX_JOB_ARTIFACT_BYTES": "1500"})
+    try:
+        with httpx.Client(base_url=url) as http:
+            reg = register(http, creds["join_token"])
+            job_id = submit(http, creds["api_key"])["job_id"]
+            assert upload(http, reg["session_token"], job_id, b"x" * 1001).status_code == 413
+            assert upload(http, reg["session_token"], job_id, b"x" * 1000).status_code == 201
+            over = upload(http, reg["session_token"], job_id, b"x" * 600, name="checkpoint.safetensors")
+            assert over.status_code == 413
+            assert upload(http, reg["session_token"], job_id, b"y" * 900).status_code == 201  # replaces
+            assert not r.keys("cyxwiz:job:*:upload:*")  # no half uploads left behind
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_event_stream(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    report(http, reg["session_token"], job_id, attempt=1, seq=1, status="running", step=1, metrics={"loss": 1.0})
+    upload(http, reg["session_token"], job_id, b"w")
+    report(http, reg["session_token"], job_id, attempt=1, seq=2, status="completed", step=2, metrics={"loss": 0.5})
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(creds["api_key"])) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        text = "".join(resp.iter_text())
+    kinds = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+    assert kinds == ["progress", "progress", "status"]
+    assert '"status":"completed"' in text

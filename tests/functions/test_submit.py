@@ -1,0 +1,211 @@
+"""Submit function: placement, queueing, backfill, priority, idempotency, tenants, listing, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import DIGITS_SPEC, GPU_CAPS, KeepAlive, bearer, keyspace, register, submit
+
+
+def tenant_key(http: httpx.Client, admin_key: str, tenant: str) -> str:
+    resp = http.post("/v1/keys", json={"tenant": tenant}, headers=bearer(admin_key))
+    assert resp.status_code == 201 and resp.json()["tenant"] == tenant
+    return resp.json()["api_key"]  # type: ignore[no-any-return]
+
+
+def test_submit_assigns_to_best_node_and_streams_it(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    answer = submit(http, creds["api_key"])
+    assert answer["status"] == "assigned" and answer["node_id"] == reg["node_id"]
+    entries = r.xrange(reg["assignments"]["stream"])
+    assert len(entries) == 1
+    fields = entries[0][1]
+    assert fields["job_id"] == answer["job_id"] and fields["attempt"] == "1"
+    assert '"digits"' in fields["spec"]
+    job = http.get(f"/v1/jobs/{answer['job_id']}", headers=bearer(creds["api_key"])).json()
+    assert job["status"] == "assigned" and job["attempt"] == 1 and job["spec"]["training"]["batch_size"] == 64
+    assert job["created_at"].endswith("Z") and job["tenant"] == "admin"
+
+
+def test_submit_without_nodes_queues(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    answer = submit(http, creds["api_key"])
+    assert answer == {"job_id": answer["job_id"], "status": "queued", "node_id": None}
+    assert r.zscore("cyxwiz:queue", answer["job_id"]) is not None
+
+
+def test_registration_pulls_queued_jobs(http: httpx.Client, creds: dict[str, str]) -> None:
+    first, second = submit(http, creds["api_key"]), submit(http, creds["api_key"])
+    reg = register(http, creds["join_token"], slots=1)
+    jobs = {j: http.get(f"/v1/jobs/{j}", headers=bearer(creds["api_key"])).json()
+            for j in (first["job_id"], second["job_id"])}
+    assert jobs[first["job_id"]]["status"] == "assigned" and jobs[first["job_id"]]["node_id"] == reg["node_id"]
+    assert jobs[second["job_id"]]["status"] == "queued"  # FIFO, one slot
+
+
+def test_priority_then_fifo_and_backfill(http: httpx.Client, creds: dict[str, str]) -> None:
+    key = creds["api_key"]
+    big = submit(http, key, requirements={"gpu": True})  # fits no CPU node: must not block others
+    low = submit(http, key, priority="low")
+    normal1 = submit(http, key)
+    high = submit(http, key, priority="high")
+    normal2 = submit(http, key)
+    register(http, creds["join_token"], slots=3)
+    status = {name: http.get(f"/v1/jobs/{j['job_id']}", headers=bearer(key)).json()["status"]
+              for name, j in {"big": big, "low": low, "normal1": normal1, "high": high, "normal2": normal2}.items()}
+    assert status == {"big": "queued", "low": "queued", "normal1": "assigned", "high": "assigned",
+                      "normal2": "assigned"}
+    gpu = register(http, creds["join_token"], "gpu", slots=1, capabilities=GPU_CAPS)
+    job = http.get(f"/v1/jobs/{big['job_id']}", headers=bearer(key)).json()
+    assert job["status"] == "assigned" and job["node_id"] == gpu["node_id"]
+
+
+@pytest.mark.parametrize(("requirements", "fits"), [
+    ({"gpu": True}, "gpu"),
+    ({"min_gpu_memory_mb": 100000}, "gpu"),
+    ({"min_ram_mb": 100000}, "gpu"),
+    ({"labels": {"region": "eu"}}, "cpu"),
+    ({"labels": {"region": "us"}}, None),
+])
+def test_requirements_pick_matching_nodes(http: httpx.Client, creds: dict[str, str],
+                                          requirements: dict[str, Any], fits: str | None) -> None:
+    nodes = {"cpu": register(http, creds["join_token"], "cpu", labels={"region": "eu"}),
+             "gpu": register(http, creds["join_token"], "gpu", capabilities=GPU_CAPS)}
+    answer = submit(http, creds["api_key"], requirements=requirements)
+    assert answer["node_id"] == (nodes[fits]["node_id"] if fits else None)
+
+
+def test_cpu_job_prefers_cpu_nodes(http: httpx.Client, creds: dict[str, str]) -> None:
+    cpu = register(http, creds["join_token"], "cpu")
+    register(http, creds["join_token"], "gpu", capabilities=GPU_CAPS)
+    assert submit(http, creds["api_key"])["node_id"] == cpu["node_id"]
+
+
+async def test_concurrent_submits_never_overfill_nodes(api_url: str, creds: dict[str, str], r: redis.Redis) -> None:
+    with httpx.Client(base_url=api_url) as http:
+        nodes = [register(http, creds["join_token"], f"n{i}", slots=2) for i in range(10)]
+    with KeepAlive(api_url, nodes):
+        async with httpx.AsyncClient(base_url=api_url, timeout=30,
+                                     limits=httpx.Limits(max_connections=50)) as client:
+            answers = await asyncio.gather(*[
+                client.post("/v1/jobs", json=DIGITS_SPEC, headers=bearer(creds["api_key"])) for _ in range(200)])
+        assert all(a.status_code == 201 for a in answers)
+        statuses = [a.json()["status"] for a in answers]
+        assert statuses.count("assigned") == 20 and statuses.count("queued") == 180
+        for reg in nodes:
+            node = r.hgetall(f"cyxwiz:node:{reg['node_id']}")
+            assert node["running"] == "2" and r.scard(f"cyxwiz:node:{reg['node_id']}:jobs") == 2
+            assert r.xlen(reg["assignments"]["stream"]) == 2
+        assert r.zcard("cyxwiz:queue") == 180
+
+
+def test_idempotency_key_returns_first_job(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    headers = {**bearer(creds["api_key"]), "Idempotency-Key": "order-42"}
+    first = http.post("/v1/jobs", json=DIGITS_SPEC, headers=headers)
+    again = http.post("/v1/jobs", json=DIGITS_SPEC, headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["job_id"] == first.json()["job_id"]
+    assert r.zcard("cyxwiz:jobs:*:*") == 1
+    other = tenant_key(http, creds["api_key"], "acme")
+    third = http.post("/v1/jobs", json=DIGITS_SPEC, headers={**bearer(other), "Idempotency-Key": "order-42"})
+    assert third.status_code == 201 and third.json()["job_id"] != first.json()["job_id"]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    (b"not json", 400, None),
+    (b'"a string"', 400, None),
+    (b'{"dataset": {"name": "digits"}, "training": {"epochs": 1}}', 422, "model"),
+    (b'{"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 1}, "colour": 1}', 422,
+     "colour"),
+    (b'{"model": {"type": "mlp", "hiddn": [4]}, "dataset": {"name": "digits"}, "training": {"epochs": 1}}', 422,
+     "model.hiddn"),
+    (b'{"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": -1}}', 422,
+     "training.epochs"),
+    (b'{"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 1}, "priority": "urgent"}',
+     422, "priority"),
+])
+def test_invalid_specs_change_nothing(http: httpx.Client, creds: dict[str, str], r: redis.Redis,
+                                      body: bytes, status: int, field: str | None) -> None:
+    register(http, creds["join_token"])
+    before = keyspace(r)
+    resp = http.post("/v1/jobs", content=body, headers=bearer(creds["api_key"]))
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"].get("field") == field
+    assert keyspace(r) == before
+
+
+def test_submit_needs_api_key(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    before = keyspace(r)
+    for headers in ({}, bearer("cwk_unknown"), bearer(reg["session_token"]), {"Authorization": "Basic abc"}):
+        resp = http.post("/v1/jobs", json=DIGITS_SPEC, headers=headers)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized"
+    assert keyspace(r) == before
+
+
+def test_tenants_are_isolated(http: httpx.Client, creds: dict[str, str]) -> None:
+    a, b = tenant_key(http, creds["api_key"], "alpha"), tenant_key(http, creds["api_key"], "beta")
+    job = submit(http, a)["job_id"]
+    assert http.get(f"/v1/jobs/{job}", headers=bearer(b)).status_code == 404
+    assert http.post(f"/v1/jobs/{job}/cancel", headers=bearer(b)).status_code == 404
+    assert http.get(f"/v1/jobs/{job}/progress", headers=bearer(b)).status_code == 404
+    assert http.get(f"/v1/jobs/{job}/artifacts/model.safetensors", headers=bearer(b)).status_code == 404
+    assert http.get("/v1/jobs", headers=bearer(b)).json()["jobs"] == []
+    assert [j["job_id"] for j in http.get("/v1/jobs", headers=bearer(a)).json()["jobs"]] == [job]
+    assert http.get(f"/v1/jobs/{job}", headers=bearer(creds["api_key"])).status_code == 200  # admin sees all
+
+
+def test_keys_need_admin_and_valid_tenant(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    user = tenant_key(http, creds["api_key"], "alpha")
+    before = keyspace(r)
+    assert http.post("/v1/keys", json={"tenant": "x"}, headers=bearer(user)).status_code == 403
+    for body, field in (({"tenant": "Not Valid!"}, "tenant"), ({}, "tenant"), ({"tenant": "a", "x": 1}, "x")):
+        resp = http.post("/v1/keys", json=body, headers=bearer(creds["api_key"]))
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == field
+    assert keyspace(r) == before
+
+
+def test_list_jobs_pages_and_filters(http: httpx.Client, creds: dict[str, str]) -> None:
+    key = creds["api_key"]
+    ids = [submit(http, key)["job_id"] for _ in range(5)]
+    http.post(f"/v1/jobs/{ids[0]}/cancel", headers=bearer(key))
+    page1 = http.get("/v1/jobs?limit=2", headers=bearer(key)).json()
+    page2 = http.get(f"/v1/jobs?limit=2&cursor={page1['next_cursor']}", headers=bearer(key)).json()
+    page3 = http.get(f"/v1/jobs?limit=2&cursor={page2['next_cursor']}", headers=bearer(key)).json()
+    seen = [j["job_id"] for p in (page1, page2, page3) for j in p["jobs"]]
+    assert seen == ids[::-1] and page3["next_cursor"] is None
+    cancelled = http.get("/v1/jobs?status=cancelled", headers=bearer(key)).json()["jobs"]
+    assert [j["job_id"] for j in cancelled] == [ids[0]]
+    assert len(http.get("/v1/jobs?status=queued", headers=bearer(key)).json()["jobs"]) == 4
+    for query, field in (("status=nope", "status"), ("limit=0", "limit"), ("limit=x", "limit"), ("cursor=abc", "cursor")):
+        resp = http.get(f"/v1/jobs?{query}", headers=bearer(key))
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == field
+
+
+def test_cancel_queued_and_terminal(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    job = submit(http, creds["api_key"])["job_id"]
+    resp = http.post(f"/v1/jobs/{job}/cancel", headers=bearer(creds["api_key"]))
+    assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
+    assert r.zscore("cyxwiz:queue", job) is None
+    before = keyspace(r)
+    again = http.post(f"/v1/jobs/{job}/cancel", headers=bearer(creds["api_key"]))
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_terminal"
+    assert keyspace(r) == before
+    assert http.post("/v1/jobs/j-nope/cancel", headers=bearer(creds["api_key"])).status_code == 404
+
+
+def test_cancel_assigned_frees_slot_and_tells_node(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"], slots=1)
+    running = submit(http, creds["api_key"])["job_id"]
+    waiting = submit(http, creds["api_key"])["job_id"]
+    http.post(f"/v1/jobs/{running}/cancel", headers=bearer(creds["api_key"]))
+    # the freed slot went to the waiting job at once
+    assert http.get(f"/v1/jobs/{waiting}", headers=bearer(creds["api_key"])).json()["node_id"] == reg["node_id"]
+    beat = http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", headers=bearer(reg["session_token"])).json()
+    assert beat["cancel"] == [running]
+    beat = http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", headers=bearer(reg["session_token"])).json()
+    assert beat["cancel"] == []

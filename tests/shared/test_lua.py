@@ -1,0 +1,136 @@
+"""Each Lua script against the real server, including running it twice (scripts must be safe to
+retry: a client that lost the answer will send the same call again)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from shared import errors, keys
+from shared.settings import Settings
+from shared.store import SCRIPTS, Store
+
+W = [0.4, 0.3, 0.2, 0.1]
+
+
+@pytest.fixture()
+async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
+    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": redis_url}))
+    yield s
+    await s.close()
+
+
+async def register(store: Store, node_id: str, slots: int = 1, gpu: int = 0, ttl_ms: int = 60000) -> list[str]:
+    return await store.run("REGISTER_NODE", [node_id, node_id, slots, "gpu" if gpu else "cpu", gpu, 0, 1000,
+                                             "{}", "{}", "hash", ttl_ms, 0.1, *W])
+
+
+async def submit(store: Store, job_id: str, idem: str = "", gpu: int = 0) -> list[str]:
+    return await store.run("SUBMIT_JOB", [job_id, "t", idem, "job", "normal", 1, 3, "{}", gpu, 0, 0, "{}"])
+
+
+def test_every_script_is_tested() -> None:
+    tested = {"REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB", "REPORT_PROGRESS",
+              "COMMIT_ARTIFACT"}
+    assert set(SCRIPTS) == tested
+
+
+async def test_register_twice_keeps_one_node_and_group(store: Store, r: redis.Redis) -> None:
+    for _ in range(2):
+        assert await register(store, "n1", slots=2) == ["ok", 0]
+    assert r.zcard(keys.NODES_SCORE) == 1 and len(r.xinfo_groups(keys.node_stream_key("n1"))) == 1
+    assert r.hget(keys.node_key("n1"), "running") == "0"
+
+
+async def test_submit_twice_with_idempotency_key(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    first = await submit(store, "j1", idem="k")
+    second = await submit(store, "j2", idem="k")
+    assert first == ["created", "j1", "assigned", "n1"] and second == ["existing", "j1", "assigned", "n1"]
+    assert not r.exists(keys.job_key("j2")) and r.hget(keys.node_key("n1"), "running") == "1"
+
+
+async def test_submit_twice_without_key_fills_then_queues(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    assert (await submit(store, "j1"))[2] == "assigned"
+    assert (await submit(store, "j2"))[2] == "queued"
+    assert r.zrange(keys.QUEUE, 0, -1) == ["j2"]
+
+
+async def test_heartbeat_twice(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    await store.run("CANCEL_JOB", ["j1", ""])
+    assert await store.run("HEARTBEAT", ["n1", ""]) == ["ok", "online", 0, "j1"]
+    assert await store.run("HEARTBEAT", ["n1", ""]) == ["ok", "online", 0]
+    with pytest.raises(errors.NotFound):
+        await store.run("HEARTBEAT", ["ghost", ""])
+
+
+async def test_cancel_twice(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    assert await store.run("CANCEL_JOB", ["j1", ""]) == ["ok", "cancelled"]
+    assert await store.run("CANCEL_JOB", ["j1", ""]) == ["terminal", "cancelled"]
+    assert r.hget(keys.node_key("n1"), "running") == "0"
+    with pytest.raises(errors.NotFound):
+        await store.run("CANCEL_JOB", ["j1", "other-tenant"])
+
+
+async def test_report_twice_is_recorded_once(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    args = ["j1", "n1", 1, 1, "running", '{"step": 1}', '{"seq": 1}', "", "job"]
+    assert await store.run("REPORT_PROGRESS", args) == ["ok", "running"]
+    assert await store.run("REPORT_PROGRESS", args) == ["duplicate", "running"]
+    assert r.xlen(keys.job_progress_key("j1")) == 1
+
+
+async def test_completion_twice(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    r.hset("cyxwiz:job:j1:upload:model.safetensors:u", mapping={"size": 1, "0": "x"})
+    await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100],
+                    keys=["cyxwiz:job:j1:upload:model.safetensors:u", keys.artifact_key("j1", "model.safetensors")])
+    args = ["j1", "n1", 1, 2, "completed", "{}", "{}", "", "job"]
+    assert await store.run("REPORT_PROGRESS", args) == ["ok", "completed"]
+    assert await store.run("REPORT_PROGRESS", args) == ["duplicate", "completed"]  # same seq: a retry
+    with pytest.raises(errors.Conflict):
+        await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 3, "completed", "{}", "{}", "", "job"])
+    assert r.hget(keys.node_key("n1"), "running") == "0" and r.zcard(keys.jobs_index_key(None, "completed")) == 1
+
+
+async def test_commit_artifact_twice_without_upload_fails_cleanly(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    upload = "cyxwiz:job:j1:upload:a:u"
+    target = keys.artifact_key("j1", "a")
+    r.hset(upload, mapping={"size": 3, "0": "abc"})
+    assert await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100], keys=[upload, target]) == ["ok"]
+    with pytest.raises(redis.exceptions.ResponseError):  # the upload key is gone: nothing to rename
+        await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100], keys=[upload, target])
+    assert r.hget(keys.job_key("j1"), "artifacts") == '["a"]'
+
+
+async def test_drain_twice(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    assert await store.run("DRAIN_NODE", ["n1"]) == ["ok", "draining"]
+    assert await store.run("DRAIN_NODE", ["n1"]) == ["ok", "draining"]
+    assert r.zcard(keys.nodes_free_key("cpu")) == 0
+
+
+async def test_reap_twice(store: Store, r: redis.Redis) -> None:
+    import asyncio
+
+    await register(store, "dead", ttl_ms=1)
+    await submit(store, "j1")
+    await asyncio.sleep(0.05)
+    assert await store.run("REAP", []) == ["dead"]
+    assert await store.run("REAP", []) == []
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "queued" and job["attempt"] == "2" and job["lost_count"] == "1"
+    await register(store, "alive")
+    assert r.hget(keys.job_key("j1"), "node_id") == "alive"
