@@ -125,9 +125,9 @@ async def test_drain_twice(store: Store, r: redis.Redis) -> None:
 async def test_reap_twice(store: Store, r: redis.Redis) -> None:
     import asyncio
 
-    await register(store, "dead", ttl_ms=1)
+    await register(store, "dead", ttl_ms=300)
     await submit(store, "j1")
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.4)
     assert await store.run("REAP", []) == ["dead"]
     assert await store.run("REAP", []) == []
     job = r.hgetall(keys.job_key("j1"))
