@@ -8,8 +8,8 @@ one object serves both the compiler and the interpreter, so setting or clearing 
 at any point before a launch is enough. Nothing here touches the GPU driver at import time.
 """
 
-import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -100,17 +100,45 @@ def next_power_of_2(n: int) -> int:
     return int(triton.next_power_of_2(max(int(n), 1)))
 
 
-def row_warps(block: int) -> int:
-    """Warps for a one-row-per-program kernel: enough threads to keep 16-byte loads in flight."""
-    if block >= 32768:
+def block_warps(elements: int) -> int:
+    """Warps for a block of ``elements`` held in registers: about 16-32 elements a thread."""
+    if elements >= 32768:
         return 32
-    if block >= 8192:
+    if elements >= 8192:
         return 16
-    if block >= 2048:
+    if elements >= 2048:
         return 8
     return 4
 
 
-def env_flag(name: str) -> bool:
-    """A boolean environment variable (``1``/``true``/``yes``)."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+# Largest row a norm kernel keeps in registers; wider rows would spill.
+MAX_NORM_COLS = 65536
+
+
+def row_tile(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps) for kernels that hold BLOCK_M whole rows in registers.
+
+    Narrow rows are packed several to a program so each one still moves ~4k elements, which keeps
+    enough loads in flight to saturate HBM at hidden sizes of 1k and below.
+    """
+    if n_cols > MAX_NORM_COLS:
+        raise ValueError(f"rows of {n_cols} features exceed the {MAX_NORM_COLS} a norm kernel holds")
+    block_n = next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    return block_n, block_m, block_warps(block_n * block_m)
+
+
+def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """A (rows, n_cols) view with unit column stride, copying only when the layout demands it."""
+    x2 = x.reshape(-1, n_cols)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def row_programs(n_rows: int, block_m: int, num_warps: int, device: torch.device) -> int:
+    """Programs for a kernel whose programs each walk a range of rows (norm backward passes).
+
+    Enough resident programs to fill every SM's thread slots, never more than there are row tiles;
+    each writes one row of column partial sums, so more programs also means a bigger partial buffer.
+    """
+    per_sm = max(1, 2048 // (32 * num_warps))
+    return max(1, min(sm_count(device) * per_sm, -(-n_rows // block_m)))

@@ -1,0 +1,1 @@
+"""Drop-in ``nn.Module`` / optimizer wrappers over :mod:`kernels.ops`, one per op."""

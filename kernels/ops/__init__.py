@@ -1,0 +1,1 @@
+"""Triton kernels and their autograd Functions, one op per module (see docs/kernels.md)."""
