@@ -1,0 +1,133 @@
+"""The training loop end to end on the CPU: accuracy, determinism, progress, stop and resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+from node_runtime.training import TrainingResult, run_training
+from shared.jobspec import parse_job_spec
+
+API_EXAMPLE = {
+    "name": "digits-mlp",
+    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
+                 "weight_decay": 0.01, "seed": 0},
+}
+SMALL_MLP = {"type": "mlp", "hidden": [32], "dropout": 0.1}  # dropout: the RNG state must survive a resume
+
+
+def weights(result: TrainingResult) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(result.weights)
+
+
+Recorder = Any  # the conftest's Recorder, handed over by the ``recorder`` fixture
+SpecFor = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def digits_run(recorder: Callable[..., Recorder]) -> tuple[TrainingResult, Recorder, float]:
+    record = recorder()
+    started = time.monotonic()
+    result = run_training(parse_job_spec(API_EXAMPLE), record.context())
+    return result, record, time.monotonic() - started
+
+
+def test_contract_digits_mlp_reaches_95_percent_quickly(digits_run: tuple[TrainingResult, Recorder, float]) -> None:
+    result, recorder, seconds = digits_run
+    assert result.status == "completed"
+    assert (result.epoch, result.step, result.total_steps) == (10, 230, 230)
+    assert result.metrics["val_accuracy"] >= 0.95
+    losses = [report["metrics"]["loss"] for report in recorder.reports]
+    assert losses[-1] < losses[0] / 10
+    assert sum(later < earlier for earlier, later in itertools.pairwise(losses)) >= 8  # falling, epoch after epoch
+    assert seconds < 30, f"10 epochs of the digits MLP took {seconds:.1f} s"  # ~3 s on an idle 2-core machine
+
+
+def test_reports_follow_the_contract_shape(digits_run: tuple[TrainingResult, Recorder, float]) -> None:
+    result, recorder, _ = digits_run
+    assert [report["epoch"] for report in recorder.reports] == list(range(1, 11))  # one per epoch end
+    for report in recorder.reports:
+        assert set(report) == {"epoch", "step", "total_steps", "metrics"}
+        metrics = report["metrics"]
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "samples_per_s", "gpu_memory_mb"} <= set(metrics)
+        assert metrics["gpu_memory_mb"] == 0 and metrics["samples_per_s"] > 0
+        assert all(isinstance(value, (int, float)) and math.isfinite(value) for value in metrics.values())
+    assert recorder.reports[-1]["metrics"]["val_accuracy"] == result.metrics["val_accuracy"]
+    assert recorder.checkpoints == []  # the run took less than the default min_interval_s
+
+
+def test_progress_every_n_steps(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    record = recorder()
+    run_training(spec_for(SMALL_MLP, progress_every_steps=5), record.context())
+    # 1437 training digits in batches of 64: 23 steps; reports after 5, 10, 15, 20 and at the epoch end
+    assert [report["step"] for report in record.reports] == [5, 10, 15, 20, 23]
+    assert "val_loss" not in record.reports[0]["metrics"] and "val_loss" in record.reports[-1]["metrics"]
+
+
+def test_same_spec_gives_the_same_weights(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    spec = spec_for(SMALL_MLP, epochs=2)
+    first, second = (run_training(spec, recorder().context()) for _ in range(2))
+    expected = weights(first)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in weights(second).items())
+    other_seed = run_training(spec_for(SMALL_MLP, epochs=2, seed=1), recorder().context())
+    assert not torch.equal(weights(other_seed)["head.weight"], expected["head.weight"])
+
+
+def test_checkpoints_at_epoch_ends_are_rate_limited(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    every_epoch, rate_limited = recorder(), recorder()
+    run_training(spec_for(SMALL_MLP, epochs=3, checkpoint={"min_interval_s": 0}), every_epoch.context())
+    run_training(spec_for(SMALL_MLP, epochs=3, checkpoint={"min_interval_s": 3600}), rate_limited.context())
+    assert len(every_epoch.checkpoints) == 2  # after epochs 1 and 2; the last epoch's state is the result
+    assert rate_limited.checkpoints == []
+
+
+def test_stop_takes_effect_before_the_next_step(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    record = recorder(stop_after_steps=7)
+    result = run_training(spec_for(SMALL_MLP, epochs=5, progress_every_steps=1), record.context())
+    assert result.status == "stopped"
+    assert (result.epoch, result.step, result.total_steps) == (0, 7, 115)
+    assert len(record.checkpoints) == 1  # the stop keeps the exact position
+    assert weights(result)  # the partial model still comes back
+
+
+@pytest.mark.parametrize(("optimizer", "stop"), [("adamw", {"stop_after_checkpoints": 2}),
+                                                 ("sgd", {"stop_after_steps": 30}),
+                                                 ("adam", {"stop_after_steps": 23})])
+def test_interrupted_then_resumed_run_matches_an_uninterrupted_one(
+        recorder: Callable[..., Recorder], spec_for: SpecFor, optimizer: str, stop: dict[str, Any]) -> None:
+    spec = spec_for(SMALL_MLP, epochs=4, optimizer=optimizer, progress_every_steps=1, lr_schedule="cosine",
+                     warmup_steps=10, checkpoint={"min_interval_s": 0})
+    uninterrupted = run_training(spec, recorder().context())
+
+    first_attempt = recorder(**stop)
+    stopped = run_training(spec, first_attempt.context())
+    assert stopped.status == "stopped" and 0 < stopped.step < uninterrupted.step
+    resumed = run_training(spec, recorder().context(initial_checkpoint=first_attempt.checkpoints[-1]))
+
+    assert resumed.status == "completed"
+    assert (resumed.epoch, resumed.step) == (uninterrupted.epoch, uninterrupted.step)
+    expected, actual = weights(uninterrupted), weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.metrics["val_loss"] == pytest.approx(uninterrupted.metrics["val_loss"], rel=1e-4)
+
+
+def test_transformer_learns_tiny_text(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    model = {"type": "transformer", "d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64}
+    record = recorder()
+    result = run_training(spec_for(model, "tiny-text", epochs=2, batch_size=32, learning_rate=3e-3),
+                          record.context())
+    uniform = math.log(256)  # the loss of guessing uniformly over the byte vocabulary
+    assert result.metrics["val_loss"] < uniform - 2.5, result.metrics
+    assert result.metrics["val_accuracy"] > 0.2
+    assert result.metrics["tokens_per_s"] > 0
