@@ -62,7 +62,22 @@ async def authenticate_api_key(store: Store, authorization: str | None) -> Princ
     if raw is None:
         raise errors.Unauthorized("unknown API key")
     entry = orjson.loads(raw)
+    limit = store.settings.rate_limit_per_s
+    if limit:
+        await _check_rate(store, hash_token(token), limit)
     return Principal(tenant=entry["tenant"], admin=bool(entry.get("admin")))
+
+
+async def _check_rate(store: Store, key_hash: str, limit: int) -> None:
+    """A fixed one-second window per API key; over the limit: 429 with Retry-After."""
+    second = int(time.time())
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.incr(keys.rate_key(key_hash, second))
+        pipe.expire(keys.rate_key(key_hash, second), 2)
+        count, _ = await pipe.execute()
+    if count > limit:
+        raise errors.RateLimited(f"more than {limit} requests per second with this API key",
+                                 headers={"Retry-After": "1"})
 
 
 async def authenticate_join(store: Store, authorization: str | None) -> None:

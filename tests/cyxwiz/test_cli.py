@@ -1,0 +1,79 @@
+"""The `cyxwiz` client commands against a real `cyxwiz serve`, configured only by its credentials file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cyxwiz.embedded import free_port
+from cyxwiz.server import wait_healthy
+from tests.conftest import REPO, bearer
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[dict[str, str]]:
+    data_dir = tempfile.mkdtemp(prefix="cyxwiz-cli-")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | {"CYXWIZ_DATA_DIR": data_dir}
+    server = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--port", str(port), "--workers", "2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_healthy(f"http://127.0.0.1:{port}", 30)
+    creds = json.loads((Path(data_dir) / "credentials.json").read_text())
+    yield {**creds, "data_dir": data_dir, "env": env}  # type: ignore[dict-item]
+    server.terminate()
+    assert server.wait(30) == 0
+
+
+def cli(served: dict, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cyxwiz.cli", *args], env=served["env"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_credentials_file(served: dict) -> None:
+    path = Path(served["data_dir"]) / "credentials.json"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert {"api_url", "api_key", "join_token", "redis_url"} <= set(served)
+
+
+def test_submit_status_jobs_cancel_watch(served: dict) -> None:
+    out = cli(served, "submit", str(REPO / "examples" / "digits-mlp.json"))
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["job_id"]
+    status = json.loads(cli(served, "status", job_id).stdout)
+    assert status["status"] == "queued" and status["spec"]["model"]["hidden"] == [128, 64]
+    assert job_id in cli(served, "jobs").stdout
+    assert json.loads(cli(served, "cancel", job_id).stdout)["status"] == "cancelled"
+    watched = cli(served, "watch", job_id)
+    assert watched.returncode == 1 and "cancelled" in watched.stdout  # ended, but not completed
+    again = cli(served, "cancel", job_id)
+    assert again.returncode == 1 and "job_terminal" in again.stderr
+
+
+def test_keys_nodes_download(served: dict, tmp_path: Path) -> None:
+    created = cli(served, "keys", "create", "--tenant", "acme")
+    assert created.returncode == 0 and json.loads(created.stdout)["tenant"] == "acme"
+    api = served["api_url"]
+    reg = httpx.post(f"{api}/v1/nodes", json={"name": "cli-node"}, headers=bearer(served["join_token"])).json()
+    assert "cli-node" in cli(served, "nodes").stdout
+    job_id = json.loads(cli(served, "submit", str(REPO / "examples" / "digits-mlp.json")).stdout)["job_id"]
+    httpx.put(f"{api}/v1/jobs/{job_id}/artifacts/model.safetensors", content=b"weights",
+              headers=bearer(reg["session_token"]))
+    target = tmp_path / "w.safetensors"
+    assert cli(served, "download", job_id, "-o", str(target)).returncode == 0
+    assert target.read_bytes() == b"weights"
+
+
+def test_bad_input_is_reported(served: dict, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 0}}')
+    out = cli(served, "submit", str(bad))
+    assert out.returncode == 1 and "invalid_field" in out.stderr and "training.epochs" in out.stderr
+    assert cli(served, "status", "j-nope").returncode == 1
