@@ -73,7 +73,8 @@ class EmbeddedValkey:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"valkey-server exited with {self.process.returncode}; see {self.dir}/valkey.log")
+                    raise RuntimeError(
+                        f"valkey-server exited with {self.process.returncode}; see {self.dir}/valkey.log")
                 try:
                     if client.ping():
                         return

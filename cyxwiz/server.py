@@ -54,8 +54,9 @@ async def _install(redis_url: str, creds: dict[str, str]) -> None:
 
 def _embedded_port(data_dir: Path) -> int | None:
     """Reuse the embedded server's port from a previous start, so nodes' redis_url stays valid."""
-    url = read_credentials(data_dir).get("redis_url")
-    if url and read_credentials(data_dir).get("embedded"):
+    creds = read_credentials(data_dir)
+    url = creds.get("redis_url")
+    if isinstance(url, str) and creds.get("embedded"):
         port = urlparse(url).port
         if port and port_is_free(port):
             return port

@@ -43,7 +43,8 @@ class ProgressReport(msgspec.Struct, forbid_unknown_fields=True):
 REPORT_STATUSES = ("running", "completed", "failed", "queued")
 
 
-async def submit_job(store: Store, who: Principal, body: Any, idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
+async def submit_job(store: Store, who: Principal, body: Any,
+                     idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
     """Create a job and place it on the best node that fits, or queue it. 201, or 200 for a repeat
     of an Idempotency-Key."""
     spec = parse_job_spec(body)
@@ -143,7 +144,8 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any) ->
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
 
 
-async def progress_events(store: Store, job_id: str, after: str = "-", count: int = 10000) -> list[tuple[str, dict[str, Any]]]:
+async def progress_events(store: Store, job_id: str, after: str = "-",
+                          count: int = 10000) -> list[tuple[str, dict[str, Any]]]:
     """The job's progress events after stream id ``after`` (exclusive unless '-'), oldest first."""
     start = after if after == "-" else "(" + after
     entries = await store.redis.xrange(keys.job_progress_key(job_id), start, "+", count=count)

@@ -54,7 +54,8 @@ def nodes_free_key(node_class: str) -> str:
 
 NODE_CLASSES = ("cpu", "gpu")
 
-NODE_NAMES = PREFIX + "nodes:names"        # HASH node_id -> name: outlives the node hash, so a reaped node's reputation can move
+# HASH node_id -> name: outlives the node hash, so a reaped node's reputation can still move
+NODE_NAMES = PREFIX + "nodes:names"
 REPUTATION = PREFIX + "reputation"  # HASH node name -> reputation 0..1; survives re-registration
 COOLOFF = PREFIX + "cooloff"        # HASH node name -> ms until which the node is not scheduled
 

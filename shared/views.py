@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,7 +13,7 @@ def rfc3339(ms: str | int | None) -> str | None:
     """Milliseconds since the epoch (as stored) to an RFC 3339 UTC string; None stays None."""
     if ms in (None, "", "0", 0):
         return None
-    stamp = datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+    stamp = datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

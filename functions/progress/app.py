@@ -70,14 +70,14 @@ async def download(request: Request) -> Response:
     try:
         wanted = parse_range(request.headers.get("range"), size)
     except RangeNotSatisfiable:
-        body = errors.ApiError(f"range not satisfiable: the artifact has {size} bytes", code="range_not_satisfiable")
-        return JSONResponse(body.body(), status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        refusal = errors.ApiError(f"range not satisfiable: the artifact has {size} bytes", code="range_not_satisfiable")
+        return JSONResponse(refusal.body(), status_code=416, headers={"Content-Range": f"bytes */{size}"})
     start, end = wanted if wanted else (0, size - 1)
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
     if wanted:
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    body: AsyncIterator[bytes] = artifacts.read(job_id, name, start, end) if size else _empty()
-    return StreamingResponse(body, status_code=206 if wanted else 200, headers=headers,
+    content: AsyncIterator[bytes] = artifacts.read(job_id, name, start, end) if size else _empty()
+    return StreamingResponse(content, status_code=206 if wanted else 200, headers=headers,
                              media_type="application/octet-stream")
 
 

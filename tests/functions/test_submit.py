@@ -181,7 +181,8 @@ def test_list_jobs_pages_and_filters(http: httpx.Client, creds: dict[str, str]) 
     cancelled = http.get("/v1/jobs?status=cancelled", headers=bearer(key)).json()["jobs"]
     assert [j["job_id"] for j in cancelled] == [ids[0]]
     assert len(http.get("/v1/jobs?status=queued", headers=bearer(key)).json()["jobs"]) == 4
-    for query, field in (("status=nope", "status"), ("limit=0", "limit"), ("limit=x", "limit"), ("cursor=abc", "cursor")):
+    for query, field in (("status=nope", "status"), ("limit=0", "limit"), ("limit=x", "limit"),
+                         ("cursor=abc", "cursor")):
         resp = http.get(f"/v1/jobs?{query}", headers=bearer(key))
         assert resp.status_code == 422 and resp.json()["error"]["field"] == field
 
