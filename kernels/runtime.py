@@ -5,14 +5,18 @@ reading ``TRITON_INTERPRET`` at that moment (triton 3.x ``knobs.runtime.interpre
 decorated when ``kernels`` is imported, which in a shared test session or a node runtime may happen
 long before anyone sets the variable. :func:`jit` therefore makes the choice at *launch* time instead:
 one object serves both the compiler and the interpreter, so setting or clearing ``TRITON_INTERPRET``
-at any point before a launch is enough. Nothing here touches the GPU driver at import time.
+at any point before a launch is enough. Triton's own ``@jit`` helpers (``tl.sum``, ``tl.cdiv``, ...)
+were decorated when triton was imported, so for an interpreted launch they are swapped for
+interpreted twins for its duration. Nothing here touches the GPU driver at import time.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
@@ -49,6 +53,39 @@ def require_same_device(*tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+_INTERPRETED_TWINS: dict[int, Any] = {}
+
+
+def _interpreted(fn: Callable[..., Any]) -> Any:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(fn)
+
+
+@contextlib.contextmanager
+def _stdlib_interpreted() -> Iterator[None]:
+    """Swap triton.language's compiled-mode ``@jit`` helpers for interpreted twins, then restore.
+
+    Under the interpreter a kernel calls ``tl.sum`` and friends as plain Python; a ``JITFunction``
+    refuses that. They live as attributes of these namespaces (module globals, so the helpers'
+    own calls to each other resolve to the twins too) and as ``tl.tensor`` methods.
+    """
+    patched = []
+    for namespace in (tl, tl.standard, tl.random, tl.tensor):
+        for name, value in list(vars(namespace).items()):
+            if isinstance(value, JITFunction) and not isinstance(value, ModalJITFunction):
+                twin = _INTERPRETED_TWINS.get(id(value))
+                if twin is None:
+                    twin = _INTERPRETED_TWINS[id(value)] = _interpreted(value.fn)
+                patched.append((namespace, name, value))
+                setattr(namespace, name, twin)
+    try:
+        yield
+    finally:
+        for namespace, name, value in patched:
+            setattr(namespace, name, value)
+
+
 class ModalJITFunction(JITFunction):
     """A ``JITFunction`` that defers compiler-versus-interpreter to each launch or device call.
 
@@ -63,14 +100,13 @@ class ModalJITFunction(JITFunction):
 
     def _interpreter(self) -> Any:
         if self._interpreted is None:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            self._interpreted = InterpretedFunction(self.fn)
+            self._interpreted = _interpreted(self.fn)
         return self._interpreted
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if interpreting():
-            return self._interpreter().run(*args, grid=grid, warmup=warmup, **kwargs)
+            with _stdlib_interpreted():
+                return self._interpreter().run(*args, grid=grid, warmup=warmup, **kwargs)
         return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
