@@ -68,7 +68,7 @@ def test_reports_follow_the_contract_shape(digits_run: tuple[TrainingResult, Rec
 def test_progress_every_n_steps(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
     record = recorder()
     run_training(spec_for(SMALL_MLP, progress_every_steps=5), record.context())
-    # 1437 training digits in batches of 64: 23 steps; reports after 5, 10, 15, 20 and at the epoch end
+    # 1438 training digits in batches of 64: 23 steps; reports after 5, 10, 15, 20 and at the epoch end
     assert [report["step"] for report in record.reports] == [5, 10, 15, 20, 23]
     assert "val_loss" not in record.reports[0]["metrics"] and "val_loss" in record.reports[-1]["metrics"]
 

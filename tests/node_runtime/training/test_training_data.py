@@ -1,0 +1,169 @@
+"""Datasets: the shipped and synthetic ones, user npz/csv within the operator's limits, and bad data."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from node_runtime.training import JobError, run_training
+from node_runtime.training.datasets import ArrayDataset, load_dataset
+
+Recorder = Any  # the conftest's Recorder, handed over by the ``recorder`` fixture
+SpecFor = Callable[..., dict[str, Any]]
+MLP = {"type": "mlp", "hidden": [16]}
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def separable(count: int = 200, features: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(count, features)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def test_digits_split_by_seed(spec_for: SpecFor) -> None:
+    data = load_dataset(spec_for(MLP, "digits"))
+    assert isinstance(data, ArrayDataset)
+    assert (len(data.train_x), len(data.val_x)) == (1438, 359)
+    assert data.info["num_classes"] == 10 and data.info["image_shape"] == [1, 8, 8]
+    assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
+    same, other = load_dataset(spec_for(MLP, "digits")), load_dataset(spec_for(MLP, "digits", seed=1))
+    assert torch.equal(same.val_y, data.val_y) and not torch.equal(other.val_y, data.val_y)
+
+
+@pytest.mark.parametrize("dataset", [{"name": "blobs", "n_samples": 300, "n_features": 3, "n_classes": 4},
+                                     {"name": "spirals", "n_samples": 300, "n_classes": 3}])
+def test_synthetic_data_is_a_function_of_the_seed(spec_for: SpecFor, dataset: dict[str, Any]) -> None:
+    first, again = load_dataset(spec_for(MLP, dataset)), load_dataset(spec_for(MLP, dataset))
+    other = load_dataset(spec_for(MLP, dataset, seed=7))
+    assert isinstance(first, ArrayDataset) and isinstance(other, ArrayDataset) and isinstance(again, ArrayDataset)
+    assert torch.equal(first.train_x, again.train_x) and not torch.equal(first.train_x, other.train_x)
+    assert len(first.train_x) + len(first.val_x) == 300
+    assert set(first.train_y.tolist()) == set(range(dataset["n_classes"]))
+
+
+def test_blobs_are_learnable(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    result = run_training(spec_for(MLP, {"name": "blobs", "n_classes": 3}, epochs=5, learning_rate=1e-2),
+                          recorder().context())
+    assert result.metrics["val_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("url", ["plain.npz", "file://{root}/plain.npz", "{root}/plain.npz"])
+def test_user_npz_under_the_data_root(recorder: Callable[..., Recorder], spec_for: SpecFor, data_root: Path,
+                                      url: str) -> None:
+    x, y = separable()
+    (data_root / "plain.npz").write_bytes(npz_bytes(x=x, y=y))
+    spec = spec_for(MLP, {"url": url.format(root=data_root)}, epochs=10, learning_rate=1e-2)
+    result = run_training(spec, recorder().context(data_root=data_root))
+    assert result.status == "completed" and result.metrics["val_accuracy"] > 0.9
+
+
+def test_user_images_train_a_cnn(recorder: Callable[..., Recorder], spec_for: SpecFor, data_root: Path) -> None:
+    x = np.random.default_rng(0).random((64, 6, 6), dtype=np.float32)  # (samples, height, width): one channel
+    (data_root / "images.npz").write_bytes(npz_bytes(x=x, y=np.arange(64) % 3))
+    result = run_training(spec_for({"type": "cnn", "channels": [4]}, {"url": "images.npz"}),
+                          recorder().context(data_root=data_root))
+    assert result.status == "completed"
+    with pytest.raises(JobError, match="model.channels"):  # 6x6 halves to 3 then 1: a third pool cannot fit
+        run_training(spec_for({"type": "cnn", "channels": [4, 4, 4]}, {"url": "images.npz"}),
+                     recorder().context(data_root=data_root))
+
+
+def test_csv_with_integer_targets_is_classification(recorder: Callable[..., Recorder], spec_for: SpecFor,
+                                                    data_root: Path) -> None:
+    x, y = separable()
+    rows = ["f1,f2,f3,f4,label"] + [",".join([*map(str, features), str(label)])
+                                    for features, label in zip(x, y, strict=True)]
+    (data_root / "table.csv").write_text("\n".join(rows))
+    result = run_training(spec_for(MLP, {"url": "table.csv"}, epochs=10, learning_rate=1e-2),
+                          recorder().context(data_root=data_root))
+    assert result.metrics["val_accuracy"] > 0.9
+
+
+class _OneFile(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_dataset() -> Iterator[str]:
+    x, y = separable()
+    _OneFile.body = npz_bytes(x=x, y=y)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneFile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/data.npz"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_http_urls_only_when_the_operator_allows(recorder: Callable[..., Recorder], spec_for: SpecFor,
+                                                 http_dataset: str) -> None:
+    spec = spec_for(MLP, {"url": http_dataset})
+    with pytest.raises(JobError, match="does not allow http"):
+        run_training(spec, recorder().context())
+    assert run_training(spec, recorder().context(allow_http=True)).status == "completed"
+
+
+@pytest.mark.parametrize(("make", "url", "message"), [
+    (None, "../outside.npz", "outside the node's data directory"),
+    (None, "/etc/hostname.npz", "outside the node's data directory"),
+    ("symlink", "escape.npz", "outside the node's data directory"),
+    (None, "missing.npz", "cannot read dataset file"),
+    (npz_bytes(x=np.zeros((4, 2))), "no_y.npz", "lacks y"),
+    (npz_bytes(x=np.zeros((4, 2)), y=np.array([{}, {}, {}, {}], dtype=object)), "pickled.npz", "npz"),
+    (b"not a zip file", "junk.npz", "cannot read the dataset as npz"),
+    (npz_bytes(x=np.zeros((4, 2)), y=np.zeros(3, dtype=np.int64)), "lengths.npz", "x has 4 samples but y has 3"),
+    (npz_bytes(x=np.full((4, 2), np.nan), y=np.zeros(4, dtype=np.int64)), "nan.npz", "NaN"),
+    (npz_bytes(x=np.zeros((4, 2)), y=np.array([0, 1, -1, 0])), "negative.npz", "non-negative integer class"),
+    (b"a,b\n1,x\n2,y\n", "words.csv", "only numbers"),
+    (b"a,b,c\n1,2,3\n4,5\n", "ragged.csv", "row 2 has 2 columns"),
+    # the data loads, but the model cannot fit it: the spec's field is named
+    (npz_bytes(x=np.zeros((8, 3)), y=np.arange(8) % 2), "flat.npz", "model.type: a cnn needs image-shaped data"),
+])
+def test_unusable_data_is_a_job_error(recorder: Callable[..., Recorder], spec_for: SpecFor, data_root: Path,
+                                      make: bytes | str | None, url: str, message: str) -> None:
+    if isinstance(make, bytes):
+        (data_root / url).write_bytes(make)
+    elif make == "symlink":
+        outside = data_root.parent / "secret.npz"
+        x, y = separable()
+        outside.write_bytes(npz_bytes(x=x, y=y))
+        (data_root / url).symlink_to(outside)
+    model = {"type": "cnn"} if url == "flat.npz" else MLP
+    with pytest.raises(JobError, match=message):
+        run_training(spec_for(model, {"url": url}), recorder().context(data_root=data_root))
+
+
+def test_local_files_refused_without_a_data_root(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    with pytest.raises(JobError, match="no data directory"):
+        run_training(spec_for(MLP, {"url": "data.npz"}), recorder().context())
+
+
+def test_a_loss_that_overflows_is_a_job_error(recorder: Callable[..., Recorder], spec_for: SpecFor,
+                                              data_root: Path) -> None:
+    x = np.ones((32, 2), dtype=np.float32)
+    (data_root / "huge.npz").write_bytes(npz_bytes(x=x, y=np.full(32, 1e30, dtype=np.float32)))  # MSE: 1e60
+    with pytest.raises(JobError, match="loss became inf"):
+        run_training(spec_for(MLP, {"url": "huge.npz"}), recorder().context(data_root=data_root))
