@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module,
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         position = Position(**json.loads(metadata["position"]))
         metrics: dict[str, Any] = json.loads(metadata["metrics"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as error:
+    except (KeyError, ValueError, RuntimeError, TypeError, safetensors.SafetensorError) as error:
         raise JobError(f"the checkpoint to resume from is damaged or does not fit this model: {error}") from error
     return position, metrics
 
