@@ -1,6 +1,6 @@
 """Devices, dtypes and tolerances shared by the kernel tests.
 
-References are computed by torch in fp32 from the same (possibly low-precision) inputs, so the
+References are computed by torch in float64 from the same (possibly low-precision) inputs, so the
 tolerance only has to cover our kernels' own rounding: the output store, and for matmuls the
 rounding of the scaled operand before the tensor-core product.
 """
@@ -44,6 +44,6 @@ def leaf(tensor: torch.Tensor, dtype: torch.dtype, device: str) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype).detach().requires_grad_()
 
 
-def fp32_twin(tensor: torch.Tensor) -> torch.Tensor:
-    """The same values as an fp32 leaf: the input the torch reference differentiates."""
-    return tensor.detach().float().requires_grad_()
+def twin(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values as a float64 leaf: the input the torch reference differentiates."""
+    return tensor.detach().double().requires_grad_()

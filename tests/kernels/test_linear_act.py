@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, fp32_twin, leaf
+from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, twin, leaf
 
 TORCH_ACTIVATIONS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -33,9 +33,9 @@ def test_forward_and_gradients_match_torch(device: str, dtype: torch.dtype, lead
     grad_y = torch.randn(y.shape).to(device=device, dtype=dtype)
     y.backward(grad_y)
 
-    xr, wr, br = fp32_twin(x), fp32_twin(weight), fp32_twin(bias)
+    xr, wr, br = twin(x), twin(weight), twin(bias)
     yr = reference(xr, wr, br, activation)
-    yr.backward(grad_y.float())
+    yr.backward(grad_y.double())
     assert y.shape == yr.shape and y.dtype == dtype
     assert_close(y, yr, dtype, what="output")
     reduction = max(1.0, (x.numel() // n_in) ** 0.5)  # dW and db sum over every row
@@ -53,8 +53,8 @@ def test_partial_gradients(device: str, needs: str) -> None:
     weight = torch.randn(18, 24, device=device).requires_grad_(needs in ("weight_only", "no_bias"))
     bias = None if needs == "no_bias" else torch.randn(18, device=device).requires_grad_(needs == "bias_only")
     kernels.linear_act(x, weight, bias, "gelu").square().sum().backward()
-    xr, wr = fp32_twin(x), fp32_twin(weight)
-    br = None if bias is None else fp32_twin(bias)
+    xr, wr = twin(x), twin(weight)
+    br = None if bias is None else twin(bias)
     reference(xr, wr, br, "gelu").square().sum().backward()
     for ours, theirs, name in ((x, xr, "x"), (weight, wr, "weight"), (bias, br, "bias")):
         if ours is not None and ours.requires_grad:
@@ -69,7 +69,7 @@ def test_non_contiguous_input(device: str) -> None:
     x = torch.randn(24, 10, device=device).t().requires_grad_()  # (10, 24) with strides (1, 10)
     weight = torch.randn(12, 24, device=device).requires_grad_()
     kernels.linear_act(x, weight, None, "relu").sum().backward()
-    xr, wr = fp32_twin(x), fp32_twin(weight)
+    xr, wr = twin(x), twin(weight)
     reference(xr, wr, None, "relu").sum().backward()
     assert_close(x.grad, xr.grad, torch.float32, what="grad x")
     assert_close(weight.grad, wr.grad, torch.float32, scale=10.0, what="grad weight")
