@@ -1,0 +1,306 @@
+"""The node runtime's main loop: register, heartbeat, consume the assignment stream, and leave cleanly.
+
+One asyncio loop holds all state, so no locks: a heartbeat task keeps the node alive and passes on
+cancels, a consumer task starts a job process per assignment while a slot is free
+(:mod:`node_runtime.supervisor` watches them), and SIGTERM/SIGINT start the drain: take no new work,
+stop running jobs at their next step with a checkpoint, hand them back to the queue, deregister,
+exit 0. When the control plane no longer knows the node (its heartbeat lapsed while the API or
+Redis was away), the node registers again under a new id; the old attempts were requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from node_runtime.api import AgentApi, ApiRefused, ApiUnavailable, Backoff, retry_async
+from node_runtime.assignments import Assignment, AssignmentStream, StreamGone
+from node_runtime.device import detect_capabilities, gpu_free_mb, threads_per_job
+from node_runtime.job_control import StopReason
+from node_runtime.settings import NodeSettings
+from node_runtime.supervisor import Supervisor
+
+log = logging.getLogger("cyxwiz.node")
+
+
+class RegistrationRefused(Exception):
+    """The control plane will never register this node as configured (bad join token, bad body)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registration of this runtime: a node id, its session token and its assignment stream."""
+
+    node_id: str
+    token: str
+    heartbeat_interval_s: float
+    ttl_s: float
+    stream: str
+    group: str
+
+
+class NodeAgent:
+    """One node runtime process."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.capabilities = detect_capabilities(settings.device)
+        self.api = AgentApi(settings.api_url)
+        self.stream = AssignmentStream(settings.redis_url)
+        self.registration: Registration | None = None
+        self.registered = asyncio.Event()
+        self.accepting = True  # False once draining: no new assignments are started
+        self.left_by_control_plane = False  # an admin drained the node: leave once running jobs end
+        self.shutdown = asyncio.Event()
+        self.signals = 0
+        self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or an admin's drain); the process exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            if not await self._register():
+                return 0
+            tasks = [asyncio.create_task(self._heartbeat_forever(), name="heartbeat"),
+                     asyncio.create_task(self.supervisor.watch_forever(), name="supervise")]
+            consumer = asyncio.create_task(self._consume_forever(), name="consume")
+            await self.shutdown.wait()
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await self._drain()
+            return 0
+        except RegistrationRefused as exc:
+            log.error("%s", exc)
+            return 2
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.supervisor.kill_all("the node runtime is exiting")
+            await self.api.close()
+            await self.stream.close()
+
+    def _on_signal(self, signum: int) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("%s: draining: no new jobs; running jobs checkpoint and go back to the queue",
+                     signal.Signals(signum).name)
+            self.accepting = False
+            self.shutdown.set()
+        else:
+            log.warning("second signal: stopping job processes now")
+            self.supervisor.kill_all("the node runtime was told twice to stop")
+
+    async def _sleep_unless_shutdown(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.shutdown.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    # --- registration and heartbeats -----------------------------------------------------------
+    async def _register(self) -> bool:
+        """Register (again), retrying while the API is unreachable; False if shut down meanwhile."""
+        body = {"name": self.settings.name, "slots": self.settings.slots, "capabilities": self.capabilities,
+                "labels": self.settings.labels}
+        backoff, warned = Backoff(0.5, 10.0), False
+        while not self.shutdown.is_set():
+            try:
+                answer = await self.api.register(self.settings.join_token, body)
+            except ApiUnavailable as exc:
+                if not warned:
+                    log.warning("cannot register at %s yet (%s); retrying with backoff", self.settings.api_url, exc)
+                    warned = True
+                await self._sleep_unless_shutdown(backoff.next_delay(exc.retry_after_s))
+                continue
+            except ApiRefused as exc:
+                raise RegistrationRefused(f"the control plane refused to register this node: {exc}") from exc
+            self.registration = Registration(
+                node_id=answer["node_id"], token=answer["session_token"],
+                heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
+                stream=answer["assignments"]["stream"], group=answer["assignments"]["group"])
+            gpus = ", ".join(g["name"] for g in self.capabilities["gpus"]) or "no GPU"
+            log.info("registered as %s (%s, %d slot(s), %s, %d CPU cores); heartbeat every %.1f s",
+                     answer["node_id"], self.settings.name, self.settings.slots, gpus,
+                     self.capabilities["cpu_cores"], self.registration.heartbeat_interval_s)
+            self.registered.set()
+            self.supervisor.capacity_changed.set()
+            return True
+        return False
+
+    async def _heartbeat_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        unreachable = False
+        while True:
+            reg = self.registration
+            if reg is None:
+                await self.registered.wait()
+                continue
+            due = loop.time() + reg.heartbeat_interval_s
+            gpu_free = await asyncio.to_thread(gpu_free_mb) if self.capabilities["gpus"] else None
+            try:
+                answer = await self.api.heartbeat(reg.node_id, reg.token, gpu_free)
+            except ApiUnavailable as exc:
+                if not unreachable:
+                    log.warning("heartbeat failed (%s); retrying every %.1f s", exc, reg.heartbeat_interval_s)
+                    unreachable = True
+            except ApiRefused as exc:
+                if exc.node_unknown:
+                    await self._register_again(reg, str(exc))
+                    continue
+                log.error("heartbeat refused: %s", exc)
+            else:
+                if unreachable:
+                    log.info("the control plane answers again")
+                    unreachable = False
+                self._apply_heartbeat(reg, answer)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+
+    def _apply_heartbeat(self, reg: Registration, answer: dict[str, object]) -> None:
+        cancelled = answer.get("cancel") or []
+        assert isinstance(cancelled, list)
+        for job_id in cancelled:
+            self.supervisor.stop_job(str(job_id), reg, StopReason.CANCEL, "cancelled by its user")
+        if answer.get("status") == "draining" and not self.shutdown.is_set() and not self.left_by_control_plane:
+            log.info("the control plane is draining this node: no new jobs; leaving once running jobs end")
+            self.accepting = False
+            self.left_by_control_plane = True
+        if self.left_by_control_plane and self.supervisor.idle():
+            self.shutdown.set()
+
+    async def _register_again(self, old: Registration, why: str) -> None:
+        """The control plane forgot this node (a lapsed heartbeat); its attempts were requeued."""
+        if self.registration is not old:
+            return
+        log.warning("the control plane no longer knows node %s (%s); its jobs went back to the queue; "
+                    "registering again", old.node_id, why)
+        self.registration = None
+        self.registered.clear()
+        self.supervisor.forget_registration(old)
+        if not self.shutdown.is_set():
+            await self._register()
+
+    # --- assignments ---------------------------------------------------------------------------
+    async def _consume_forever(self) -> None:
+        """Read assignments while a slot is free; pending entries first after any reconnect."""
+        backoff, failing = Backoff(0.2, 5.0), False
+        while self.accepting:
+            reg = self.registration
+            if reg is None:
+                await self.registered.wait()
+                continue
+            free = self.supervisor.free_slots()
+            if free == 0:
+                self.supervisor.capacity_changed.clear()
+                if self.supervisor.free_slots() == 0:
+                    await self.supervisor.capacity_changed.wait()
+                continue
+            try:
+                entries = await self.stream.read(reg.stream, reg.group, reg.node_id, free,
+                                                 self.settings.poll_block_ms)
+                for entry in entries:
+                    if self.registration is not reg:
+                        break  # re-registered meanwhile: those attempts were requeued
+                    await self._take(reg, entry)
+            except StreamGone:
+                await self._sleep_unless_shutdown(reg.heartbeat_interval_s)  # the heartbeat will re-register
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("the assignment stream is unreachable (%s); reconnecting with backoff", exc)
+                    failing = True
+                self.stream.reread_pending()
+                await self._sleep_unless_shutdown(backoff.next_delay())
+            else:
+                if failing:
+                    log.info("the assignment stream is reachable again")
+                    failing = False
+                    backoff.reset()
+
+    async def _take(self, reg: Registration, entry: Assignment) -> None:
+        """Start a job process for an entry, or acknowledge an entry whose job is already over."""
+        if self.supervisor.holds(entry):
+            return  # a pending entry read again after a reconnect: it is running
+        if not entry.job_id or not await self.stream.is_current(entry, reg.node_id):
+            log.info("assignment %s (job %s attempt %d) is already over; acknowledging it",
+                     entry.entry_id, entry.job_id or "-", entry.attempt)
+            await self.stream.ack(entry)
+            return
+        if not self.accepting:
+            await self._hand_back_unstarted(reg, entry)
+            return
+        self.supervisor.start_job(reg, entry)
+
+    async def _hand_back_unstarted(self, reg: Registration, entry: Assignment) -> None:
+        await self.report(reg, entry, 1, {"status": "queued"})
+        log.info("job %s attempt %d handed back unstarted", entry.job_id, entry.attempt)
+        await self.stream.ack(entry)
+
+    async def report(self, reg: Registration, entry: Assignment, seq: int, body: dict[str, object]) -> None:
+        """A report the runtime makes itself (the job process could not), retried while the API is away."""
+        report = {**body, "attempt": entry.attempt, "seq": seq}
+        try:
+            await retry_async(lambda: self.api.report(entry.job_id, reg.token, report),
+                              give_up=lambda: self.registration is not reg)
+        except ApiRefused as exc:
+            log.info("job %s attempt %d: report %s refused: %s", entry.job_id, entry.attempt, body["status"], exc)
+        except ApiUnavailable:
+            pass  # re-registered meanwhile: the control plane requeued the attempt itself
+
+    # --- leaving -------------------------------------------------------------------------------
+    async def _drain(self) -> None:
+        """Stop running jobs with a checkpoint, hand them and unread assignments back, deregister."""
+        self.accepting = False
+        reg = self.registration
+        if reg is None:
+            await self.supervisor.wait_idle(self.settings.drain_timeout_s + 30)
+            return
+        removed = await self._deregister(reg) == "removed"
+        self.supervisor.stop_all(StopReason.DRAIN)
+        if not removed:
+            await self._hand_back_unread(reg)
+        await self.supervisor.wait_idle(self.settings.drain_timeout_s + 30)
+        if not removed and self.registration is reg:
+            await self._deregister(reg)
+        log.info("node %s left the cluster", reg.node_id)
+
+    async def _deregister(self, reg: Registration) -> str:
+        """DELETE the node; ``removed`` once it holds no job, else ``draining``."""
+        try:
+            status = await retry_async(lambda: self.api.deregister(reg.node_id, reg.token),
+                                       give_up=lambda: self.signals > 1)
+        except ApiRefused as exc:
+            if exc.node_unknown:
+                return "removed"
+            log.error("deregistering failed: %s", exc)
+            return "draining"
+        except ApiUnavailable as exc:
+            log.error("could not deregister (%s); the control plane will reap the node after its TTL", exc)
+            return "draining"
+        log.info("deregistered node %s: %s", reg.node_id, status)
+        return status
+
+    async def _hand_back_unread(self, reg: Registration) -> None:
+        """Assignments that arrived but were never started go straight back to the queue."""
+        self.stream.reread_pending()
+        try:
+            while entries := await self.stream.read(reg.stream, reg.group, reg.node_id, 100, None):
+                for entry in entries:  # the pending ones first (some still running), then unread ones
+                    await self._take(reg, entry)
+        except (StreamGone, RedisError, OSError) as exc:
+            log.warning("could not read the last assignments (%s); the control plane requeues them "
+                        "after the node's TTL", exc)
+
+
+def run_node(settings: NodeSettings) -> int:
+    """Run a node runtime in this process until it is told to stop; the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the job's story
+    return asyncio.run(NodeAgent(settings).run())

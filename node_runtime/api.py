@@ -1,0 +1,196 @@
+"""The node's HTTP client for the control plane (httpx), with one rule for what to retry.
+
+An answer is either usable, *refused* (a 4xx other than 408/429: the same request can never
+succeed, e.g. 409 ``stale_attempt`` or 401 for a reaped node), or *unavailable* (no connection,
+a timeout, 429, 5xx, 503 while the state store is away): unavailable calls are retried with
+exponential backoff and jitter, honouring Retry-After. :class:`JobApi` (blocking) serves a job
+process; :class:`AgentApi` (asyncio) serves the runtime's registration, heartbeats and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+ATTEMPT_HEADER = "X-CyxWiz-Attempt"
+# 409 codes that mean "stop this job now": the attempt moved on, the user cancelled, it already ended
+STOP_CODES = frozenset({"stale_attempt", "job_cancelled", "job_terminal"})
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class ApiRefused(Exception):
+    """A definitive error answer: retrying the same request cannot help."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+    @property
+    def node_unknown(self) -> bool:
+        """The control plane no longer knows this node (its heartbeat lapsed): register again."""
+        return self.status == 401 or (self.status == 404 and self.code == "not_found")
+
+
+class ApiUnavailable(Exception):
+    """The control plane could not answer now (network, timeout, overload); try again later."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Backoff:
+    """Exponential delays with full jitter, from ``initial_s`` up to ``maximum_s``."""
+
+    def __init__(self, initial_s: float = 0.2, maximum_s: float = 10.0) -> None:
+        self.initial_s, self.maximum_s = initial_s, maximum_s
+        self.failures = 0
+
+    def next_delay(self, retry_after_s: float | None = None) -> float:
+        ceiling = min(self.maximum_s, self.initial_s * 2 ** min(self.failures, 20))
+        self.failures += 1
+        delay = random.uniform(ceiling / 2, ceiling)
+        return max(delay, min(retry_after_s or 0.0, self.maximum_s))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def check_answer(response: httpx.Response) -> httpx.Response:
+    """Return a 2xx response; raise :class:`ApiRefused` or :class:`ApiUnavailable` for the rest."""
+    if response.is_success:
+        return response
+    code, message = "http_error", response.text[:300]
+    try:
+        error = response.json()["error"]
+        code, message = str(error.get("code", code)), str(error.get("message", message))
+    except (ValueError, KeyError, TypeError):
+        pass
+    if response.status_code in (408, 429) or response.status_code >= 500:
+        retry_after = response.headers.get("retry-after", "")
+        raise ApiUnavailable(f"{response.status_code} {code}: {message}",
+                             float(retry_after) if retry_after.replace(".", "", 1).isdigit() else None)
+    raise ApiRefused(response.status_code, code, message)
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class JobApi:
+    """Blocking calls for one attempt of one job, with the node's session token (a job process)."""
+
+    def __init__(self, api_url: str, session_token: str, job_id: str, attempt: int) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        self.client = httpx.Client(base_url=api_url, headers=_bearer(session_token), timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return check_answer(self.client.request(method, path, **kwargs))
+        except httpx.TransportError as exc:  # connection refused or reset, timeouts
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def report(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a progress report (``attempt`` is filled in)."""
+        answer: dict[str, Any] = self._send("POST", f"/v1/jobs/{self.job_id}/progress",
+                                            json={**body, "attempt": self.attempt}).json()
+        return answer
+
+    def upload(self, name: str, data: bytes) -> None:
+        """PUT an artifact of this attempt (fenced: a stale attempt is refused)."""
+        self._send("PUT", f"/v1/jobs/{self.job_id}/artifacts/{name}", content=data,
+                   headers={ATTEMPT_HEADER: str(self.attempt), "Content-Type": "application/octet-stream"})
+
+    def download(self, name: str, give_up: Callable[[], bool] = lambda: False) -> bytes | None:
+        """GET an artifact of the job, or None when it has none; a broken transfer resumes with Range."""
+        data = bytearray()
+        backoff = Backoff()
+        while True:
+            headers = {"Range": f"bytes={len(data)}-"} if data else {}
+            try:
+                with self.client.stream("GET", f"/v1/jobs/{self.job_id}/artifacts/{name}", headers=headers) as resp:
+                    if resp.status_code == 404:
+                        return None
+                    if resp.status_code == 200:
+                        data.clear()  # the server sent the whole artifact, not the range
+                    elif resp.status_code != 206:
+                        resp.read()
+                        check_answer(resp)
+                    for piece in resp.iter_bytes():
+                        data += piece
+                return bytes(data)
+            except (httpx.TransportError, ApiUnavailable) as exc:
+                if give_up():
+                    raise ApiUnavailable(f"download of {name} abandoned: {exc}") from exc
+                time.sleep(backoff.next_delay(getattr(exc, "retry_after_s", None)))
+
+    def retrying(self, call: Callable[[], T], give_up: Callable[[], bool] = lambda: False,
+                 maximum_s: float = 10.0) -> T:
+        """Run ``call`` until it succeeds or is refused; while unavailable, back off and retry
+        (unless ``give_up()`` says the result is no longer wanted, then raise ApiUnavailable)."""
+        backoff = Backoff(maximum_s=maximum_s)
+        while True:
+            try:
+                return call()
+            except ApiUnavailable as exc:
+                if give_up():
+                    raise
+                time.sleep(backoff.next_delay(exc.retry_after_s))
+
+
+class AgentApi:
+    """Asynchronous calls of the runtime itself: register, heartbeat, deregister, and the reports it
+    makes for a job whose process died."""
+
+    def __init__(self, api_url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=api_url, timeout=TIMEOUT)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _send(self, method: str, path: str, token: str, **kwargs: Any) -> Any:
+        try:
+            response = await self.client.request(method, path, headers=_bearer(token), **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return check_answer(response).json()
+
+    async def register(self, join_token: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._send("POST", "/v1/nodes", join_token, json=body)
+        return answer
+
+    async def heartbeat(self, node_id: str, token: str, gpu_free_mb: int | None) -> dict[str, Any]:
+        body = {} if gpu_free_mb is None else {"gpu_free_mb": gpu_free_mb}
+        answer: dict[str, Any] = await self._send("POST", f"/v1/nodes/{node_id}/heartbeat", token, json=body)
+        return answer
+
+    async def deregister(self, node_id: str, token: str) -> str:
+        """DELETE the node: it drains; the answer's status is ``draining`` or ``removed``."""
+        answer = await self._send("DELETE", f"/v1/nodes/{node_id}", token)
+        return str(answer["status"])
+
+    async def report(self, job_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._send("POST", f"/v1/jobs/{job_id}/progress", token, json=body)
+        return answer
+
+
+async def retry_async(call: Callable[[], Awaitable[T]], give_up: Callable[[], bool] = lambda: False,
+                      backoff: Backoff | None = None) -> T:
+    """Await ``call`` until it succeeds or is refused, backing off while the API is unavailable."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return await call()
+        except ApiUnavailable as exc:
+            if give_up():
+                raise
+            await asyncio.sleep(backoff.next_delay(exc.retry_after_s))

@@ -1,0 +1,104 @@
+"""The node's assignment stream: the jobs the control plane placed on it, read through its consumer
+group and acknowledged only once each job is over for this node.
+
+Each entry carries job_id, attempt and spec (the normalized job spec as JSON). An entry is pending
+from delivery until :meth:`AssignmentStream.ack`, which the runtime calls only once the job is
+terminal or handed back; so after a broken connection, the pending entries are read again first
+(XREADGROUP from id 0) and a job already received is never lost between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared import keys
+
+TERMINAL = ("completed", "failed", "cancelled")
+PENDING_BATCH = 1000  # pending entries of one consumer are at most its slots plus a few ended ones
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One stream entry: an attempt of a job for this node."""
+
+    stream: str
+    group: str
+    entry_id: str
+    job_id: str
+    attempt: int
+    spec: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.job_id, self.attempt
+
+
+class StreamGone(Exception):
+    """The stream or its group no longer exists: the control plane removed this node."""
+
+
+class AssignmentStream:
+    """Reads and acknowledges one node's assignments (one consumer, named by the node id)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5,
+                                             socket_keepalive=True)
+        self._pending_checked: set[str] = set()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def reread_pending(self) -> None:
+        """After a connection failure: read this consumer's pending entries again before new ones."""
+        self._pending_checked.clear()
+
+    async def read(self, stream: str, group: str, consumer: str, count: int,
+                   block_ms: int | None) -> list[Assignment]:
+        """This consumer's pending entries (once per connection), else up to ``count`` new ones,
+        waiting up to ``block_ms`` for one (None: not at all).
+
+        Raises :class:`StreamGone` when the stream was removed."""
+        try:
+            if stream not in self._pending_checked:
+                reply = await self.redis.xreadgroup(group, consumer, {stream: "0"}, count=PENDING_BATCH)
+                self._pending_checked.add(stream)
+                pending = self._entries(stream, group, reply)
+                if pending:
+                    return pending
+            reply = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                raise StreamGone(stream) from exc
+            raise
+        return self._entries(stream, group, reply)
+
+    def _entries(self, stream: str, group: str, reply: Any) -> list[Assignment]:
+        found: list[Assignment] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:  # deleted after delivery (XDEL): nothing left to run
+                    found.append(Assignment(stream, group, entry_id, "", 0, {}))
+                    continue
+                found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
+                                        orjson.loads(fields["spec"])))
+        return found
+
+    async def ack(self, assignment: Assignment) -> None:
+        """The job is over for this node: acknowledge the entry and delete it (keeps the stream short)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(assignment.stream, assignment.group, assignment.entry_id)
+            pipe.xdel(assignment.stream, assignment.entry_id)
+            await pipe.execute()
+
+    async def is_current(self, assignment: Assignment, node_id: str) -> bool:
+        """Whether the entry's attempt is still live and this node's (not cancelled, ended or moved on
+        while the entry waited), so that no process is started for a job that is already over."""
+        status, attempt, holder = await self.redis.hmget(
+            keys.job_key(assignment.job_id), ["status", "attempt", f"node:{assignment.attempt}"])
+        return (status is not None and status not in TERMINAL and attempt == str(assignment.attempt)
+                and holder == node_id)

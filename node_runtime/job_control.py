@@ -1,0 +1,70 @@
+"""What the runtime and one job process share: the launch description (sent once, pickled) and
+three shared values (the stop request, the report sequence, the time of the last training step)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from multiprocessing.context import SpawnContext
+from typing import Any
+
+
+class StopReason(enum.IntEnum):
+    """Why a job process should stop. Later reasons win over earlier ones (a cancel during a drain
+    needs no hand-back; a lost attempt needs nothing at all)."""
+
+    NONE = 0
+    DRAIN = 1   # the node is shutting down: checkpoint, then hand the job back to the queue
+    CANCEL = 2  # the user cancelled: stop, report nothing (the job is already cancelled)
+    LOST = 3    # this attempt is no longer ours (node reaped, attempt stale, job ended): stop silently
+
+
+@dataclass(frozen=True)
+class JobLaunch:
+    """Everything a job process needs to run one attempt of one job."""
+
+    job_id: str
+    attempt: int
+    spec: dict[str, Any]
+    node_id: str
+    api_url: str
+    session_token: str
+    device: str
+    torch_threads: int
+    data_root: str | None
+    allow_http: bool
+    parent_pid: int
+
+
+class JobControl:
+    """Values shared between the runtime and a job process (multiprocessing shared memory)."""
+
+    def __init__(self, context: SpawnContext) -> None:
+        self._stop = context.Value("i", int(StopReason.NONE))
+        self._seq = context.Value("q", 0)
+        self._last_step_at = context.Value("d", time.monotonic())  # CLOCK_MONOTONIC is system-wide
+
+    @property
+    def stop_reason(self) -> StopReason:
+        return StopReason(self._stop.value)
+
+    def request_stop(self, reason: StopReason) -> bool:
+        """Raise the stop reason to ``reason`` unless a stronger one is set; True if it changed."""
+        with self._stop.get_lock():
+            if reason <= self._stop.value:
+                return False
+            self._stop.value = int(reason)
+            return True
+
+    def next_seq(self) -> int:
+        """The next report sequence number of this attempt (runtime and job process share the counter)."""
+        with self._seq.get_lock():
+            self._seq.value += 1
+            return int(self._seq.value)
+
+    def mark_step(self) -> None:
+        self._last_step_at.value = time.monotonic()
+
+    def seconds_since_step(self) -> float:
+        return time.monotonic() - float(self._last_step_at.value)

@@ -1,0 +1,177 @@
+"""What runs inside a job's child process: one attempt of one job, from the checkpoint of an earlier
+attempt (if any) to uploaded weights and the final report.
+
+The process exits 0 once the job's end is in the control plane's hands: completed, failed, handed
+back, or no longer ours (cancelled, stale attempt, node reaped). Any other exit (a crash, a kill by
+the OOM killer) is for the runtime to report as a node fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from node_runtime.api import STOP_CODES, ApiRefused, ApiUnavailable, JobApi
+from node_runtime.job_control import JobControl, JobLaunch, StopReason
+from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender
+
+log = logging.getLogger("cyxwiz.node.job")
+MODEL_ARTIFACT = "model.safetensors"
+EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the node's TTL lapses
+
+
+def job_process_main(launch: JobLaunch, control: JobControl) -> None:
+    """Entry point of the child process (multiprocessing, spawn context)."""
+    # Ctrl-C in a terminal reaches the whole process group; the runtime alone decides when a job stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(launch.parent_pid)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt)
+    try:
+        JobAttempt(launch, control, api).run()
+    finally:
+        api.close()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit as soon as the runtime is gone (SIGKILL leaves it no chance to stop us)."""
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class JobAttempt:
+    """One attempt: resume, train, upload, report."""
+
+    def __init__(self, launch: JobLaunch, control: JobControl, api: JobApi) -> None:
+        self.launch, self.control, self.api = launch, control, api
+        self.sender = ProgressSender(api, control, self._refused)
+        self.job = f"job {launch.job_id} attempt {launch.attempt}"
+
+    def run(self) -> None:
+        from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
+
+        self.sender.start()
+        self.sender.send_report({"status": "running", "epoch": 0, "step": 0, "total_steps": 0, "metrics": {}})
+        try:
+            checkpoint = self._download_checkpoint()
+        except ApiRefused as refusal:
+            return self._refused(refusal)
+        except ApiUnavailable:
+            return  # stopped while the API was away
+        if self.control.stop_reason != StopReason.NONE:
+            return self._stopped()
+        ctx = TrainingContext(
+            report=self._progress, should_stop=self._should_stop, save_checkpoint=self._checkpoint,
+            initial_checkpoint=checkpoint, data_root=Path(self.launch.data_root) if self.launch.data_root else None,
+            allow_http=self.launch.allow_http, device=self.launch.device, cpu_threads=self.launch.torch_threads)
+        started = time.monotonic()
+        try:
+            result = run_training(self.launch.spec, ctx)
+        except JobError as error:
+            log.info("%s failed: %s", self.job, error)
+            return self._final({"status": "failed", "error": str(error), "fault": "job"})
+        except Exception as error:  # out of memory, a driver error: another node may well succeed
+            log.exception("%s crashed", self.job)
+            return self._final({"status": "failed", "error": f"{type(error).__name__}: {error}", "fault": "node"})
+        if result.status == "stopped":
+            return self._stopped(result.epoch, result.step, result.total_steps)
+        log.info("%s trained in %.1f s: %s", self.job, time.monotonic() - started,
+                 {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
+        self.sender.flush()
+        try:
+            self.api.retrying(lambda: self.api.upload(MODEL_ARTIFACT, result.weights), give_up=self._abandoned)
+        except ApiRefused as refusal:
+            if refusal.status == 413:
+                return self._final({"status": "failed", "fault": "job",
+                                    "error": f"the trained weights ({len(result.weights)} bytes) are larger than "
+                                             f"the control plane accepts: {refusal.message}"})
+            return self._refused(refusal)
+        except ApiUnavailable:
+            return
+        self._final({"status": "completed", "epoch": result.epoch, "step": result.step,
+                     "total_steps": result.total_steps, "metrics": finite_metrics(result.metrics),
+                     "artifacts": [MODEL_ARTIFACT]})
+
+    def _download_checkpoint(self) -> bytes | None:
+        if self.launch.attempt <= 1:
+            return None
+        data = self.api.download(CHECKPOINT_ARTIFACT, give_up=self._abandoned)
+        if data is not None:
+            log.info("%s resumes from a checkpoint of an earlier attempt (%d bytes)", self.job, len(data))
+        return data
+
+    # --- the training run's callbacks (training thread) --------------------------------------
+    def _progress(self, progress: dict[str, Any]) -> None:
+        self.control.mark_step()
+        self.sender.send_report({"status": "running", **progress, "metrics": finite_metrics(progress["metrics"])})
+
+    def _should_stop(self) -> bool:
+        self.control.mark_step()
+        return self.control.stop_reason != StopReason.NONE
+
+    def _checkpoint(self, data: bytes) -> None:
+        if self.control.stop_reason < StopReason.CANCEL:  # a cancelled or lost attempt keeps nothing
+            self.sender.save_checkpoint(data)
+
+    # --- endings ------------------------------------------------------------------------------
+    def _abandoned(self) -> bool:
+        return self.control.stop_reason >= StopReason.CANCEL
+
+    def _stopped(self, epoch: int = 0, step: int = 0, total_steps: int = 0) -> None:
+        reason = self.control.stop_reason
+        if reason == StopReason.DRAIN:
+            self.sender.flush()  # the checkpoint of the exact position is uploaded before the hand-back
+            log.info("%s stopped at step %d for the node's shutdown; handing it back", self.job, step)
+            self._final({"status": "queued", "epoch": epoch, "step": step, "total_steps": total_steps})
+        else:
+            log.info("%s stopped at step %d (%s)", self.job, step, reason.name.lower())
+
+    def _final(self, body: dict[str, Any]) -> None:
+        """Send a final report after everything queued before it; retried until delivered or refused."""
+        self.sender.flush()
+        self.sender.close()
+        if self._abandoned():
+            return
+        report = {**body, "seq": self.control.next_seq()}  # one seq for every retry: the API dedupes
+        try:
+            answer = self.api.retrying(lambda: self.api.report(report), give_up=self._abandoned)
+        except ApiRefused as refusal:
+            return self._refused(refusal)
+        except ApiUnavailable:
+            return
+        log.info("%s reported %s (job is now %s)", self.job, body["status"], answer.get("status"))
+
+    def _refused(self, refusal: ApiRefused) -> None:
+        """A refusal from the control plane: stop when it means the attempt is no longer ours."""
+        if refusal.code == "job_cancelled":
+            reason = StopReason.CANCEL
+        elif refusal.code in STOP_CODES or refusal.status in (401, 403, 404):
+            reason = StopReason.LOST
+        else:
+            log.warning("%s: the control plane refused a report: %s", self.job, refusal)
+            return
+        if self.control.request_stop(reason):
+            log.info("%s stops: %s", self.job, refusal.message)
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float | int | None]:
+    """Metrics as JSON can carry them: NaN and infinities become None."""
+    clean: dict[str, float | int | None] = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        clean[name] = value if isinstance(value, int) or math.isfinite(value) else None
+    return clean

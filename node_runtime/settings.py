@@ -1,0 +1,157 @@
+"""The node runtime's settings: one frozen object, read once at start from flags and environment.
+
+Each value comes from its flag, else its ``CYXWIZ_*`` variable, else (for the API URL, join token
+and Redis URL) the credentials file that ``cyxwiz serve`` writes into the data dir. A missing or bad
+value fails at start, naming the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cyxwiz.credentials import read_credentials
+from shared.settings import SettingsError, default_data_dir
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything one node runtime process needs, fixed at start."""
+
+    api_url: str
+    join_token: str
+    redis_url: str
+    slots: int = 1
+    name: str = field(default_factory=socket.gethostname)
+    labels: dict[str, str] = field(default_factory=dict)
+    data_root: Path | None = None      # local dataset files are allowed only under this directory
+    allow_http: bool = False           # http(s) dataset URLs are refused unless the operator allows them
+    device: str = "auto"               # auto: CUDA when the host has it, else CPU
+    torch_threads: int | None = None   # per job; None: the host's cores shared among the slots
+    drain_timeout_s: float = 120.0     # SIGTERM: how long running jobs get to checkpoint and hand back
+    cancel_grace_s: float = 15.0       # a stopped job process that has not exited by then is killed
+    stall_timeout_s: float = 1800.0    # a job process that takes no training step for this long is killed
+    poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``cyxwiz node`` (and ``python -m node_runtime``)."""
+    parser.add_argument("--api", help=f"API URL (default: $CYXWIZ_API_URL, the credentials file, {DEFAULT_API_URL})")
+    parser.add_argument("--join-token", help="join token (default: $CYXWIZ_JOIN_TOKEN or the credentials file)")
+    parser.add_argument("--redis-url", help="state store with the assignment streams (default: $CYXWIZ_REDIS_URL "
+                                            "or the credentials file)")
+    parser.add_argument("--slots", type=int, help="jobs run at once (default: $CYXWIZ_NODE_SLOTS or 1)")
+    parser.add_argument("--name", help="node name; reputation follows it (default: $CYXWIZ_NODE_NAME or the hostname)")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a label jobs can require (repeatable)")
+    parser.add_argument("--data-root", help="directory under which jobs may read local dataset files "
+                                            "(default: $CYXWIZ_NODE_DATA_ROOT; none: local files are refused)")
+    parser.add_argument("--allow-http", action="store_true", default=None,
+                        help="let jobs download http(s) datasets (default: $CYXWIZ_NODE_ALLOW_HTTP or no)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, help="auto (CUDA when present), cpu or cuda "
+                                                                 "(default: $CYXWIZ_NODE_DEVICE or auto)")
+    parser.add_argument("--torch-threads", type=int, help="CPU threads per job (default: $CYXWIZ_NODE_TORCH_THREADS, "
+                                                          "else the cores shared among the slots)")
+    parser.add_argument("--data-dir", help="where credentials.json is (default: $CYXWIZ_DATA_DIR or ~/.cyxwiz)")
+
+
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> NodeSettings:
+    """Build the settings from parsed flags, the environment and the credentials file; raise
+    :class:`SettingsError` naming the flag and variable of a missing or bad value."""
+    env = dict(os.environ) if env is None else dict(env)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir(env)
+    creds = read_credentials(data_dir)
+
+    def pick(flag_value: str | None, variable: str, cred_name: str | None = None) -> str | None:
+        if flag_value:
+            return flag_value
+        if env.get(variable):
+            return env[variable]
+        value = creds.get(cred_name) if cred_name else None
+        return str(value) if value else None
+
+    join_token = pick(args.join_token, "CYXWIZ_JOIN_TOKEN", "join_token")
+    if not join_token:
+        raise SettingsError("no join token: pass --join-token, set CYXWIZ_JOIN_TOKEN, or run `cyxwiz serve` "
+                            f"so that {data_dir / 'credentials.json'} exists")
+    redis_url = pick(args.redis_url, "CYXWIZ_REDIS_URL", "redis_url")
+    if not redis_url:
+        raise SettingsError("no Redis URL for the assignment streams: pass --redis-url or set CYXWIZ_REDIS_URL")
+    data_root_raw = pick(args.data_root, "CYXWIZ_NODE_DATA_ROOT")
+    data_root = Path(data_root_raw).expanduser().resolve() if data_root_raw else None
+    if data_root is not None and not data_root.is_dir():
+        raise SettingsError(f"--data-root / CYXWIZ_NODE_DATA_ROOT: {data_root} is not a directory")
+    device = pick(args.device, "CYXWIZ_NODE_DEVICE") or "auto"
+    if device not in DEVICE_CHOICES:
+        raise SettingsError(f"--device / CYXWIZ_NODE_DEVICE must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    threads = _int(args.torch_threads, env, "--torch-threads", "CYXWIZ_NODE_TORCH_THREADS", None, minimum=1)
+    return NodeSettings(
+        api_url=(pick(args.api, "CYXWIZ_API_URL", "api_url") or DEFAULT_API_URL).rstrip("/"),
+        join_token=join_token,
+        redis_url=redis_url,
+        slots=_int(args.slots, env, "--slots", "CYXWIZ_NODE_SLOTS", 1, minimum=1) or 1,
+        name=pick(args.name, "CYXWIZ_NODE_NAME") or socket.gethostname(),
+        labels=_labels(args.label),
+        data_root=data_root,
+        allow_http=bool(args.allow_http) or _flag(env, "CYXWIZ_NODE_ALLOW_HTTP"),
+        device=device,
+        torch_threads=threads,
+        drain_timeout_s=_float(env, "CYXWIZ_NODE_DRAIN_TIMEOUT_S", 120.0),
+        cancel_grace_s=_float(env, "CYXWIZ_NODE_CANCEL_GRACE_S", 15.0),
+        stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 1800.0),
+    )
+
+
+def _int(flag_value: int | None, env: dict[str, str], flag: str, variable: str, default: int | None,
+         *, minimum: int) -> int | None:
+    if flag_value is not None:
+        value = flag_value
+    elif env.get(variable):
+        try:
+            value = int(env[variable])
+        except ValueError:
+            raise SettingsError(f"{variable} must be an integer, got {env[variable]!r}") from None
+    else:
+        return default
+    if value < minimum:
+        raise SettingsError(f"{flag} / {variable} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: dict[str, str], variable: str, default: float) -> float:
+    raw = env.get(variable)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{variable} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{variable} must be > 0, got {raw!r}")
+    return value
+
+
+def _flag(env: dict[str, str], variable: str) -> bool:
+    raw = env.get(variable, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{variable} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SettingsError(f"--label takes KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels

@@ -1,0 +1,171 @@
+"""Supervision of the node's job processes: one per slot at most, each watched until it ends.
+
+A process that ends on its own has reported its job's outcome itself (exit 0). One that crashed,
+was killed by the OOM killer, hung, or ignored a stop request is reported here: a node fault
+(retried on another attempt), or a hand-back when the node was draining. Only then is the job's
+stream entry acknowledged, so no job is dropped between receiving and finishing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from node_runtime.assignments import Assignment
+from node_runtime.device import device_for_slot
+from node_runtime.executor import JobProcess
+from node_runtime.job_control import JobLaunch, StopReason
+
+if TYPE_CHECKING:
+    from node_runtime.agent import NodeAgent, Registration
+
+log = logging.getLogger("cyxwiz.node")
+WATCH_EVERY_S = 0.1
+ACK_ATTEMPTS = 20  # an ack that still fails is healed later: the pending entry's job is over when re-read
+
+
+@dataclass
+class RunningJob:
+    """A job process together with the assignment and registration it came from."""
+
+    entry: Assignment
+    registration: Registration
+    slot: int
+    process: JobProcess
+    finishing: bool = False  # the process ended; its report and ack are under way
+
+    @property
+    def name(self) -> str:
+        return f"job {self.entry.job_id} attempt {self.entry.attempt}"
+
+
+class Supervisor:
+    """The running jobs of one node runtime and the task that watches them."""
+
+    def __init__(self, agent: NodeAgent, torch_threads: int) -> None:
+        self.agent = agent
+        self.slots = agent.settings.slots
+        self.torch_threads = torch_threads
+        self.jobs: dict[tuple[str, int], RunningJob] = {}
+        self.capacity_changed = asyncio.Event()
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    # --- questions -----------------------------------------------------------------------------
+    def _busy(self) -> list[RunningJob]:
+        return [job for job in self.jobs.values() if not job.finishing]
+
+    def free_slots(self) -> int:
+        return self.slots - len(self._busy())
+
+    def holds(self, entry: Assignment) -> bool:
+        return entry.key in self.jobs
+
+    def idle(self) -> bool:
+        return not self.jobs
+
+    # --- starting and stopping -----------------------------------------------------------------
+    def start_job(self, reg: Registration, entry: Assignment) -> None:
+        used = {job.slot for job in self._busy()}
+        slot = min(set(range(self.slots)) - used)
+        settings = self.agent.settings
+        launch = JobLaunch(
+            job_id=entry.job_id, attempt=entry.attempt, spec=entry.spec, node_id=reg.node_id,
+            api_url=settings.api_url, session_token=reg.token,
+            device=device_for_slot(self.agent.capabilities, slot), torch_threads=self.torch_threads,
+            data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
+            parent_pid=os.getpid())
+        process = JobProcess(launch)
+        process.start()
+        self.jobs[entry.key] = RunningJob(entry, reg, slot, process)
+        log.info("job %s attempt %d (%s): started in slot %d on %s, pid %s", entry.job_id, entry.attempt,
+                 entry.spec.get("name", "?"), slot, launch.device, process.pid)
+
+    def stop_job(self, job_id: str, reg: Registration, reason: StopReason, why: str) -> None:
+        for job in self.jobs.values():
+            if job.entry.job_id == job_id and job.registration is reg and not job.finishing:
+                log.info("%s: stopping: %s", job.name, why)
+                job.process.request_stop(reason)
+
+    def stop_all(self, reason: StopReason) -> None:
+        for job in self.jobs.values():
+            job.process.request_stop(reason)
+
+    def forget_registration(self, old: Registration) -> None:
+        """The node was re-registered: jobs of the old registration are no longer ours."""
+        for job in self.jobs.values():
+            if job.registration is old:
+                job.process.request_stop(StopReason.LOST)
+
+    def kill_all(self, why: str) -> None:
+        for job in self.jobs.values():
+            job.process.kill(why)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(WATCH_EVERY_S)
+        return not self.jobs
+
+    # --- watching ------------------------------------------------------------------------------
+    async def watch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            for job in list(self.jobs.values()):
+                if job.finishing:
+                    continue
+                if job.process.exitcode is None:
+                    self._enforce_limits(job)
+                    continue
+                job.finishing = True
+                self.capacity_changed.set()
+                task = asyncio.create_task(self._finish(job), name=f"finish {job.name}")
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+
+    def _enforce_limits(self, job: RunningJob) -> None:
+        process, settings = job.process, self.agent.settings
+        if process.stop_reason != StopReason.NONE:
+            grace = settings.drain_timeout_s if process.stop_reason == StopReason.DRAIN else settings.cancel_grace_s
+            if process.seconds_since_stop_request() > grace:
+                process.kill(f"it did not stop within {grace:.0f} s of being asked to")
+        elif process.seconds_since_step() > settings.stall_timeout_s:
+            log.warning("%s took no training step for %.0f s; killing it", job.name, settings.stall_timeout_s)
+            process.kill(f"it took no training step for {settings.stall_timeout_s:.0f} s")
+
+    async def _finish(self, job: RunningJob) -> None:
+        """Report what the process could not, then acknowledge its entry and free its slot."""
+        process, reason = job.process, job.process.stop_reason
+        try:
+            if process.exitcode == 0:
+                log.info("%s: process ended", job.name)
+            else:
+                log.warning("%s: %s", job.name, process.describe_exit())
+                if reason == StopReason.DRAIN:
+                    await self.agent.report(job.registration, job.entry, process.next_seq(), {"status": "queued"})
+                elif reason == StopReason.NONE:
+                    await self.agent.report(job.registration, job.entry, process.next_seq(),
+                                            {"status": "failed", "fault": "node", "error": process.describe_exit()})
+            await self._ack(job)
+        finally:
+            process.reap()
+            del self.jobs[job.entry.key]
+            self.capacity_changed.set()
+            if self.agent.left_by_control_plane and self.idle():
+                self.agent.shutdown.set()
+
+    async def _ack(self, job: RunningJob) -> None:
+        for attempt in range(ACK_ATTEMPTS):
+            try:
+                await self.agent.stream.ack(job.entry)
+                return
+            except (RedisError, OSError) as exc:
+                if attempt == 0:
+                    log.warning("%s: cannot acknowledge its assignment yet (%s); retrying", job.name, exc)
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        self.agent.stream.reread_pending()
