@@ -44,7 +44,7 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
 
 
 def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                      position: Position, metrics: dict[str, Any]) -> bytes:
+                      position: Position, metrics: dict[str, Any], device: torch.device) -> bytes:
     """Serialize the full training state to safetensors bytes."""
     tensors = {f"model/{name}": value for name, value in model.state_dict().items()}
     scalars: dict[str, dict[str, Any]] = {}
@@ -55,16 +55,16 @@ def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.o
             else:
                 scalars.setdefault(str(index), {})[key] = value  # e.g. an int step, a None momentum buffer
     tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":  # dropout on the GPU draws from the device's own generator
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": spec_fingerprint(spec),
                 "position": json.dumps(asdict(position)), "optimizer_scalars": json.dumps(scalars),
                 "metrics": json.dumps(metrics)}
     return safetensors.torch.save(_storable(tensors), metadata=metadata)
 
 
-def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module,
-                       optimizer: torch.optim.Optimizer) -> tuple[Position, dict[str, Any]]:
+def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                       device: torch.device) -> tuple[Position, dict[str, Any]]:
     """Load a checkpoint into model, optimizer and RNG; return its position and last metrics."""
     try:
         metadata = read_metadata(data)
@@ -86,8 +86,8 @@ def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module,
         # the spec, not the checkpoint, decides hyperparameters: keep the live param_groups
         optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
         torch.set_rng_state(tensors["rng/cpu"])
-        if "rng/cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        if "rng/cuda" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"], device)
         position = Position(**json.loads(metadata["position"]))
         metrics: dict[str, Any] = json.loads(metadata["metrics"])
     except (KeyError, ValueError, RuntimeError, TypeError, safetensors.SafetensorError) as error:

@@ -23,7 +23,8 @@ from node_runtime.training.context import JobError
 log = logging.getLogger(__name__)
 
 FUSABLE_ACTIVATIONS = ("relu", "gelu", "silu")  # the activations kernels.LinearAct computes in its epilogue
-_TORCH_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+_TORCH_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+                                                   "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 def use_triton_kernels(choice: str, device: torch.device) -> bool:
@@ -76,7 +77,8 @@ def norm(kind: str, dim: int, *, use_kernels: bool = False, eps: float = 1e-5) -
         return nn.Identity()
     if use_kernels:
         kernels = triton_kernels()
-        return kernels.LayerNorm(dim, eps) if kind == "layernorm" else kernels.RMSNorm(dim, eps)
+        module: nn.Module = kernels.LayerNorm(dim, eps) if kind == "layernorm" else kernels.RMSNorm(dim, eps)
+        return module
     return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
 
 

@@ -74,7 +74,7 @@ class _Run:
         self.total_steps = self.training["epochs"] * self.batches_per_epoch
         self.position, self.val_metrics, self.epoch_totals = Position(), {}, _Totals()
         if ctx.initial_checkpoint is not None:
-            self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer)
+            self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer, device)
             self.val_metrics, self.epoch_totals = saved["val"], _Totals(**saved["epoch_totals"])
         self.saved_position = Position(**asdict(self.position))
         self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
@@ -117,7 +117,7 @@ class _Run:
             raise JobError(f"the loss became {loss_value} at step {self.position.step + 1} (epoch "
                            f"{self.position.epoch + 1}): lower training.learning_rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         if self.training["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.training["grad_clip"])
         self.optimizer.step()
@@ -206,7 +206,8 @@ class _Run:
 
     def _save_checkpoint(self) -> None:
         saved = {"val": self.val_metrics, "epoch_totals": asdict(self.epoch_totals)}
-        self.ctx.save_checkpoint(encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved))
+        self.ctx.save_checkpoint(encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved,
+                                                      self.device))
         self.saved_position, self.last_checkpoint_at = Position(**asdict(self.position)), time.monotonic()
 
     def _stop(self) -> TrainingResult:

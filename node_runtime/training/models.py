@@ -64,7 +64,8 @@ class DenseBlock(nn.Module):
         self.dropout = nn.Dropout(model["dropout"]) if model["dropout"] > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.norm(self.activation(self.linear(x))))
+        out: torch.Tensor = self.dropout(self.norm(self.activation(self.linear(x))))
+        return out
 
 
 class MLP(nn.Module):
@@ -77,7 +78,8 @@ class MLP(nn.Module):
         self.head, _ = layers.linear(widths[-1], output_size(info), use_kernels=use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x.flatten(1)))
+        out: torch.Tensor = self.head(self.blocks(x.flatten(1)))
+        return out
 
 
 class CNN(nn.Module):
@@ -102,7 +104,8 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.features(x.reshape(x.shape[0], *self.image_shape))
-        return self.head(self.blocks(maps.flatten(1)))
+        out: torch.Tensor = self.head(self.blocks(maps.flatten(1)))
+        return out
 
 
 class SequentialModel(nn.Module):

@@ -26,7 +26,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, length, head_dim)
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                   dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(attended.transpose(1, 2).reshape(-1, d_model)).view(batch, length, d_model)
+        projected: torch.Tensor = self.proj(attended.transpose(1, 2).reshape(-1, d_model))
+        return projected.view(batch, length, d_model)
 
 
 class FeedForward(nn.Module):
@@ -39,7 +40,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # kernels take 2-D input; torch does not mind
-        return self.fc2(self.activation(self.fc1(flat))).view(x.shape)
+        out: torch.Tensor = self.fc2(self.activation(self.fc1(flat)))
+        return out.view(x.shape)
 
 
 class Block(nn.Module):
@@ -56,7 +58,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attention(self.norm1(x)))
-        return x + self.dropout(self.feed_forward(self.norm2(x)))
+        out: torch.Tensor = x + self.dropout(self.feed_forward(self.norm2(x)))
+        return out
 
 
 class DecoderLM(nn.Module):
@@ -84,4 +87,5 @@ class DecoderLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.final_norm(x)
-        return self.head(x.reshape(batch * length, -1)).view(batch, length, -1)
+        logits: torch.Tensor = self.head(x.reshape(batch * length, -1))
+        return logits.view(batch, length, -1)

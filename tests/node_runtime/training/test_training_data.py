@@ -40,6 +40,7 @@ def test_digits_split_by_seed(spec_for: SpecFor) -> None:
     assert data.info["num_classes"] == 10 and data.info["image_shape"] == [1, 8, 8]
     assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
     same, other = load_dataset(spec_for(MLP, "digits")), load_dataset(spec_for(MLP, "digits", seed=1))
+    assert isinstance(same, ArrayDataset) and isinstance(other, ArrayDataset)
     assert torch.equal(same.val_y, data.val_y) and not torch.equal(other.val_y, data.val_y)
 
 
