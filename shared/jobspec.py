@@ -15,6 +15,7 @@ from typing import Any
 from shared.errors import InvalidField, MalformedBody
 
 MAX_PARAMETERS = 200_000_000  # beyond this a job would not fit a node's memory, let alone train quickly
+MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits outgrow a large GPU
 MAX_WIDTH = 65_536
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
 NORMS = ("none", "layernorm", "rmsnorm")
@@ -36,7 +37,7 @@ class _Fields:
     def name(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def _get(self, key: str, default: Any) -> Any:
+    def value(self, key: str, default: Any) -> Any:
         self.read.add(key)
         if key in self.raw:
             return self.raw[key]
@@ -45,7 +46,7 @@ class _Fields:
         return default
 
     def integer(self, key: str, default: Any, low: int, high: int) -> int:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidField(f"{self.name(key)} must be an integer", field=self.name(key))
         if not low <= value <= high:
@@ -53,7 +54,7 @@ class _Fields:
         return value
 
     def number(self, key: str, default: Any, low: float, high: float, *, above_low: bool = False) -> float:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InvalidField(f"{self.name(key)} must be a number", field=self.name(key))
         if value > high or value < low or (above_low and value == low):
@@ -62,26 +63,26 @@ class _Fields:
         return float(value)
 
     def choice(self, key: str, default: Any, options: tuple[str, ...]) -> str:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if value not in options:
             raise InvalidField(f"{self.name(key)} must be one of {', '.join(options)}", field=self.name(key))
         return str(value)
 
     def boolean(self, key: str, default: Any) -> bool:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if not isinstance(value, bool):
             raise InvalidField(f"{self.name(key)} must be true or false", field=self.name(key))
         return value
 
     def text(self, key: str, default: Any, max_length: int = 128) -> str:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if not isinstance(value, str) or not 0 < len(value) <= max_length or not value.isprintable():
             raise InvalidField(f"{self.name(key)} must be a printable string of 1 to {max_length} characters",
                                field=self.name(key))
         return value
 
     def widths(self, key: str, default: Any, min_items: int, max_items: int) -> list[int]:
-        value = self._get(key, default)
+        value = self.value(key, default)
         if not isinstance(value, list) or not min_items <= len(value) <= max_items:
             raise InvalidField(f"{self.name(key)} must be a list of {min_items} to {max_items} sizes",
                                field=self.name(key))
@@ -92,7 +93,7 @@ class _Fields:
         return list(value)
 
     def child(self, key: str, *, required: bool = False) -> _Fields:
-        return _Fields(self._get(key, _REQUIRED if required else {}), self.name(key))
+        return _Fields(self.value(key, _REQUIRED if required else {}), self.name(key))
 
     def finish(self) -> None:
         unknown = sorted(set(self.raw) - self.read)
@@ -109,11 +110,14 @@ def parse_job_spec(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise MalformedBody("the job spec must be a JSON object")
     top = _Fields(raw, "")
-    dataset = _parse_dataset(top._get("dataset", _REQUIRED))
+    dataset = _parse_dataset(top.value("dataset", _REQUIRED))
     info = known_data_info(dataset)
     model = _parse_model(top.child("model", required=True), info)
-    training = _parse_training(_Fields(top._get("training", {}), "training"))
+    training = _parse_training(_Fields(top.value("training", {}), "training"))
     check_model_fits(model, info)
+    if (info or {}).get("task") == "lm" and training["batch_size"] * model["context"] > MAX_TOKENS_PER_STEP:
+        raise InvalidField(f"batch_size x context must stay under {MAX_TOKENS_PER_STEP:,} tokens per step",
+                           field="training.batch_size")
     spec = {
         "name": top.text("name", f"{dataset['name']}-{model['type']}"),
         "model": model,
@@ -134,7 +138,7 @@ def _parse_dataset(raw: object) -> dict[str, Any]:
     if "url" in fields.raw:
         dataset = _parse_url_dataset(fields)
     else:
-        name = fields._get("name", _REQUIRED)
+        name = fields.value("name", _REQUIRED)
         if name not in BUILTIN_DATASETS:
             raise InvalidField(f"unknown dataset {name!r}: use one of {', '.join(BUILTIN_DATASETS)} "
                                "or give a url", field="dataset.name")
@@ -225,7 +229,7 @@ def _parse_model(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]
         if d_model % model["n_heads"]:
             raise InvalidField("model.n_heads must divide model.d_model", field="model.n_heads")
     else:
-        raw_layers = fields._get("layers", _REQUIRED)
+        raw_layers = fields.value("layers", _REQUIRED)
         if not isinstance(raw_layers, list) or not 1 <= len(raw_layers) <= 256:
             raise InvalidField("model.layers must be a list of 1 to 256 layers", field="model.layers")
         model["layers"] = [_parse_layer(_Fields(layer, f"model.layers.{i}"), info)
@@ -289,7 +293,7 @@ def _parse_training(fields: _Fields) -> dict[str, Any]:
 
 
 def _betas(fields: _Fields) -> list[float]:
-    value = fields._get("betas", [0.9, 0.999])
+    value = fields.value("betas", [0.9, 0.999])
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)):
         raise InvalidField("training.betas must be two numbers in [0, 1)", field="training.betas")
@@ -297,7 +301,7 @@ def _betas(fields: _Fields) -> list[float]:
 
 
 def _parse_requirements(fields: _Fields) -> dict[str, Any]:
-    labels = fields._get("labels", {})
+    labels = fields.value("labels", {})
     if not isinstance(labels, dict) or len(labels) > 32:
         raise InvalidField("requirements.labels must be an object of at most 32 labels", field="requirements.labels")
     for key, value in labels.items():

@@ -76,7 +76,7 @@ class TextDataset:
             yield self._windows(self.train_tokens, starts[first:first + batch_size])
 
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        starts = torch.arange(0, len(self.val_tokens) - self.context - 1, self.context)
+        starts = torch.arange(0, max(0, len(self.val_tokens) - self.context - 1), self.context)
         size = max(batch_size, MAX_VAL_BATCH // 4)
         for first in range(0, len(starts), size):
             yield self._windows(self.val_tokens, starts[first:first + size])

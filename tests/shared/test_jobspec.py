@@ -183,6 +183,8 @@ CONV_NO_FLATTEN = [{"type": "conv2d", "out_channels": 4}, {"type": "relu"}, {"ty
     (with_change(with_change(MINIMAL, "dataset", "tiny-text"), "model",
                  {"type": "transformer", "d_model": 128, "n_heads": 3}), "model.n_heads"),
     (with_change(MINIMAL, "model.hidden", [65_536, 65_536]), "model"),  # 4.3 billion parameters
+    ({**MINIMAL, "dataset": "tiny-text", "model": {"type": "transformer", "context": 8192},
+      "training": {"epochs": 1, "batch_size": 4096}}, "training.batch_size"),  # 33M tokens a step
     ({**MINIMAL, "model": {"type": "sequential", "layers": CONV_NO_FLATTEN}}, "model.layers.2.type"),
     (with_change(with_change(SEQ, "dataset", "blobs"), "model.layers",
                  [{"type": "conv2d", "out_channels": 4}, {"type": "flatten"}, {"type": "linear", "out": 3}]),

@@ -168,3 +168,14 @@ def test_a_loss_that_overflows_is_a_job_error(recorder: Callable[..., Recorder],
     (data_root / "huge.npz").write_bytes(npz_bytes(x=x, y=np.full(32, 1e30, dtype=np.float32)))  # MSE: 1e60
     with pytest.raises(JobError, match="loss became inf"):
         run_training(spec_for(MLP, {"url": "huge.npz"}), recorder().context(data_root=data_root))
+
+
+@pytest.mark.parametrize(("model", "dataset"), [
+    (MLP, "digits"),
+    ({"type": "transformer", "d_model": 16, "n_heads": 2, "n_layers": 1, "context": 64}, "tiny-text"),
+])
+def test_no_validation_split(recorder: Callable[..., Recorder], spec_for: SpecFor, model: dict[str, Any],
+                             dataset: str) -> None:
+    result = run_training(spec_for(model, {"name": dataset, "val_fraction": 0.0}), recorder().context())
+    assert result.status == "completed" and "loss" in result.metrics
+    assert "val_loss" not in result.metrics and "val_accuracy" not in result.metrics
