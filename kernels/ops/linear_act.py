@@ -114,7 +114,7 @@ _matmul_tuned = triton.autotune(
 )(_matmul_kernel)
 # The interpreter runs each program in numpy: small tiles keep odd test shapes cheap and still
 # cover the multi-block, masked-edge paths.
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

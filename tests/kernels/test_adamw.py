@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kernels
-from tests.kernels.cases import FP32_DEVICES, GPU
+from tests.kernels.cases import FP32_DEVICES
 
 
 def model_pair(device: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
@@ -108,7 +108,7 @@ def test_maximize_skips_missing_grads_and_odd_layouts() -> None:
     theirs = [nn.Parameter(v.clone()) for v in values]
     ours_opt = kernels.AdamW(ours, lr=0.1, maximize=True)
     theirs_opt = torch.optim.AdamW(theirs, lr=0.1, maximize=True)
-    for step in range(3):
+    for _ in range(3):
         for params, opt in ((ours, ours_opt), (theirs, theirs_opt)):
             opt.zero_grad()
             (params[0].sin().sum() + params[1].cos().sum()).backward()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, twin, leaf
+from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, leaf, twin
 
 # Odd widths, a 1x1, rows that are not a multiple of the rows-per-program tile (16 rows of 8,
 # 1 row of 300), and enough rows that the backward's programs each walk several tiles.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, twin, leaf
+from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, leaf, twin
 
 TORCH_ACTIVATIONS = {"none": lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 

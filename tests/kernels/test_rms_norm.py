@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, twin, leaf
+from tests.kernels.cases import DEVICE_DTYPES, FP32_DEVICES, assert_close, leaf, twin
 
 SHAPES = [(3, 7, 41), (1, 1), (130, 8), (5, 300)]
 
