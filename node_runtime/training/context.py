@@ -27,7 +27,7 @@ class TrainingContext:
     data_root: Path | None = None  # operator-allowed directory for local dataset files; None refuses them
     allow_http: bool = False  # operator allows http(s) dataset urls
     device: str = "cpu"  # "cpu" or "cuda[:i]"
-    cpu_threads: int | None = None  # torch intra-op threads on CPU; None: every core this process may use
+    cpu_threads: int | None = None  # torch intra-op threads on CPU; None: half the cores this process may use
 
 
 @dataclass

@@ -111,7 +111,7 @@ def http_dataset() -> Iterator[str]:
     x, y = separable()
     _OneFile.body = npz_bytes(x=x, y=y)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneFile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/data.npz"
     server.shutdown()
