@@ -21,15 +21,21 @@ from node_runtime.training.checkpoints import Position, encode_checkpoint, encod
 from node_runtime.training.context import JobError, TrainingContext, TrainingResult
 from node_runtime.training.datasets import Dataset, load_dataset
 from node_runtime.training.models import build_model
+from shared.errors import ApiError
+from shared.jobspec import parse_job_spec
 
 
 def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
-    """Train the model of a normalized job spec (``shared.jobspec.parse_job_spec``) on ``ctx.device``.
+    """Train the model of a job spec (as ``shared.jobspec.parse_job_spec`` normalizes it) on ``ctx.device``.
 
     Resumes from ``ctx.initial_checkpoint`` when given. Returns status "completed", or "stopped"
     as soon as ``ctx.should_stop()`` turns True. Raises ``JobError`` for failures the job causes
     (unusable data, shapes that do not fit, a loss that turns NaN or infinite).
     """
+    try:  # idempotent on a normalized spec; fills defaults in a raw one and re-checks it on this node
+        spec = parse_job_spec(spec)
+    except ApiError as error:
+        raise JobError(f"{error.field or 'spec'}: {error.message}") from error
     device = torch.device(ctx.device)
     if device.type == "cpu":
         torch.set_num_threads(ctx.cpu_threads or _default_cpu_threads())
@@ -79,7 +85,9 @@ class _Run:
         self.position, self.val_metrics, self.epoch_totals = Position(), {}, _Totals()
         if ctx.initial_checkpoint is not None:
             self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer, device)
-            self.val_metrics, self.epoch_totals = saved["val"], _Totals(**saved["epoch_totals"])
+            self.val_metrics = saved["val"]
+            if self.position.batch:  # resuming mid-epoch: that epoch's running loss and accuracy go on
+                self.epoch_totals = _Totals(**saved["epoch_totals"])
         self.saved_position = Position(**asdict(self.position))
         self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
         self.steps_since_report = 0

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from node_runtime.training import TrainingResult, run_training
+from node_runtime.training import JobError, TrainingResult, run_training
 from shared.jobspec import parse_job_spec
 
 API_EXAMPLE = {
@@ -131,3 +131,10 @@ def test_transformer_learns_tiny_text(recorder: Callable[..., Recorder], spec_fo
     assert result.metrics["val_loss"] < uniform - 2.5, result.metrics
     assert result.metrics["val_accuracy"] > 0.2
     assert result.metrics["tokens_per_s"] > 0
+
+
+def test_raw_specs_are_normalized_and_invalid_ones_are_job_errors(recorder: Callable[..., Recorder]) -> None:
+    raw = {"model": {"type": "mlp", "hidden": [8]}, "dataset": "digits", "training": {"epochs": 1}}
+    assert run_training(raw, recorder().context()).status == "completed"
+    with pytest.raises(JobError, match="model.hiden"):
+        run_training({**raw, "model": {"type": "mlp", "hiden": [8]}}, recorder().context())
