@@ -56,6 +56,7 @@ class NodeAgent:
         self.registered = asyncio.Event()
         self.accepting = True  # False once draining: no new assignments are started
         self.left_by_control_plane = False  # an admin drained the node: leave once running jobs end
+        self.deregistered = False  # the control plane removed the node at its request: no more heartbeats
         self.shutdown = asyncio.Event()
         self.signals = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
@@ -139,7 +140,7 @@ class NodeAgent:
     async def _heartbeat_forever(self) -> None:
         loop = asyncio.get_running_loop()
         unreachable = False
-        while True:
+        while not self.deregistered:
             reg = self.registration
             if reg is None:
                 await self.registered.wait()
@@ -278,6 +279,7 @@ class NodeAgent:
                                        give_up=lambda: self.signals > 1)
         except ApiRefused as exc:
             if exc.node_unknown:
+                self.deregistered = True
                 return "removed"
             log.error("deregistering failed: %s", exc)
             return "draining"
@@ -285,6 +287,7 @@ class NodeAgent:
             log.error("could not deregister (%s); the control plane will reap the node after its TTL", exc)
             return "draining"
         log.info("deregistered node %s: %s", reg.node_id, status)
+        self.deregistered = status == "removed"
         return status
 
     async def _hand_back_unread(self, reg: Registration) -> None:

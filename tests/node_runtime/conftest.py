@@ -1,0 +1,48 @@
+"""Fixtures of the node runtime tests: node runtime processes that are always stopped afterwards,
+and the user's API client. The session's Valkey and gateway come from tests/conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from node_harness import Api, NodeProcess
+
+
+@pytest.fixture()
+def api(http: httpx.Client, creds: dict[str, str]) -> Api:
+    return Api(http, creds["api_key"])
+
+
+@pytest.fixture()
+def start_node(api_url: str, redis_url: str, creds: dict[str, str], tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
+    """Start node runtimes (``start_node(slots=2, name=...)``); all are stopped after the test, and
+    their logs are printed when it fails."""
+    started: list[NodeProcess] = []
+
+    def start(**kwargs: Any) -> NodeProcess:
+        index = len(started) + 1
+        kwargs.setdefault("name", f"test-node-{index}")
+        node = NodeProcess(api_url, creds["join_token"], redis_url, tmp_path / f"node-{index}.log", **kwargs)
+        started.append(node.start())
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for node in started:
+            print(f"----- {node.log_path.name} -----\n{node.log()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Keep each phase's report on the test item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report

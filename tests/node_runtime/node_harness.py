@@ -1,0 +1,220 @@
+"""Helpers for node runtime tests: real ``python -m node_runtime`` processes against the session's
+Valkey and gateway, and small waits over the HTTP API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+DIGITS_SPEC: dict[str, Any] = {
+    "name": "digits-mlp",
+    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
+                 "weight_decay": 0.01, "seed": 0},
+}
+
+
+def long_digits(epochs: int = 300, name: str = "long-digits") -> dict[str, Any]:
+    """A digits job that runs for tens of seconds, reports every few steps and checkpoints often."""
+    spec = {**DIGITS_SPEC, "name": name}
+    spec["training"] = {**DIGITS_SPEC["training"], "epochs": epochs, "progress_every_steps": 5,
+                        "checkpoint": {"min_interval_s": 0.5}}
+    return spec
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class NodeProcess:
+    """One node runtime process, its output in a log file."""
+
+    def __init__(self, api_url: str, join_token: str, redis_url: str, log_path: Path, *, slots: int = 1,
+                 name: str = "test-node", extra_args: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self.command = [sys.executable, "-m", "node_runtime", "--api", api_url, "--join-token", join_token,
+                        "--redis-url", redis_url, "--slots", str(slots), "--name", name, "--torch-threads", "1",
+                        *(extra_args or [])]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout_s)
+
+    def job_pids(self) -> list[int]:
+        """Pids of the runtime's child processes (its job processes, plus multiprocessing's helper)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def job_process_pids(self) -> list[int]:
+        """Pids of the runtime's job processes (multiprocessing spawn children)."""
+        found = []
+        for pid in self.job_pids():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers; its job processes follow it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        children = self.job_pids()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_until(check: Callable[[], T], timeout_s: float, interval_s: float = 0.1, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Api:
+    """The user's side of the HTTP API (admin key)."""
+
+    def __init__(self, http: httpx.Client, api_key: str) -> None:
+        self.http, self.headers = http, bearer(api_key)
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        resp = self.http.post("/v1/jobs", json=spec, headers=self.headers)
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["job_id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        resp = self.http.get(f"/v1/jobs/{job_id}", headers=self.headers)
+        assert resp.status_code == 200, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        resp = self.http.get(f"/v1/jobs/{job_id}/progress", headers=self.headers)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["events"]  # type: ignore[no-any-return]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.http.get("/v1/nodes", headers=self.headers).json()["nodes"]  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> None:
+        resp = self.http.post(f"/v1/jobs/{job_id}/cancel", headers=self.headers)
+        assert resp.status_code == 202, resp.text
+
+    def artifact(self, job_id: str, name: str = "model.safetensors") -> bytes:
+        resp = self.http.get(f"/v1/jobs/{job_id}/artifacts/{name}", headers=self.headers)
+        assert resp.status_code == 200, resp.text
+        return resp.content
+
+    def wait_status(self, job_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
+        return wait_until(lambda: (job := self.job(job_id))["status"] in statuses and job, timeout_s,
+                          what=f"job {job_id} to be {' or '.join(statuses)}")
+
+    def wait_progress(self, job_id: str, min_step: int, timeout_s: float) -> dict[str, Any]:
+        """The job once it is running and has reported at least ``min_step`` steps."""
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            assert job["status"] not in ("completed", "failed", "cancelled"), job
+            step = (job.get("progress") or {}).get("step") or 0
+            return job if job["status"] == "running" and step >= min_step else None
+
+        return wait_until(reached, timeout_s, what=f"job {job_id} to reach step {min_step}")
+
+    def wait_nodes(self, count: int, timeout_s: float = 30) -> list[dict[str, Any]]:
+        return wait_until(lambda: len(nodes := [n for n in self.nodes() if n["status"] == "online"]) >= count
+                          and nodes, timeout_s, what=f"{count} online node(s)")
+
+
+# The session gateway's liveness settings (tests/conftest.py), for gateways a test starts itself.
+FAST_LIVENESS = {"CYXWIZ_HEARTBEAT_INTERVAL_S": "0.5", "CYXWIZ_TTL_S": "2", "CYXWIZ_COOLOFF_S": "5"}
+
+
+def start_gateway_on(port: int, redis_url: str) -> subprocess.Popen[bytes]:
+    """A gateway on a fixed port (so it can be stopped and started again at the same URL)."""
+    env = {**os.environ, **FAST_LIVENESS, "CYXWIZ_REDIS_URL": redis_url}
+    return subprocess.Popen([sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind",
+                             f"127.0.0.1:{port}", "--workers", "1"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def install_credentials(redis_url: str) -> tuple[str, str]:
+    """A fresh admin key and join token in the store at ``redis_url``."""
+    import asyncio
+
+    from shared import auth
+    from shared.settings import Settings
+    from shared.store import Store
+
+    admin_key, join_token = auth.new_token("cwk"), auth.new_token("cwj")
+
+    async def install() -> None:
+        store = Store(Settings.from_env({"CYXWIZ_REDIS_URL": redis_url}))
+        try:
+            await auth.install_credentials(store, admin_key=admin_key, join_token=join_token)
+        finally:
+            await store.close()
+
+    asyncio.run(install())
+    return admin_key, join_token

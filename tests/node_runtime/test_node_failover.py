@@ -1,0 +1,153 @@
+"""No job is lost: a draining node hands its job back with a checkpoint, a killed node's job is
+requeued, a crashed job process is retried, a reaped node registers again, outages are ridden out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from node_harness import (
+    DIGITS_SPEC,
+    Api,
+    NodeProcess,
+    install_credentials,
+    long_digits,
+    start_gateway_on,
+    stop_process,
+    wait_until,
+)
+
+from cyxwiz.embedded import EmbeddedValkey, free_port
+from cyxwiz.server import wait_healthy
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _attempt_events(api: Api, job_id: str, attempt: int) -> list[dict[str, object]]:
+    return [e for e in api.events(job_id) if e["attempt"] == attempt]
+
+
+def test_sigterm_hands_the_job_back_and_another_node_resumes_it_from_its_checkpoint(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    first = start_node(name="first")
+    [first_node] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(120))
+    api.wait_progress(job_id, min_step=150, timeout_s=60)
+
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    job = api.job(job_id)
+    assert job["status"] == "queued" and job["attempt"] == 2 and job["node_id"] is None
+    handed_back = _attempt_events(api, job_id, 1)[-1]
+    assert handed_back["status"] == "queued" and int(handed_back["step"]) >= 150  # type: ignore[call-overload]
+    assert "checkpoint.safetensors" in job["artifacts"]
+    assert all(n["node_id"] != first_node["node_id"] for n in api.nodes())  # deregistered
+
+    second = start_node(name="second")
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    assert job["attempt"] == 2 and job["node_id"] != first_node["node_id"]
+    resumed = [e for e in _attempt_events(api, job_id, 2) if int(e["step"]) > 0]  # type: ignore[call-overload]
+    assert int(resumed[0]["step"]) >= int(handed_back["step"])  # type: ignore[call-overload]
+    assert "resumes from a checkpoint" in second.log()
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 120 * 23
+    assert job["progress"]["metrics"]["val_accuracy"] >= 0.95
+
+
+def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    doomed = start_node(name="doomed")
+    [doomed_node] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(60))
+    api.wait_progress(job_id, min_step=50, timeout_s=60)
+    job_pids = doomed.job_process_pids()
+    assert job_pids
+    start_node(name="survivor")
+    api.wait_nodes(2)
+
+    doomed.signal(signal.SIGKILL)
+    doomed.wait(10)
+    # its job process notices and exits too, instead of training on for a node that is gone
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in job_pids), 10,
+               what="the orphaned job process to exit")
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    assert job["attempt"] == 2 and job["node_id"] != doomed_node["node_id"]
+
+
+def test_a_crashed_job_process_is_a_node_fault_and_the_job_is_retried(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    node = start_node()
+    job_id = api.submit(long_digits(40))
+    api.wait_progress(job_id, min_step=30, timeout_s=60)
+    [pid] = node.job_process_pids()
+    os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    assert job["attempt"] == 2
+    [failed] = [e for e in api.events(job_id) if e["status"] == "failed"]
+    assert failed["attempt"] == 1 and "SIGKILL" in str(failed["error"])
+    assert node.alive()
+
+
+def test_a_reaped_node_registers_again_and_finishes_the_requeued_job(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    node = start_node()
+    [before] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(150))
+    api.wait_progress(job_id, min_step=30, timeout_s=60)
+    node.signal(signal.SIGSTOP)  # the runtime freezes: no heartbeats for longer than the 2 s TTL
+    time.sleep(3.5)
+    node.signal(signal.SIGCONT)
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    assert job["attempt"] == 2 and job["node_id"] != before["node_id"]
+    assert "registering again" in node.log()
+    assert "stopped at step" in node.log()  # the old attempt's process stopped once its reports were refused
+    assert [n["node_id"] for n in api.nodes()] == [job["node_id"]]
+
+
+@pytest.mark.timeout(150)
+def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Callable[..., NodeProcess]) -> None:
+    valkey = EmbeddedValkey(tmp_path / "store", persist=True)  # persisted: a restart keeps the jobs
+    valkey.start()
+    port = free_port()
+    gateway = None
+    api_url = f"http://127.0.0.1:{port}"
+    try:
+        admin_key, join_token = install_credentials(valkey.url)
+        node = NodeProcess(api_url, join_token, valkey.url, tmp_path / "node.log").start()
+        wait_until(lambda: "cannot register" in node.log(), 20, what="the node to find no API")
+
+        gateway = start_gateway_on(port, valkey.url)  # the API comes up after the node
+        assert wait_healthy(api_url, 30)
+        with httpx.Client(base_url=api_url, timeout=10) as http:
+            api = Api(http, admin_key)
+            api.wait_nodes(1)
+            job_id = api.submit(long_digits(40))
+            api.wait_progress(job_id, min_step=30, timeout_s=60)
+
+            stop_process(gateway)  # the API goes away mid-training for a second
+            time.sleep(1.0)
+            gateway = start_gateway_on(port, valkey.url)
+            assert wait_healthy(api_url, 30)
+
+            valkey.kill()  # then the state store crashes and comes back
+            time.sleep(1.0)
+            valkey.start()
+
+            job = api.wait_status(job_id, ("completed", "failed"), 90)
+            assert job["status"] == "completed", job["error"] + node.log()
+            next_job = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 60)
+            assert next_job["status"] == "completed", node.log()
+        assert node.alive()
+        assert "reachable again" in node.log() or "answers again" in node.log()
+        node.stop()
+    finally:
+        if gateway is not None:
+            stop_process(gateway)
+        valkey.stop()

@@ -1,0 +1,130 @@
+"""The runtime's settings, device choices and progress coalescing, without processes."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cyxwiz.cli import main as cyxwiz_main
+from cyxwiz.credentials import write_credentials
+from node_runtime.api import ApiUnavailable, Backoff
+from node_runtime.device import detect_capabilities, device_for_slot, threads_per_job
+from node_runtime.job_control import JobControl, StopReason
+from node_runtime.progress_sender import ProgressSender
+from node_runtime.settings import add_node_arguments, settings_from_args
+from shared.settings import SettingsError
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_node_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_flags_beat_environment_beats_the_credentials_file(tmp_path: Path) -> None:
+    write_credentials({"api_url": "http://file:1", "join_token": "cwj_file", "redis_url": "redis://file:2/0"},
+                      tmp_path)
+    from_file = settings_from_args(_parse("--data-dir", str(tmp_path)), env={})
+    assert (from_file.api_url, from_file.join_token, from_file.redis_url) == (
+        "http://file:1", "cwj_file", "redis://file:2/0")
+    env = {"CYXWIZ_JOIN_TOKEN": "cwj_env", "CYXWIZ_NODE_SLOTS": "3", "CYXWIZ_NODE_ALLOW_HTTP": "yes"}
+    from_env = settings_from_args(_parse("--data-dir", str(tmp_path)), env=env)
+    assert from_env.join_token == "cwj_env" and from_env.slots == 3 and from_env.allow_http
+    flagged = settings_from_args(_parse("--data-dir", str(tmp_path), "--join-token", "cwj_flag", "--slots", "2",
+                                        "--label", "zone=a", "--data-root", str(tmp_path)), env=env)
+    assert flagged.join_token == "cwj_flag" and flagged.slots == 2 and flagged.labels == {"zone": "a"}
+    assert flagged.data_root == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(("argv", "env", "named"), [
+    ((), {}, "CYXWIZ_JOIN_TOKEN"),
+    (("--join-token", "t"), {}, "CYXWIZ_REDIS_URL"),
+    (("--join-token", "t", "--redis-url", "redis://x"), {"CYXWIZ_NODE_SLOTS": "many"}, "CYXWIZ_NODE_SLOTS"),
+    (("--join-token", "t", "--redis-url", "redis://x", "--slots", "0"), {}, "--slots"),
+    (("--join-token", "t", "--redis-url", "redis://x", "--data-root", "/no/such/dir"), {}, "--data-root"),
+    (("--join-token", "t", "--redis-url", "redis://x"), {"CYXWIZ_NODE_ALLOW_HTTP": "maybe"}, "ALLOW_HTTP"),
+])
+def test_a_missing_or_bad_setting_fails_fast_naming_it(tmp_path: Path, argv: tuple[str, ...],
+                                                       env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        settings_from_args(_parse("--data-dir", str(tmp_path), *argv), env=env)
+
+
+def test_cyxwiz_node_without_a_join_token_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("CYXWIZ_JOIN_TOKEN", "CYXWIZ_REDIS_URL", "CYXWIZ_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cyxwiz_main(["node", "--data-dir", str(tmp_path)]) == 2
+    assert "no join token" in capsys.readouterr().err
+
+
+def test_slots_share_the_cores_and_spread_over_gpus() -> None:
+    assert threads_per_job(1, cores=2) == 1  # one core stays with the runtime on a small host
+    assert threads_per_job(2, cores=16) == 8
+    assert threads_per_job(64, cores=16) == 1
+    assert threads_per_job(4, override=3, cores=16) == 3
+    two_gpus = {"gpus": [{"name": "a"}, {"name": "b"}]}
+    assert [device_for_slot(two_gpus, slot) for slot in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert device_for_slot({"gpus": []}, 0) == "cpu"
+    caps = detect_capabilities("cpu")
+    assert caps["device"] == "cpu" and caps["gpus"] == [] and caps["cpu_cores"] >= 1 and caps["ram_mb"] > 0
+
+
+def test_backoff_grows_to_its_ceiling_and_honours_retry_after() -> None:
+    backoff = Backoff(0.1, 1.0)
+    delays = [backoff.next_delay() for _ in range(10)]
+    assert 0.05 <= delays[0] <= 0.1 and max(delays) <= 1.0 and delays[-1] >= 0.5
+    assert Backoff(0.1, 5.0).next_delay(retry_after_s=3.0) == 3.0
+
+
+class SlowApi:
+    """Stands in for the HTTP API in a pure unit test of coalescing: each call takes 50 ms."""
+
+    job_id = "j-test"
+
+    def __init__(self, failures: int = 0) -> None:
+        self.reports: list[dict[str, Any]] = []
+        self.uploads: list[bytes] = []
+        self.failures = failures
+        self.lock = threading.Lock()
+
+    def report(self, body: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.05)
+        with self.lock:
+            if self.failures:
+                self.failures -= 1
+                raise ApiUnavailable("503 unavailable")
+            self.reports.append(body)
+        return {"ok": True}
+
+    def upload(self, name: str, data: bytes) -> None:
+        time.sleep(0.05)
+        self.uploads.append(data)
+
+
+def test_a_slow_api_gets_the_latest_progress_and_checkpoint_never_stalling_training() -> None:
+    import multiprocessing
+
+    api = SlowApi(failures=2)
+    control = JobControl(multiprocessing.get_context("spawn"))
+    sender = ProgressSender(api, control, on_refused=lambda refusal: None)  # type: ignore[arg-type]
+    sender.start()
+    started = time.monotonic()
+    for step in range(200):
+        sender.send_report({"status": "running", "step": step})
+        if step % 50 == 0:
+            sender.save_checkpoint(bytes([step]))
+    assert time.monotonic() - started < 0.5  # queuing never waits for the API
+    assert sender.flush(10)
+    assert 1 <= len(api.reports) < 20 and api.reports[-1]["step"] == 199  # coalesced, newest last
+    assert [body["seq"] for body in api.reports] == sorted(body["seq"] for body in api.reports)
+    assert api.uploads[-1] == bytes([150]) and len(api.uploads) < 4
+    control.request_stop(StopReason.CANCEL)
+    assert control.stop_reason == StopReason.CANCEL
+    assert not control.request_stop(StopReason.DRAIN)  # a weaker reason never replaces a stronger one
+    sender.close()
