@@ -1,0 +1,74 @@
+"""Fleets for the benchmarks: many nodes registered through the real state code, pipelined.
+
+Nodes are registered with the REGISTER_NODE Lua script, with the same prelude and the same arguments
+that :func:`shared.nodes.register_node` builds, thousands per pipeline round trip, so a 100,000-node
+fleet takes seconds. Their TTL is long (a day) so none lapses while a benchmark runs.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import msgspec
+import orjson
+
+from shared import auth, lua, nodes
+from shared.lua_prelude import build_prelude
+from shared.store import Store
+
+CPU_CAPS: dict[str, Any] = {"device": "cpu", "cpu_cores": 16, "ram_mb": 65536, "torch_version": "2.5.1"}
+GPU_CAPS: dict[str, Any] = {"device": "cuda", "cpu_cores": 32, "ram_mb": 262144, "cuda_version": "12.4",
+                            "torch_version": "2.5.1",
+                            "gpus": [{"name": "NVIDIA H100 80GB HBM3", "memory_mb": 81559,
+                                      "compute_capability": "9.0"}]}
+GPU_EVERY = 5  # one node in five has a GPU
+
+DIGITS_SPEC: dict[str, Any] = {
+    "name": "digits-mlp",
+    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
+                 "weight_decay": 0.01, "seed": 0},
+}
+
+
+def slots_for(fleet: int, jobs: int) -> int:
+    """Slots per node so that ``jobs`` submissions all find a free slot (1..256, the API's range)."""
+    return max(1, min(256, math.ceil(jobs / fleet)))
+
+
+async def register_fleet(store: Store, count: int, *, slots: int = 1, prefix: str = "bench",
+                         batch: int = 2000) -> dict[str, str]:
+    """Register ``count`` nodes; returns node_id -> session token."""
+    script = store.redis.register_script(build_prelude(store.settings) + lua.REGISTER_NODE)
+    w = store.settings.weights
+    ttl_ms = int(store.settings.ttl_s * 1000)
+    kinds = {}
+    for kind, caps in (("cpu", CPU_CAPS), ("gpu", GPU_CAPS)):
+        parsed = msgspec.convert(caps, nodes.Capabilities)
+        kinds[kind] = (orjson.dumps(caps).decode(), nodes.capability_score(parsed),
+                       max((g.memory_mb for g in parsed.gpus), default=0), parsed.ram_mb)
+    tokens: dict[str, str] = {}
+    for start in range(0, count, batch):
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(count, start + batch)):
+                kind = "gpu" if i % GPU_EVERY == 0 else "cpu"
+                caps_json, capability, gpu_mem, ram = kinds[kind]
+                node_id = "n-" + uuid.uuid4().hex[:16]
+                token = auth.new_session_token(node_id)
+                tokens[node_id] = token
+                await script(keys=[], args=[
+                    node_id, f"{prefix}-{i}", slots, kind, int(kind == "gpu"), gpu_mem, ram, caps_json, "{}",
+                    auth.hash_token(token), ttl_ms, capability, w.reputation, w.availability, w.capability,
+                    w.uptime], client=pipe)
+            await pipe.execute()
+    return tokens
+
+
+async def commandstats(store: Store) -> dict[str, dict[str, float]]:
+    """Valkey's per-command call counts and microseconds (since the last CONFIG RESETSTAT)."""
+    info = await store.redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): {"calls": v["calls"], "usec_per_call": v["usec_per_call"]}
+            for name, v in info.items() if isinstance(v, dict)}
