@@ -60,13 +60,14 @@ def test_leading_dims_ignore_index_and_unit_grad(device: str) -> None:
 @pytest.mark.parametrize("device", FP32_DEVICES)
 def test_inplace_grad_reuses_logits_memory(device: str) -> None:
     torch.manual_seed(2)
-    hidden = torch.randn(9, 130, device=device, requires_grad=True)
+    hidden = torch.randn(3, 3, 130, device=device, requires_grad=True)
     target = torch.randint(0, 130, (9,), device=device)
-    logits = hidden * 2.0  # an intermediate nothing else saved, as an LM head's output
+    # An intermediate nothing else saved, flattened through a view, as an LM head's output is.
+    logits = (hidden * 2.0).flatten(0, 1)
     loss = kernels.cross_entropy(logits, target, inplace_grad=True)
     (loss * 3.0).backward()
     ref_hidden = twin(hidden)
-    ref = F.cross_entropy(ref_hidden * 2.0, target)
+    ref = F.cross_entropy((ref_hidden * 2.0).flatten(0, 1), target)
     (ref * 3.0).backward()
     assert_close(loss, ref, torch.float32, what="loss")
     assert_close(hidden.grad, ref_hidden.grad, torch.float32, what="grad through the overwritten logits")
