@@ -99,6 +99,14 @@ def session_node_id(token: str) -> str | None:
     return node_id if kind == "cwn" and node_id and secret else None
 
 
+def session_claim(authorization: str | None) -> tuple[str | None, str]:
+    """(the node id a session token names, or None; the token's digest), without asking the store:
+    for node calls whose one script checks the digest itself (HEARTBEAT, REPORT_PROGRESS), so a
+    heartbeat or a progress report is one round trip. A missing or malformed header is 401 here."""
+    token = bearer_token(authorization)
+    return session_node_id(token), hash_token(token)
+
+
 async def authenticate_node_token(store: Store, authorization: str | None) -> str:
     """The node id of a valid session token; 401 for anything else (a lapsed node must register again)."""
     token = bearer_token(authorization)

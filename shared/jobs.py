@@ -119,8 +119,9 @@ async def cancel_job(store: Store, who: Principal, job_id: str) -> dict[str, Any
     return await get_job(store, who, job_id)
 
 
-async def report_progress(store: Store, node_id: str, job_id: str, body: Any) -> dict[str, Any]:
-    """Record a node's progress report: idempotent by (attempt, seq), fenced by attempt."""
+async def report_progress(store: Store, node_id: str, job_id: str, body: Any, token_hash: str = "") -> dict[str, Any]:
+    """Record a node's progress report: idempotent by (attempt, seq), fenced by attempt. With
+    ``token_hash`` the script itself checks the node's session token first (401, nothing changed)."""
     report = convert(body, ProgressReport)
     if report.status not in REPORT_STATUSES:
         raise errors.InvalidField(f"status must be one of {', '.join(REPORT_STATUSES)}", field="status")
@@ -139,7 +140,7 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any) ->
     reply = await store.run("REPORT_PROGRESS", [
         job_id, node_id, report.attempt, report.seq, report.status,
         orjson.dumps(progress).decode() if report.status != "queued" else "",
-        orjson.dumps(event).decode(), report.error[:4000], report.fault,
+        orjson.dumps(event).decode(), report.error[:4000], report.fault, token_hash,
     ])
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
 

@@ -48,6 +48,10 @@ return {'ok', #assigned}
 HEARTBEAT = r"""
 local node_id = ARGV[1]
 local gpu_free_frac = ARGV[2]
+local token_hash = ARGV[3]  -- optional: the caller's session-token digest, checked before any change
+if token_hash and token_hash ~= '' and not session_ok(node_id, token_hash) then
+  return fail('unauthorized', SESSION_UNKNOWN)
+end
 local now = now_ms()
 reap_expired(now)
 local nk = node_key(node_id)
@@ -179,6 +183,10 @@ local progress = ARGV[6]
 local event = ARGV[7]
 local error_text = ARGV[8]
 local fault = ARGV[9]
+local token_hash = ARGV[10]  -- optional: the caller's session-token digest, checked before any change
+if token_hash and token_hash ~= '' and not session_ok(node_id, token_hash) then
+  return fail('unauthorized', SESSION_UNKNOWN)
+end
 local refused = fence(job_id, node_id, attempt)
 if refused then return refused end
 local jk = job_key(job_id)

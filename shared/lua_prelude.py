@@ -22,6 +22,18 @@ local function fail(code, message)
   return {'err', code, message}
 end
 
+-- Does this digest match the node's stored session-token digest? Every byte is compared (constant
+-- time), as hmac.compare_digest does. Lets a node call authenticate inside its one script.
+local function session_ok(node_id, token_hash)
+  local stored = redis.call('HGET', node_key(node_id), 'token_hash')
+  if not stored or #stored ~= #token_hash then return false end
+  local diff = 0
+  for i = 1, #stored do diff = bit.bor(diff, bit.bxor(string.byte(stored, i), string.byte(token_hash, i))) end
+  return diff == 0
+end
+
+local SESSION_UNKNOWN = "unknown node session token (if the node's heartbeat lapsed, register again)"
+
 -- Move a job between statuses: the only place a status changes. Keeps the listing indexes in step.
 local function set_status(job_id, from, to, tenant, seq)
   if not TRANSITIONS[from] or not TRANSITIONS[from][to] then

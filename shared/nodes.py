@@ -106,15 +106,16 @@ async def register_node(store: Store, body: Any) -> dict[str, Any]:
     }
 
 
-async def heartbeat(store: Store, node_id: str, body: Any) -> dict[str, Any]:
-    """Keep a node alive; answer with the ids of its jobs that users cancelled since the last beat."""
+async def heartbeat(store: Store, node_id: str, body: Any, token_hash: str = "") -> dict[str, Any]:
+    """Keep a node alive; answer with the ids of its jobs that users cancelled since the last beat.
+    With ``token_hash`` the script itself checks the session token first (401, nothing changed)."""
     beat = convert(body if body is not None else {}, HeartbeatBody)
     gpu_free_frac = ""
     if beat.gpu_free_mb is not None:
         total = await store.redis.hget(keys.node_key(node_id), "gpu_memory_mb")
         if total and int(total) > 0:
             gpu_free_frac = str(max(0.0, min(1.0, beat.gpu_free_mb / int(total))))
-    reply = await store.run("HEARTBEAT", [node_id, gpu_free_frac])
+    reply = await store.run("HEARTBEAT", [node_id, gpu_free_frac, token_hash])
     return {"ttl_s": store.settings.ttl_s, "cancel": list(reply[3:]), "status": reply[1],
             "assigned": int(reply[2])}
 

@@ -25,6 +25,7 @@ SCRIPTS = ("REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CA
            "REPORT_PROGRESS", "COMMIT_ARTIFACT")
 
 _ERROR_CODES: dict[str, type[errors.ApiError]] = {
+    "unauthorized": errors.Unauthorized,
     "not_found": errors.NotFound,
     "forbidden": errors.Forbidden,
     "job_cancelled": errors.Conflict,
