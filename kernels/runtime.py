@@ -6,8 +6,8 @@ decorated when ``kernels`` is imported, which in a shared test session or a node
 long before anyone sets the variable. :func:`jit` therefore makes the choice at *launch* time instead:
 one object serves both the compiler and the interpreter, so setting or clearing ``TRITON_INTERPRET``
 at any point before a launch is enough. Triton's own ``@jit`` helpers (``tl.sum``, ``tl.cdiv``, ...)
-were decorated when triton was imported, so for an interpreted launch they are swapped for
-interpreted twins for its duration. Nothing here touches the GPU driver at import time.
+were decorated for whichever mode was on when triton was imported, so a launch in the other mode
+swaps in twins for its duration. Nothing here touches the GPU driver at import time.
 """
 
 import contextlib
@@ -53,7 +53,7 @@ def require_same_device(*tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-_INTERPRETED_TWINS: dict[int, Any] = {}
+_STDLIB_TWINS: dict[int, Any] = {}  # id(triton's own helper) -> the same source in the other mode
 
 
 def _interpreted(fn: Callable[..., Any]) -> Any:
@@ -63,20 +63,28 @@ def _interpreted(fn: Callable[..., Any]) -> Any:
 
 
 @contextlib.contextmanager
-def _stdlib_interpreted() -> Iterator[None]:
-    """Swap triton.language's compiled-mode ``@jit`` helpers for interpreted twins, then restore.
+def _stdlib_for(interpret: bool) -> Iterator[None]:
+    """Give triton.language's own ``@jit`` helpers the form this launch needs, then restore them.
 
-    Under the interpreter a kernel calls ``tl.sum`` and friends as plain Python; a ``JITFunction``
-    refuses that. They live as attributes of these namespaces (module globals, so the helpers'
-    own calls to each other resolve to the twins too) and as ``tl.tensor`` methods.
+    They were built for whichever mode was on when triton was imported. Under the interpreter a
+    kernel calls ``tl.sum`` and friends as plain Python, which a ``JITFunction`` refuses; the
+    compiler in turn cannot inline an ``InterpretedFunction``. The helpers live as attributes of
+    these namespaces (module globals, so their calls to each other follow the swap) and as
+    ``tl.tensor`` methods. When they already match (the usual case) this costs one isinstance.
     """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    wrong_kind = JITFunction if interpret else InterpretedFunction
+    if not isinstance(tl.standard.sum, wrong_kind):
+        yield
+        return
     patched = []
     for namespace in (tl, tl.standard, tl.random, tl.tensor):
         for name, value in list(vars(namespace).items()):
-            if isinstance(value, JITFunction) and not isinstance(value, ModalJITFunction):
-                twin = _INTERPRETED_TWINS.get(id(value))
+            if isinstance(value, wrong_kind) and not isinstance(value, ModalJITFunction):
+                twin = _STDLIB_TWINS.get(id(value))
                 if twin is None:
-                    twin = _INTERPRETED_TWINS[id(value)] = _interpreted(value.fn)
+                    twin = _STDLIB_TWINS[id(value)] = _interpreted(value.fn) if interpret else JITFunction(value.fn)
                 patched.append((namespace, name, value))
                 setattr(namespace, name, twin)
     try:
@@ -84,6 +92,31 @@ def _stdlib_interpreted() -> Iterator[None]:
     finally:
         for namespace, name, value in patched:
             setattr(namespace, name, value)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _triton_language_restored() -> Iterator[None]:
+    """Undo whatever an interpreted launch leaves patched in triton.language.
+
+    The interpreter swaps ``tl``'s builtins for numpy versions during a launch, but its device-
+    function calls (``tl.sum`` and other helpers running interpreted) patch ``triton.language.core``
+    without restoring it. Harmless in a process that only ever interprets; here a later compiled
+    launch in the same process would trip over it, so every attribute is put back as it was.
+    """
+    namespaces = (tl, tl.core, tl.tensor, tl.math, tl.standard, tl.random, tl.dtype, tl.condition,
+                  tl.core.tensor_descriptor_base)
+    saved = [(namespace, dict(vars(namespace))) for namespace in namespaces]
+    try:
+        yield
+    finally:
+        for namespace, before in saved:
+            now = vars(namespace)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(namespace, name, value)
 
 
 class ModalJITFunction(JITFunction):
@@ -105,9 +138,10 @@ class ModalJITFunction(JITFunction):
 
     def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if interpreting():
-            with _stdlib_interpreted():
+            with _triton_language_restored(), _stdlib_for(interpret=True):
                 return self._interpreter().run(*args, grid=grid, warmup=warmup, **kwargs)
-        return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+        with _stdlib_for(interpret=False):
+            return super().run(*args, grid=grid, warmup=warmup, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # Only reached when a kernel runs under the interpreter and calls this as a device

@@ -105,3 +105,30 @@ def test_import_and_cpu_fallback_never_touch_the_gpu_driver() -> None:
     result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_compiled_launch_after_triton_was_imported_for_the_interpreter() -> None:
+    """With TRITON_INTERPRET=1 when triton is imported, triton's own helpers (tl.sum, ...) come out
+    interpreted; a compiled launch must still get compilable ones. Checked by compiling for sm_90
+    inside the same swap ``run`` uses, after an interpreted launch in the same process."""
+    script = (
+        "import os, torch, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "import kernels\n"
+        "from kernels.runtime import _stdlib_for, COMPILE_OPTIONS\n"
+        "from kernels.ops.rms_norm import _rms_norm_fwd_kernel as k\n"
+        "kernels.rms_norm(torch.randn(3, 5), torch.ones(5))  # interpreted launch first\n"
+        "del os.environ['TRITON_INTERPRET']\n"
+        "sig = {n: 'constexpr' if p.is_constexpr else ('*fp32' if n.endswith('_ptr') else\n"
+        "       ('fp32' if n == 'eps' else 'i32')) for n, p in zip(k.arg_names, k.params)}\n"
+        "const = {(i,): v for i, v in enumerate([None] * 9 + [True, 1, 64]) if v is not None}\n"
+        "with _stdlib_for(False):\n"
+        "    triton.compile(ASTSource(k, sig, constexprs=const), target=GPUTarget('cuda', 90, 32),\n"
+        "                   options=COMPILE_OPTIONS)\n"
+        "print('ok')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

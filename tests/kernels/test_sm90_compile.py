@@ -27,6 +27,12 @@ POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 BF16, FP32 = torch.bfloat16, torch.float32
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache hit from an earlier run would skip the very compilation these tests exist to check."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
+
+
 def compile_for_h200(kernel: ModalJITFunction, args: dict[str, object], **options: int) -> str:
     """Compile ``kernel`` for sm_90 with pointer args given as dtypes (16-byte aligned, as our
     tensors are), ints and floats as sample values, constexprs as values; returns the PTX."""
