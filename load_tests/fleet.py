@@ -72,3 +72,18 @@ async def commandstats(store: Store) -> dict[str, dict[str, float]]:
     info = await store.redis.info("commandstats")
     return {name.removeprefix("cmdstat_"): {"calls": v["calls"], "usec_per_call": v["usec_per_call"]}
             for name, v in info.items() if isinstance(v, dict)}
+
+
+async def script_latency(store: Store) -> dict[str, float | None]:
+    """p50 and p99 of the scripts' run time inside Valkey (``LATENCY HISTOGRAM evalsha``, buckets
+    doubling in size, so each value is the upper bound of its bucket)."""
+    found = await store.redis.execute_command("LATENCY", "HISTOGRAM", "evalsha")
+    entry = found.get("evalsha") if isinstance(found, dict) else None
+    if not entry:
+        return {"p50_us": None, "p99_us": None}
+    calls, buckets = entry["calls"], sorted(entry["histogram_usec"].items())
+
+    def upper(p: float) -> float | None:
+        return next((float(bound) for bound, cumulative in buckets if cumulative >= p * calls), None)
+
+    return {"p50_us": upper(0.5), "p99_us": upper(0.99)}

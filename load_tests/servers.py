@@ -67,6 +67,23 @@ def valkey(*, cpus: str | None = None, fsync: str = "always") -> Iterator[Embedd
         server.stop()
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) used so far by a process and its children (Hypercorn's worker), from
+    /proc; None where there is no /proc. Robust to other load on the machine, unlike requests/s."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, todo = 0.0, [pid]
+    try:
+        while todo:
+            current = todo.pop()
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
 def bench_settings(redis_url: str, **overrides: str) -> Settings:
     return Settings.from_env({"CYXWIZ_REDIS_URL": redis_url, **overrides})
 

@@ -58,11 +58,13 @@ def _templates(ws: dict[str, Any]) -> dict[str, list[bytes]]:
     return {"bare": heartbeat, "heartbeat": heartbeat, "submit": submit, "progress": progress}
 
 
-def run(redis_url: str, gateway_url: str, bare_url: str, *, rounds: int, duration_s: float, concurrency: int,
-        engine: str, load_cpus: str | None) -> dict[str, Any]:
+def run(redis_url: str, gateway: tuple[str, int], bare: tuple[str, int], *, rounds: int, duration_s: float,
+        concurrency: int, engine: str, load_cpus: str | None) -> dict[str, Any]:
+    """``gateway`` and ``bare`` are (url, pid) of the two servers."""
     ws = asyncio.run(_working_set(redis_url))
     templates = _templates(ws)
-    urls = {"bare": bare_url, "heartbeat": gateway_url, "submit": gateway_url, "progress": gateway_url}
+    urls = {"bare": bare[0], "heartbeat": gateway[0], "submit": gateway[0], "progress": gateway[0]}
+    pids = {"bare": bare[1], "heartbeat": gateway[1], "submit": gateway[1], "progress": gateway[1]}
     seq = 1
     for name in LOADS:  # warm-up: connections, caches, script loads
         warm = httpload.run_load(urls[name], templates[name], concurrency=concurrency, duration_s=1,
@@ -72,10 +74,16 @@ def run(redis_url: str, gateway_url: str, bare_url: str, *, rounds: int, duratio
     for _ in range(rounds):
         row = {}
         for name in LOADS:
+            cpu_before = servers.cpu_seconds(pids[name])
             result = httpload.run_load(urls[name], templates[name], concurrency=concurrency, duration_s=duration_s,
                                        engine=engine, cpus=load_cpus, seq_start=seq)
+            cpu_after = servers.cpu_seconds(pids[name])
             seq += result.requests + 10 * concurrency + 1000  # reports stay in order across runs
             row[name] = result.as_dict()
+            if cpu_before is not None and cpu_after is not None and result.requests:
+                # Server CPU per request: requests/s one fully used core would give, whatever else runs.
+                row[name]["server_cpu_us_per_request"] = round((cpu_after - cpu_before) / result.requests * 1e6, 1)
+                row[name]["server_cpu_share"] = round((cpu_after - cpu_before) / result.duration_s, 3)
         per_round.append(row)
     return {"concurrency": concurrency, "duration_s": duration_s, "rounds": per_round,
             "working_set": {"heartbeat_nodes": HEARTBEAT_NODES, "progress_jobs": PROGRESS_JOBS,
@@ -94,8 +102,15 @@ def summarize(per_round: list[dict[str, Any]]) -> dict[str, Any]:
             "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 2),
             "non_2xx": bad, "errors": sum(r["errors"] for r in runs),
         }
+        cpu = [r["server_cpu_us_per_request"] for r in runs if "server_cpu_us_per_request" in r]
+        if cpu:
+            out[name]["server_cpu_us_per_request"] = round(statistics.median(cpu), 1)
+            out[name]["per_core_rps"] = round(1e6 / statistics.median(cpu))
+            out[name]["server_cpu_share"] = round(statistics.median(r["server_cpu_share"] for r in runs), 3)
         if name != "bare":
             ratios = [r[name]["rps"] / r["bare"]["rps"] for r in per_round]
             out[name]["ratio_to_bare"] = round(statistics.median(ratios), 3)
             out[name]["ratio_by_round"] = [round(x, 3) for x in ratios]
+            if cpu and "per_core_rps" in out["bare"]:
+                out[name]["cpu_ratio_to_bare"] = round(out[name]["per_core_rps"] / out["bare"]["per_core_rps"], 3)
     return out
