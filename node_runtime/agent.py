@@ -14,6 +14,8 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -53,12 +55,14 @@ class NodeAgent:
         self.api = AgentApi(settings.api_url)
         self.stream = AssignmentStream(settings.redis_url)
         self.registration: Registration | None = None
+        self.backlog: deque[Assignment] = deque()  # received, not yet started (no free slot yet)
         self.registered = asyncio.Event()
         self.accepting = True  # False once draining: no new assignments are started
         self.left_by_control_plane = False  # an admin drained the node: leave once running jobs end
         self.deregistered = False  # the control plane removed the node at its request: no more heartbeats
         self.shutdown = asyncio.Event()
         self.signals = 0
+        self.exit_code = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -78,7 +82,7 @@ class NodeAgent:
             consumer.cancel()
             await asyncio.gather(consumer, return_exceptions=True)
             await self._drain()
-            return 0
+            return self.exit_code
         except RegistrationRefused as exc:
             log.error("%s", exc)
             return 2
@@ -101,6 +105,9 @@ class NodeAgent:
             log.warning("second signal: stopping job processes now")
             self.supervisor.kill_all("the node runtime was told twice to stop")
 
+    def _backoff(self) -> Backoff:
+        return Backoff(0.2, self.settings.retry_max_s)
+
     async def _sleep_unless_shutdown(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.shutdown.wait(), seconds)
@@ -112,7 +119,7 @@ class NodeAgent:
         """Register (again), retrying while the API is unreachable; False if shut down meanwhile."""
         body = {"name": self.settings.name, "slots": self.settings.slots, "capabilities": self.capabilities,
                 "labels": self.settings.labels}
-        backoff, warned = Backoff(0.5, 10.0), False
+        backoff, warned = Backoff(0.5, self.settings.retry_max_s), False
         while not self.shutdown.is_set():
             try:
                 answer = await self.api.register(self.settings.join_token, body)
@@ -158,6 +165,8 @@ class NodeAgent:
                     await self._register_again(reg, str(exc))
                     continue
                 log.error("heartbeat refused: %s", exc)
+            except Exception:  # a bug must not stop the heartbeats: the node would be reaped
+                log.exception("unexpected error in the heartbeat loop")
             else:
                 if unreachable:
                     log.info("the control plane answers again")
@@ -185,39 +194,49 @@ class NodeAgent:
                     "registering again", old.node_id, why)
         self.registration = None
         self.registered.clear()
+        self.backlog.clear()
         self.supervisor.forget_registration(old)
-        if not self.shutdown.is_set():
+        if self.shutdown.is_set():
+            return
+        try:
             await self._register()
+        except RegistrationRefused as exc:
+            log.error("%s", exc)
+            self.exit_code = 2
+            self.shutdown.set()
 
     # --- assignments ---------------------------------------------------------------------------
     async def _consume_forever(self) -> None:
-        """Read assignments while a slot is free; pending entries first after any reconnect."""
-        backoff, failing = Backoff(0.2, 5.0), False
+        """Start assignments while a slot is free: entries already received first, then new ones
+        (XREADGROUP BLOCK); after a broken connection, this consumer's pending entries first."""
+        backoff, failing = Backoff(0.2, self.settings.retry_max_s), False
         while self.accepting:
             reg = self.registration
             if reg is None:
                 await self.registered.wait()
                 continue
-            free = self.supervisor.free_slots()
-            if free == 0:
-                self.supervisor.capacity_changed.clear()
-                if self.supervisor.free_slots() == 0:
-                    await self.supervisor.capacity_changed.wait()
+            if self.supervisor.free_slots() == 0:
+                await self.supervisor.wait_for_free_slot()
                 continue
             try:
-                entries = await self.stream.read(reg.stream, reg.group, reg.node_id, free,
-                                                 self.settings.poll_block_ms)
-                for entry in entries:
-                    if self.registration is not reg:
-                        break  # re-registered meanwhile: those attempts were requeued
-                    await self._take(reg, entry)
+                if not self.backlog:
+                    self.backlog.extend(await self.stream.read(reg.stream, reg.group, reg.node_id,
+                                                               self.supervisor.free_slots(),
+                                                               self.settings.poll_block_ms))
+                # a pending re-read can bring more entries than free slots: the rest wait here
+                while self.backlog and self.supervisor.free_slots() and self.registration is reg:
+                    await self._take(reg, self.backlog.popleft())
             except StreamGone:
                 await self._sleep_unless_shutdown(reg.heartbeat_interval_s)  # the heartbeat will re-register
             except (RedisError, OSError) as exc:
                 if not failing:
                     log.warning("the assignment stream is unreachable (%s); reconnecting with backoff", exc)
                     failing = True
-                self.stream.reread_pending()
+                self._reread_pending()
+                await self._sleep_unless_shutdown(backoff.next_delay())
+            except Exception:  # a bug must not stop the node from consuming: log it, read again
+                log.exception("unexpected error while consuming assignments")
+                self._reread_pending()
                 await self._sleep_unless_shutdown(backoff.next_delay())
             else:
                 if failing:
@@ -225,10 +244,15 @@ class NodeAgent:
                     failing = False
                     backoff.reset()
 
+    def _reread_pending(self) -> None:
+        """Forget entries received but not started: the pending re-read brings them back."""
+        self.backlog.clear()
+        self.stream.reread_pending()
+
     async def _take(self, reg: Registration, entry: Assignment) -> None:
         """Start a job process for an entry, or acknowledge an entry whose job is already over."""
-        if self.supervisor.holds(entry):
-            return  # a pending entry read again after a reconnect: it is running
+        if self.supervisor.holds(entry) or entry.stream != reg.stream:
+            return  # a pending entry read again after a reconnect (it runs), or one of an old registration
         if not entry.job_id or not await self.stream.is_current(entry, reg.node_id):
             log.info("assignment %s (job %s attempt %d) is already over; acknowledging it",
                      entry.entry_id, entry.job_id or "-", entry.attempt)
@@ -249,7 +273,7 @@ class NodeAgent:
         report = {**body, "attempt": entry.attempt, "seq": seq}
         try:
             await retry_async(lambda: self.api.report(entry.job_id, reg.token, report),
-                              give_up=lambda: self.registration is not reg)
+                              give_up=lambda: self.registration is not reg, backoff=self._backoff())
         except ApiRefused as exc:
             log.info("job %s attempt %d: report %s refused: %s", entry.job_id, entry.attempt, body["status"], exc)
         except ApiUnavailable:
@@ -274,9 +298,11 @@ class NodeAgent:
 
     async def _deregister(self, reg: Registration) -> str:
         """DELETE the node; ``removed`` once it holds no job, else ``draining``."""
+        deadline = time.monotonic() + self.settings.drain_timeout_s
         try:
             status = await retry_async(lambda: self.api.deregister(reg.node_id, reg.token),
-                                       give_up=lambda: self.signals > 1)
+                                       give_up=lambda: self.signals > 1 or time.monotonic() > deadline,
+                                       backoff=self._backoff())
         except ApiRefused as exc:
             if exc.node_unknown:
                 self.deregistered = True
@@ -292,7 +318,7 @@ class NodeAgent:
 
     async def _hand_back_unread(self, reg: Registration) -> None:
         """Assignments that arrived but were never started go straight back to the queue."""
-        self.stream.reread_pending()
+        self._reread_pending()
         try:
             while entries := await self.stream.read(reg.stream, reg.group, reg.node_id, 100, None):
                 for entry in entries:  # the pending ones first (some still running), then unread ones
@@ -306,4 +332,9 @@ def run_node(settings: NodeSettings) -> int:
     """Run a node runtime in this process until it is told to stop; the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the job's story
-    return asyncio.run(NodeAgent(settings).run())
+    try:
+        agent = NodeAgent(settings)
+    except (RuntimeError, ValueError) as exc:  # --device cuda without CUDA, a malformed Redis URL
+        log.error("cannot start: %s", exc)
+        return 2
+    return asyncio.run(agent.run())

@@ -86,8 +86,9 @@ def _bearer(token: str) -> dict[str, str]:
 class JobApi:
     """Blocking calls for one attempt of one job, with the node's session token (a job process)."""
 
-    def __init__(self, api_url: str, session_token: str, job_id: str, attempt: int) -> None:
-        self.job_id, self.attempt = job_id, attempt
+    def __init__(self, api_url: str, session_token: str, job_id: str, attempt: int,
+                 retry_max_s: float = 10.0) -> None:
+        self.job_id, self.attempt, self.retry_max_s = job_id, attempt, retry_max_s
         self.client = httpx.Client(base_url=api_url, headers=_bearer(session_token), timeout=TIMEOUT)
 
     def close(self) -> None:
@@ -113,7 +114,7 @@ class JobApi:
     def download(self, name: str, give_up: Callable[[], bool] = lambda: False) -> bytes | None:
         """GET an artifact of the job, or None when it has none; a broken transfer resumes with Range."""
         data = bytearray()
-        backoff = Backoff()
+        backoff = Backoff(maximum_s=self.retry_max_s)
         while True:
             headers = {"Range": f"bytes={len(data)}-"} if data else {}
             try:
@@ -133,11 +134,10 @@ class JobApi:
                     raise ApiUnavailable(f"download of {name} abandoned: {exc}") from exc
                 time.sleep(backoff.next_delay(getattr(exc, "retry_after_s", None)))
 
-    def retrying(self, call: Callable[[], T], give_up: Callable[[], bool] = lambda: False,
-                 maximum_s: float = 10.0) -> T:
+    def retrying(self, call: Callable[[], T], give_up: Callable[[], bool] = lambda: False) -> T:
         """Run ``call`` until it succeeds or is refused; while unavailable, back off and retry
         (unless ``give_up()`` says the result is no longer wanted, then raise ApiUnavailable)."""
-        backoff = Backoff(maximum_s=maximum_s)
+        backoff = Backoff(maximum_s=self.retry_max_s)
         while True:
             try:
                 return call()

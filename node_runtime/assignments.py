@@ -81,11 +81,11 @@ class AssignmentStream:
         found: list[Assignment] = []
         for _, entries in reply or []:
             for entry_id, fields in entries:
-                if not fields:  # deleted after delivery (XDEL): nothing left to run
-                    found.append(Assignment(stream, group, entry_id, "", 0, {}))
-                    continue
-                found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
-                                        orjson.loads(fields["spec"])))
+                try:
+                    found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
+                                            orjson.loads(fields["spec"])))
+                except (KeyError, TypeError, ValueError):  # deleted after delivery (XDEL) or malformed
+                    found.append(Assignment(stream, group, entry_id, "", 0, {}))  # acknowledged, not run
         return found
 
     async def ack(self, assignment: Assignment) -> None:

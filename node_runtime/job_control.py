@@ -35,6 +35,7 @@ class JobLaunch:
     data_root: str | None
     allow_http: bool
     parent_pid: int
+    retry_max_s: float  # longest wait between retries while the API is unreachable
 
 
 class JobControl:

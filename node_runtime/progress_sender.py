@@ -106,7 +106,7 @@ class ProgressSender:
 
     def _deliver(self, call: Callable[[], object], superseded: Callable[[], bool]) -> None:
         """Retry ``call`` while the API is unavailable, until a newer item supersedes it."""
-        backoff = Backoff(maximum_s=5.0)
+        backoff = Backoff(maximum_s=self.api.retry_max_s)
         while True:
             try:
                 call()

@@ -39,6 +39,7 @@ class NodeSettings:
     cancel_grace_s: float = 15.0       # a stopped job process that has not exited by then is killed
     stall_timeout_s: float = 1800.0    # a job process that takes no training step for this long is killed
     poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
+    retry_max_s: float = 10.0          # longest wait between retries while the API or Redis is unreachable
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +107,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         drain_timeout_s=_float(env, "CYXWIZ_NODE_DRAIN_TIMEOUT_S", 120.0),
         cancel_grace_s=_float(env, "CYXWIZ_NODE_CANCEL_GRACE_S", 15.0),
         stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 1800.0),
+        retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
     )
 
 

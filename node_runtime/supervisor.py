@@ -69,6 +69,11 @@ class Supervisor:
     def idle(self) -> bool:
         return not self.jobs
 
+    async def wait_for_free_slot(self) -> None:
+        self.capacity_changed.clear()
+        if self.free_slots() == 0:
+            await self.capacity_changed.wait()
+
     # --- starting and stopping -----------------------------------------------------------------
     def start_job(self, reg: Registration, entry: Assignment) -> None:
         used = {job.slot for job in self._busy()}
@@ -79,7 +84,7 @@ class Supervisor:
             api_url=settings.api_url, session_token=reg.token,
             device=device_for_slot(self.agent.capabilities, slot), torch_threads=self.torch_threads,
             data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
-            parent_pid=os.getpid())
+            parent_pid=os.getpid(), retry_max_s=settings.retry_max_s)
         process = JobProcess(launch)
         process.start()
         self.jobs[entry.key] = RunningJob(entry, reg, slot, process)
@@ -119,8 +124,12 @@ class Supervisor:
             for job in list(self.jobs.values()):
                 if job.finishing:
                     continue
-                if job.process.exitcode is None:
-                    self._enforce_limits(job)
+                try:
+                    if job.process.exitcode is None:
+                        self._enforce_limits(job)
+                        continue
+                except Exception:  # a bug must not stop the watch over the other jobs
+                    log.exception("%s: unexpected error while watching it", job.name)
                     continue
                 job.finishing = True
                 self.capacity_changed.set()

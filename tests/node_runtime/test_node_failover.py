@@ -36,7 +36,7 @@ def test_sigterm_hands_the_job_back_and_another_node_resumes_it_from_its_checkpo
         api: Api, start_node: Callable[..., NodeProcess]) -> None:
     first = start_node(name="first")
     [first_node] = api.wait_nodes(1)
-    job_id = api.submit(long_digits(120))
+    job_id = api.submit(long_digits(60))
     api.wait_progress(job_id, min_step=150, timeout_s=60)
 
     first.signal(signal.SIGTERM)
@@ -55,7 +55,7 @@ def test_sigterm_hands_the_job_back_and_another_node_resumes_it_from_its_checkpo
     resumed = [e for e in _attempt_events(api, job_id, 2) if int(e["step"]) > 0]  # type: ignore[call-overload]
     assert int(resumed[0]["step"]) >= int(handed_back["step"])  # type: ignore[call-overload]
     assert "resumes from a checkpoint" in second.log()
-    assert job["progress"]["step"] == job["progress"]["total_steps"] == 120 * 23
+    assert job["progress"]["step"] == job["progress"]["total_steps"] == 60 * 23
     assert job["progress"]["metrics"]["val_accuracy"] >= 0.95
 
 
@@ -98,7 +98,7 @@ def test_a_reaped_node_registers_again_and_finishes_the_requeued_job(
         api: Api, start_node: Callable[..., NodeProcess]) -> None:
     node = start_node()
     [before] = api.wait_nodes(1)
-    job_id = api.submit(long_digits(150))
+    job_id = api.submit(long_digits(90))
     api.wait_progress(job_id, min_step=30, timeout_s=60)
     node.signal(signal.SIGSTOP)  # the runtime freezes: no heartbeats for longer than the 2 s TTL
     time.sleep(3.5)
@@ -120,7 +120,8 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
     api_url = f"http://127.0.0.1:{port}"
     try:
         admin_key, join_token = install_credentials(valkey.url)
-        node = NodeProcess(api_url, join_token, valkey.url, tmp_path / "node.log").start()
+        node = NodeProcess(api_url, join_token, valkey.url, tmp_path / "node.log",
+                           extra_env={"CYXWIZ_NODE_RETRY_MAX_S": "1"}).start()
         wait_until(lambda: "cannot register" in node.log(), 20, what="the node to find no API")
 
         gateway = start_gateway_on(port, valkey.url)  # the API comes up after the node

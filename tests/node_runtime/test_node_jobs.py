@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_job_whose_data_cannot_load_fails_and_the_node_keeps_serving(
 def test_two_slots_run_two_jobs_at_once(api: Api, start_node: Callable[..., NodeProcess]) -> None:
     node = start_node(slots=2)
     [registered] = api.wait_nodes(1)
-    first, second = api.submit(long_digits(40, "first")), api.submit(long_digits(40, "second"))
+    first, second = api.submit(long_digits(25, "first")), api.submit(long_digits(25, "second"))
     both = wait_until(lambda: all(api.job(j)["status"] == "running" and (api.job(j)["progress"] or {}).get("step")
                                   for j in (first, second)), 60, what="both jobs to be running")
     assert both
@@ -84,3 +85,35 @@ def test_two_slots_run_two_jobs_at_once(api: Api, start_node: Callable[..., Node
         assert job["status"] == "completed", job["error"]
         assert job["node_id"] == registered["node_id"]
     assert os.path.exists(node.log_path)
+
+
+def test_an_admin_drain_lets_the_running_job_finish_then_the_node_leaves(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    node = start_node()
+    [registered] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(30))
+    api.wait_progress(job_id, min_step=20, timeout_s=60)
+    resp = api.http.delete(f"/v1/nodes/{registered['node_id']}", headers=api.headers)
+    assert resp.status_code == 202 and resp.json()["status"] == "draining"
+    waiting = api.submit(DIGITS_SPEC)  # a draining node takes no new work
+
+    job = api.wait_status(job_id, ("completed", "failed"), 60)
+    assert job["status"] == "completed" and job["attempt"] == 1, job["error"]
+    assert node.wait(30) == 0  # it left on its own once idle
+    assert api.nodes() == [] and api.job(waiting)["status"] == "queued"
+    assert "leaving once running jobs end" in node.log()
+
+
+def test_a_job_process_that_stops_taking_steps_is_killed_and_retried(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    # generous enough for a job process to start (import torch, load data) before its first step
+    node = start_node(extra_env={"CYXWIZ_NODE_STALL_TIMEOUT_S": "5"})
+    job_id = api.submit(long_digits(25))
+    api.wait_progress(job_id, min_step=30, timeout_s=60)
+    [pid] = node.job_process_pids()
+    os.kill(pid, signal.SIGSTOP)  # hangs, as a deadlocked data loader would
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed" and job["attempt"] == 2, job["error"]
+    [failed] = [e for e in api.events(job_id) if e["status"] == "failed"]
+    assert "took no training step for 5 s" in str(failed["error"])
+    assert not _pid_alive(pid)
