@@ -64,14 +64,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     tp = results.get("throughput", {}).get("summary")
     if tp:
+        # Primary: server CPU per request (requests/s of one fully used core), which other load on the
+        # machine does not move; the wall-clock ratio of the same run is recorded beside it.
         for name in ("heartbeat", "submit", "progress"):
-            rows.append({"target": f"{name} >= 70% of bare endpoint req/s", "measured": tp[name]["ratio_to_bare"],
-                         "unit": "ratio", "met": tp[name]["ratio_to_bare"] >= 0.70})
-        rows.append({"target": "submissions/s >= 1,000 (Slurm documents 500/s)", "measured": tp["submit"]["rps"],
-                     "unit": "req/s", "met": tp["submit"]["rps"] >= 1000})
-        nodes = tp["heartbeat"]["rps"] * HEARTBEAT_INTERVAL_S
+            ratio = tp[name].get("cpu_ratio_to_bare", tp[name]["ratio_to_bare"])
+            rows.append({"target": f"{name} >= 70% of bare endpoint req/s (per server core)", "measured": ratio,
+                         "wall_clock_ratio": tp[name]["ratio_to_bare"], "unit": "ratio", "met": ratio >= 0.70})
+        submits = tp["submit"].get("per_core_rps", tp["submit"]["rps"])
+        rows.append({"target": "submissions/s >= 1,000 per server core (Slurm documents 500/s)",
+                     "measured": submits, "wall_clock": tp["submit"]["rps"], "unit": "req/s", "met": submits >= 1000})
+        beats = tp["heartbeat"].get("per_core_rps", tp["heartbeat"]["rps"])
+        nodes = beats * HEARTBEAT_INTERVAL_S
         rows.append({"target": "nodes kept alive per server core >= 20,000 (Kubernetes: 5,000 nodes)",
-                     "measured": round(nodes), "unit": "nodes at 10 s", "met": nodes >= 20_000})
+                     "measured": round(nodes), "wall_clock": round(tp["heartbeat"]["rps"] * HEARTBEAT_INTERVAL_S),
+                     "unit": "nodes at 10 s", "met": nodes >= 20_000})
     sc = results.get("scheduling")
     if sc:
         rows.append({"target": "submit p99 at 100k nodes <= 1.5x p99 at 100 nodes",
