@@ -8,7 +8,7 @@ import kernels
 from kernels.benchmarks.decoder import Decoder, DecoderConfig
 from kernels.benchmarks.harness import Case, Settings, Variant, compiled, tensor_bytes
 
-CONFIG, BATCH = DecoderConfig(), 8  # ~150M parameters, 8k tokens a step, bf16
+CONFIG, BATCH = DecoderConfig(), 8  # ~170M parameters, 8k tokens a step, bf16
 SMOKE_CONFIG, SMOKE_BATCH = DecoderConfig(vocab=96, width=32, layers=1, heads=2, seq_len=16), 2
 
 
