@@ -85,10 +85,11 @@ def test_norm_kernels_compile() -> None:
     compile_for_h200(layer_norm._layer_norm_fwd_kernel, dict(
         x_ptr=BF16, w_ptr=BF16, b_ptr=BF16, y_ptr=BF16, mean_ptr=FP32, rstd_ptr=FP32, stride_x=4096, stride_y=4096,
         eps=1e-5, HAS_WEIGHT=True, HAS_BIAS=True, **common), num_warps=warps)
-    compile_for_h200(layer_norm._layer_norm_bwd_kernel, dict(
-        x_ptr=BF16, w_ptr=BF16, dy_ptr=BF16, dx_ptr=BF16, mean_ptr=FP32, rstd_ptr=FP32, dw_partial_ptr=FP32,
-        db_partial_ptr=FP32, stride_x=4096, stride_dy=4096, stride_dx=4096, rows_per_program=31, HAS_WEIGHT=True,
-        **common), num_warps=warps)
+    for has_weight in (True, False):  # the no-affine branch never defines the weight
+        compile_for_h200(layer_norm._layer_norm_bwd_kernel, dict(
+            x_ptr=BF16, w_ptr=BF16, dy_ptr=BF16, dx_ptr=BF16, mean_ptr=FP32, rstd_ptr=FP32, dw_partial_ptr=FP32,
+            db_partial_ptr=FP32, stride_x=4096, stride_dy=4096, stride_dx=4096, rows_per_program=31,
+            HAS_WEIGHT=has_weight, **common), num_warps=warps)
     compile_for_h200(rms_norm._rms_norm_fwd_kernel, dict(
         x_ptr=BF16, w_ptr=BF16, y_ptr=BF16, rstd_ptr=FP32, stride_x=4096, stride_y=4096, eps=1e-6, HAS_WEIGHT=True,
         **common), num_warps=warps)
