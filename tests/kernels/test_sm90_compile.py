@@ -98,13 +98,15 @@ def test_norm_kernels_compile() -> None:
         stride_dy=4096, stride_dx=4096, rows_per_program=31, HAS_WEIGHT=True, **common), num_warps=warps)
 
 
-def test_cross_entropy_kernels_compile() -> None:
+@pytest.mark.parametrize("mean, compute_grad", [(True, True), (False, True), (False, False)],
+                         ids=["mean", "sum-or-none", "no-grad"])
+def test_cross_entropy_kernels_compile(mean: bool, compute_grad: bool) -> None:
     compile_for_h200(cross_entropy._cross_entropy_fwd_kernel, dict(
         logits_ptr=BF16, target_ptr=torch.int64, loss_ptr=FP32, grad_ptr=BF16, n_valid_ptr=torch.int64,
-        stride_logits=131072, stride_grad=131072, V=131072, ignore_index=-100, MEAN=True, COMPUTE_GRAD=True,
+        stride_logits=131072, stride_grad=131072, V=131072, ignore_index=-100, MEAN=mean, COMPUTE_GRAD=compute_grad,
         BLOCK_V=32768), num_warps=32)
     compile_for_h200(cross_entropy._scale_rows_kernel, dict(
-        grad_ptr=BF16, scale_ptr=FP32, stride_grad=131072, V=131072, PER_ROW=False, BLOCK_V=32768), num_warps=32)
+        grad_ptr=BF16, scale_ptr=FP32, stride_grad=131072, V=131072, PER_ROW=not mean, BLOCK_V=32768), num_warps=32)
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
