@@ -53,8 +53,13 @@ def compile_for_h200(kernel: ModalJITFunction, args: dict[str, object], **option
     return compiled.asm["ptx"]
 
 
+def matmul_config(dtype: torch.dtype) -> triton.Config:
+    # fp32 is exact ("ieee", torch's default precision): plain FMAs, so the tile that fits in fp32.
+    return linear_act._GPU_CONFIGS[3 if dtype == FP32 else 0]
+
+
 def matmul_args(dtype: torch.dtype, **flags: object) -> dict[str, object]:
-    config = linear_act._GPU_CONFIGS[0].kwargs
+    config = matmul_config(dtype).kwargs
     return dict(a_ptr=dtype, b_ptr=dtype, c_ptr=dtype, bias_ptr=dtype, slope_out_ptr=dtype, slope_in_ptr=dtype,
                 rowsum_ptr=FP32, M=4096, N=4096, K=4096, stride_am=4096, stride_ak=1, stride_bk=1, stride_bn=4096,
                 stride_cm=4096, stride_cn=1, stride_sm=4096, stride_sk=1,
@@ -63,6 +68,9 @@ def matmul_args(dtype: torch.dtype, **flags: object) -> dict[str, object]:
 
 MATMULS = {
     "forward bf16 gelu": (BF16, dict(ACTIVATION=2, HAS_BIAS=True, STORE_SLOPE=True, SCALE_A=False, ROWSUM_A=False)),
+    "inference fp16 silu": (torch.float16, dict(ACTIVATION=3, HAS_BIAS=True, STORE_SLOPE=False, SCALE_A=False,
+                                                ROWSUM_A=False)),
+    "forward fp32 relu": (FP32, dict(ACTIVATION=1, HAS_BIAS=False, STORE_SLOPE=True, SCALE_A=False, ROWSUM_A=False)),
     "grad input fp16": (torch.float16, dict(ACTIVATION=0, HAS_BIAS=False, STORE_SLOPE=False, SCALE_A=True,
                                                  ROWSUM_A=False)),
     "grad weight+bias bf16": (BF16, dict(ACTIVATION=0, HAS_BIAS=False, STORE_SLOPE=False, SCALE_A=True,
@@ -73,10 +81,11 @@ MATMULS = {
 @pytest.mark.parametrize("case", list(MATMULS))
 def test_matmul_compiles_to_tensor_core_code(case: str) -> None:
     dtype, flags = MATMULS[case]
-    config = linear_act._GPU_CONFIGS[0]
+    config = matmul_config(dtype)
     ptx = compile_for_h200(linear_act._matmul_kernel, matmul_args(dtype, **flags),
                            num_warps=config.num_warps, num_stages=config.num_stages)
-    assert "wgmma" in ptx, "expected Hopper warpgroup MMA instructions"
+    if dtype != FP32:
+        assert "wgmma" in ptx, "expected Hopper warpgroup MMA instructions"
 
 
 def test_norm_kernels_compile() -> None:
