@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.benchmarks.harness import Case, Settings, Variant, compiled, fwd_bwd, tensor_bytes
+from kernels.benchmarks.harness import Case, Settings, fwd_bwd_case
 
 # (rows, hidden): many narrow rows, and few wide ones; both are 256 MiB of bf16 input, ~5x the L2.
 SIZES = [(65536, 2048), (16384, 8192)]
@@ -19,18 +19,11 @@ def cases(settings: Settings) -> Iterator[Case]:
         x = torch.randn(rows, hidden, device=settings.device, dtype=dtype, requires_grad=True)
         weight = torch.randn(hidden, device=settings.device, dtype=dtype, requires_grad=True)
         bias = torch.randn(hidden, device=settings.device, dtype=dtype, requires_grad=True)
-        grad_out = torch.randn_like(x)
-        inputs = [x, weight, bias]
-        size = tensor_bytes(x, grad_out)
 
         def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n: int = hidden) -> torch.Tensor:
             return F.layer_norm(x, (n,), w, b)
 
-        yield Case(
-            "layer_norm", f"{rows}x{hidden} {str(dtype).removeprefix('torch.')}",
-            [Variant("triton", fwd_bwd(kernels.layer_norm, inputs, grad_out=grad_out), size),
-             Variant("eager", fwd_bwd(eager, inputs, grad_out=grad_out), size),
-             Variant("compile", fwd_bwd(compiled(eager, settings), inputs, grad_out=grad_out), size)],
-            # forward reads x, writes y; backward reads x and dy, writes dx
-            bytes_moved=5 * x.numel() * x.element_size(),
-        )
+        yield fwd_bwd_case("layer_norm", f"{rows}x{hidden}", [x, weight, bias], torch.randn_like(x),
+                           kernels.layer_norm, eager, settings,
+                           # forward reads x, writes y; backward reads x and dy, writes dx
+                           bytes_moved=5 * x.numel() * x.element_size())

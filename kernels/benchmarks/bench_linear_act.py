@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.benchmarks.harness import Case, Settings, Variant, compiled, fwd_bwd, tensor_bytes
+from kernels.benchmarks.harness import Case, Settings, fwd_bwd_case
 
 # (rows, in_features, out_features): a transformer MLP up-projection at two widths.
 SIZES = [(16384, 1024, 4096), (8192, 4096, 16384)]
 SMOKE_SIZES = [(40, 24, 48)]
+
+
+def _eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.gelu(F.linear(x, w, b))
 
 
 def cases(settings: Settings) -> Iterator[Case]:
@@ -20,16 +24,6 @@ def cases(settings: Settings) -> Iterator[Case]:
         weight = (torch.randn(n_out, n_in, device=settings.device, dtype=dtype) / n_in**0.5).requires_grad_()
         bias = torch.zeros(n_out, device=settings.device, dtype=dtype, requires_grad=True)
         grad_out = torch.randn(rows, n_out, device=settings.device, dtype=dtype)
-        inputs = [x, weight, bias]
-        size = tensor_bytes(x, weight, grad_out)
-
-        def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return F.gelu(F.linear(x, w, b))
-
-        yield Case(
-            "linear_act", f"{rows}x{n_in}->{n_out} gelu {str(dtype).removeprefix('torch.')}",
-            [Variant("triton", fwd_bwd(kernels.linear_act, inputs, grad_out=grad_out), size),
-             Variant("eager", fwd_bwd(eager, inputs, grad_out=grad_out), size),
-             Variant("compile", fwd_bwd(compiled(eager, settings), inputs, grad_out=grad_out), size)],
-            flops=6.0 * rows * n_in * n_out,  # forward, grad input, grad weight
-        )
+        yield fwd_bwd_case("linear_act", f"{rows}x{n_in}->{n_out} gelu", [x, weight, bias], grad_out,
+                           kernels.linear_act, _eager, settings,
+                           flops=6.0 * rows * n_in * n_out)  # forward, grad input, grad weight

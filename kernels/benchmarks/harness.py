@@ -201,3 +201,14 @@ def compiled(fn: Callable[..., Any], settings: Settings) -> Callable[..., Any]:
     """torch.compile on the GPU; in the CPU smoke run the "eager" backend, which exercises dynamo
     without needing a C++ toolchain or minutes of inductor compilation."""
     return torch.compile(fn, dynamic=False, backend="eager" if settings.smoke else "inductor")
+
+
+def fwd_bwd_case(bench: str, label: str, inputs: list[torch.Tensor], grad_out: torch.Tensor,
+                 ours: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor], settings: Settings,
+                 **measures: Any) -> Case:
+    """The usual triple for an op taking ``inputs``: ours, torch eager, and eager under torch.compile,
+    each run forward and backward against ``grad_out``; ``measures`` are :class:`Case` fields."""
+    size = tensor_bytes(*inputs, grad_out)
+    variants = [Variant(name, fwd_bwd(fn, inputs, grad_out=grad_out), size)
+                for name, fn in (("triton", ours), ("eager", eager), ("compile", compiled(eager, settings)))]
+    return Case(bench, f"{label} {str(inputs[0].dtype).removeprefix('torch.')}", variants, **measures)

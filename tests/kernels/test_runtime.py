@@ -59,6 +59,13 @@ def count_launches(monkeypatch: pytest.MonkeyPatch, then: Callable[..., object] 
     return launched
 
 
+def run_fresh_python(script: str, **env: str) -> None:
+    """Run ``script`` in a new interpreter (warnings as errors) with only ``env`` set; it must print ok."""
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env}, timeout=110)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_use_triton_follows_device_and_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.use_triton("cpu") and kernels.use_triton(torch.device("cpu"))
     assert not kernels.use_triton("meta")
@@ -101,10 +108,7 @@ def test_import_and_cpu_fallback_never_touch_the_gpu_driver() -> None:
         "assert triton.runtime.driver._active is None, 'driver was resolved'\n"
         "print('ok')\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    run_fresh_python(script, CUDA_VISIBLE_DEVICES="")
 
 
 def test_compiled_launch_after_triton_was_imported_for_the_interpreter() -> None:
@@ -128,7 +132,4 @@ def test_compiled_launch_after_triton_was_imported_for_the_interpreter() -> None
         "                   options=COMPILE_OPTIONS)\n"
         "print('ok')\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_fresh_python(script, TRITON_INTERPRET="1")
