@@ -50,8 +50,11 @@ class JobProcess:
     def seconds_since_stop_request(self) -> float:
         return 0.0 if self.stop_requested_at is None else time.monotonic() - self.stop_requested_at
 
-    def seconds_since_step(self) -> float:
+    def seconds_since_step(self) -> float | None:
         return self.control.seconds_since_step()
+
+    def seconds_since_start(self) -> float:
+        return time.monotonic() - self.started_at
 
     @property
     def exitcode(self) -> int | None:

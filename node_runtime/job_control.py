@@ -44,7 +44,7 @@ class JobControl:
     def __init__(self, context: SpawnContext) -> None:
         self._stop = context.Value("i", int(StopReason.NONE))
         self._seq = context.Value("q", 0)
-        self._last_step_at = context.Value("d", time.monotonic())  # CLOCK_MONOTONIC is system-wide
+        self._last_step_at = context.Value("d", 0.0)  # CLOCK_MONOTONIC (system-wide); 0: no step yet
 
     @property
     def stop_reason(self) -> StopReason:
@@ -67,5 +67,7 @@ class JobControl:
     def mark_step(self) -> None:
         self._last_step_at.value = time.monotonic()
 
-    def seconds_since_step(self) -> float:
-        return time.monotonic() - float(self._last_step_at.value)
+    def seconds_since_step(self) -> float | None:
+        """Seconds since the last training step, or None before the first one."""
+        last = float(self._last_step_at.value)
+        return None if last == 0.0 else time.monotonic() - last

@@ -89,6 +89,8 @@ class ProgressSender:
                 pass  # a newer item replaced this one, or the job no longer wants it
             except ApiRefused as refusal:
                 self.on_refused(refusal)
+            except Exception:  # never let the sender die: flush() would then wait forever
+                log.exception("job %s: sending a report or checkpoint failed", self.api.job_id)
             finally:
                 with self._changed:
                     self._in_flight = False

@@ -37,7 +37,8 @@ class NodeSettings:
     torch_threads: int | None = None   # per job; None: the host's cores shared among the slots
     drain_timeout_s: float = 120.0     # SIGTERM: how long running jobs get to checkpoint and hand back
     cancel_grace_s: float = 15.0       # a stopped job process that has not exited by then is killed
-    stall_timeout_s: float = 1800.0    # a job process that takes no training step for this long is killed
+    stall_timeout_s: float = 600.0     # a job process that takes no training step for this long is killed
+    startup_timeout_s: float = 1800.0  # ... or no first step for this long (imports, data download, checkpoint)
     poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
     retry_max_s: float = 10.0          # longest wait between retries while the API or Redis is unreachable
 
@@ -106,7 +107,8 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         torch_threads=threads,
         drain_timeout_s=_float(env, "CYXWIZ_NODE_DRAIN_TIMEOUT_S", 120.0),
         cancel_grace_s=_float(env, "CYXWIZ_NODE_CANCEL_GRACE_S", 15.0),
-        stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 1800.0),
+        stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 600.0),
+        startup_timeout_s=_float(env, "CYXWIZ_NODE_STARTUP_TIMEOUT_S", 1800.0),
         retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
     )
 

@@ -143,9 +143,16 @@ class Supervisor:
             grace = settings.drain_timeout_s if process.stop_reason == StopReason.DRAIN else settings.cancel_grace_s
             if process.seconds_since_stop_request() > grace:
                 process.kill(f"it did not stop within {grace:.0f} s of being asked to")
-        elif process.seconds_since_step() > settings.stall_timeout_s:
-            log.warning("%s took no training step for %.0f s; killing it", job.name, settings.stall_timeout_s)
-            process.kill(f"it took no training step for {settings.stall_timeout_s:.0f} s")
+            return
+        since_step = process.seconds_since_step()
+        if since_step is None and process.seconds_since_start() > settings.startup_timeout_s:
+            why = f"it took no first training step within {settings.startup_timeout_s:.0f} s"
+        elif since_step is not None and since_step > settings.stall_timeout_s:
+            why = f"it took no training step for {settings.stall_timeout_s:.0f} s"
+        else:
+            return
+        log.warning("%s: killing it: %s", job.name, why)
+        process.kill(why)
 
     async def _finish(self, job: RunningJob) -> None:
         """Report what the process could not, then acknowledge its entry and free its slot."""

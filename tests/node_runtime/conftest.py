@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from node_harness import Api, NodeProcess
+
+from tests.node_runtime.node_harness import Api, NodeProcess
 
 
 @pytest.fixture()

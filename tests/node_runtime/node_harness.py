@@ -14,16 +14,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
+from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, bearer
 
-DIGITS_SPEC: dict[str, Any] = {
-    "name": "digits-mlp",
-    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
-                 "weight_decay": 0.01, "seed": 0},
-}
+T = TypeVar("T")
 
 
 def long_digits(epochs: int = 300, name: str = "long-digits") -> dict[str, Any]:
@@ -32,10 +25,6 @@ def long_digits(epochs: int = 300, name: str = "long-digits") -> dict[str, Any]:
     spec["training"] = {**DIGITS_SPEC["training"], "epochs": epochs, "progress_every_steps": 5,
                         "checkpoint": {"min_interval_s": 0.5}}
     return spec
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 class NodeProcess:
@@ -177,13 +166,9 @@ class Api:
                           and nodes, timeout_s, what=f"{count} online node(s)")
 
 
-# The session gateway's liveness settings (tests/conftest.py), for gateways a test starts itself.
-FAST_LIVENESS = {"CYXWIZ_HEARTBEAT_INTERVAL_S": "0.5", "CYXWIZ_TTL_S": "2", "CYXWIZ_COOLOFF_S": "5"}
-
-
 def start_gateway_on(port: int, redis_url: str) -> subprocess.Popen[bytes]:
     """A gateway on a fixed port (so it can be stopped and started again at the same URL)."""
-    env = {**os.environ, **FAST_LIVENESS, "CYXWIZ_REDIS_URL": redis_url}
+    env = {**os.environ, **TEST_ENV, "CYXWIZ_REDIS_URL": redis_url}
     return subprocess.Popen([sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind",
                              f"127.0.0.1:{port}", "--workers", "1"], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -14,11 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from node_harness import DIGITS_SPEC, REPO, bearer, wait_until
 
 from cyxwiz.embedded import free_port
 from cyxwiz.server import wait_healthy
 from node_runtime.training import load_trained_model
+from tests.conftest import DIGITS_SPEC, REPO, bearer
+from tests.node_runtime.node_harness import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from node_harness import (
-    DIGITS_SPEC,
+
+from cyxwiz.embedded import EmbeddedValkey, free_port
+from cyxwiz.server import wait_healthy
+from tests.conftest import DIGITS_SPEC
+from tests.node_runtime.node_harness import (
     Api,
     NodeProcess,
     install_credentials,
@@ -21,9 +24,6 @@ from node_harness import (
     stop_process,
     wait_until,
 )
-
-from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import wait_healthy
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from node_harness import DIGITS_SPEC, Api, NodeProcess, long_digits, wait_until
+
+from tests.conftest import DIGITS_SPEC
+from tests.node_runtime.node_harness import Api, NodeProcess, long_digits, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,8 +108,7 @@ def test_an_admin_drain_lets_the_running_job_finish_then_the_node_leaves(
 
 def test_a_job_process_that_stops_taking_steps_is_killed_and_retried(
         api: Api, start_node: Callable[..., NodeProcess]) -> None:
-    # generous enough for a job process to start (import torch, load data) before its first step
-    node = start_node(extra_env={"CYXWIZ_NODE_STALL_TIMEOUT_S": "5"})
+    node = start_node(extra_env={"CYXWIZ_NODE_STALL_TIMEOUT_S": "3"})
     job_id = api.submit(long_digits(25))
     api.wait_progress(job_id, min_step=30, timeout_s=60)
     [pid] = node.job_process_pids()
@@ -115,5 +116,5 @@ def test_a_job_process_that_stops_taking_steps_is_killed_and_retried(
     job = api.wait_status(job_id, ("completed", "failed"), 90)
     assert job["status"] == "completed" and job["attempt"] == 2, job["error"]
     [failed] = [e for e in api.events(job_id) if e["status"] == "failed"]
-    assert "took no training step for 5 s" in str(failed["error"])
+    assert "took no training step for 3 s" in str(failed["error"])
     assert not _pid_alive(pid)

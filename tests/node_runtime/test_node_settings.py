@@ -86,6 +86,7 @@ class SlowApi:
     """Stands in for the HTTP API in a pure unit test of coalescing: each call takes 50 ms."""
 
     job_id = "j-test"
+    retry_max_s = 0.2
 
     def __init__(self, failures: int = 0) -> None:
         self.reports: list[dict[str, Any]] = []

@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from node_harness import DIGITS_SPEC, Api, NodeProcess
 
 from node_runtime.training import load_trained_model
+from tests.conftest import DIGITS_SPEC
+from tests.node_runtime.node_harness import Api, NodeProcess
 
 pytestmark = pytest.mark.timeout(120)
 
