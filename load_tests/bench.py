@@ -47,10 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def plan(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"rounds": 2, "duration_s": 4, "sizes": [100, 1000, 10_000, 100_000], "latency_s": 3,
-                "throughput_s": 3, "trials": 4, "default_trials": 0}
-    return {"rounds": 3, "duration_s": 8, "sizes": [100, 1000, 10_000, 100_000], "latency_s": 5,
-            "throughput_s": 5, "trials": 8, "default_trials": 2}
+        return {"rounds": 2, "duration_s": 4, "sizes": [100, 1000, 10_000, 100_000], "latency_s": 2,
+                "throughput_s": 2, "trials": 4, "default_trials": 0}
+    return {"rounds": 3, "duration_s": 8, "sizes": [100, 1000, 10_000, 100_000], "latency_s": 3,
+            "throughput_s": 3, "trials": 8, "default_trials": 2}
 
 
 def placement() -> dict[str, str | None]:
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             if "scheduling" in parts:
                 print("bench: 2. scheduling cost vs fleet size", flush=True)
                 results["scheduling"] = scheduling.run(
-                    vk.url, gateway[0], sizes=cfg["sizes"], latency_s=cfg["latency_s"],
+                    vk.url, sizes=cfg["sizes"], rounds=cfg["rounds"], latency_s=cfg["latency_s"],
                     throughput_s=cfg["throughput_s"], concurrency=args.concurrency, engine=engine,
-                    load_cpus=cpus["load_generator"])
+                    load_cpus=cpus["load_generator"], server_cpus=cpus["server"])
         if "failover" in parts:
             print("bench: 4. failure detection and reassignment", flush=True)
             results["failover"] = _failover(vk.url, cfg, cpus["server"])

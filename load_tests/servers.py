@@ -89,10 +89,10 @@ def bench_settings(redis_url: str, **overrides: str) -> Settings:
 
 
 async def fresh_credentials(redis_url: str) -> dict[str, str]:
-    """Empty the store, then install a new admin key and join token, and a tenant key."""
+    """Empty the store's database, then install a new admin key and join token, and a tenant key."""
     store = Store(bench_settings(redis_url))
     try:
-        await store.redis.flushall()
+        await store.redis.flushdb()
         admin, join = auth.new_token("cwk"), auth.new_token("cwj")
         await auth.install_credentials(store, admin_key=admin, join_token=join)
         tenant = await auth.create_api_key(store, "bench")
