@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from cyxwiz.credentials import read_credentials
-from cyxwiz.embedded import free_port
+from cyxwiz.embedded import free_port, port_is_free
 from cyxwiz.server import wait_healthy
 from shared.settings import SettingsError, default_data_dir
 
@@ -96,6 +96,8 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the server, wait until it is healthy, then start the node runtimes."""
+        if not port_is_free(self.port):
+            raise RuntimeError(f"port {self.port} is in use (another `cyxwiz serve` or `up`?); pass --port")
         self.server = self._spawn([sys.executable, "-m", "cyxwiz.cli", "serve", "--host", self.host, "--port",
                                    str(self.port), "--data-dir", str(self.data_dir)], "serve.log")
         if not wait_healthy(self.api_url, 60):

@@ -61,6 +61,7 @@ class NodeAgent:
         self.left_by_control_plane = False  # an admin drained the node: leave once running jobs end
         self.deregistered = False  # the control plane removed the node at its request: no more heartbeats
         self.shutdown = asyncio.Event()
+        self.drain_deadline: float | None = None  # monotonic time by which a SIGTERM drain gives up waiting
         self.signals = 0
         self.exit_code = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
@@ -273,35 +274,41 @@ class NodeAgent:
         report = {**body, "attempt": entry.attempt, "seq": seq}
         try:
             await retry_async(lambda: self.api.report(entry.job_id, reg.token, report),
-                              give_up=lambda: self.registration is not reg, backoff=self._backoff())
+                              give_up=lambda: self.registration is not reg or self._drain_overdue(5.0),
+                              backoff=self._backoff())
         except ApiRefused as exc:
             log.info("job %s attempt %d: report %s refused: %s", entry.job_id, entry.attempt, body["status"], exc)
         except ApiUnavailable:
             pass  # re-registered meanwhile: the control plane requeued the attempt itself
 
     # --- leaving -------------------------------------------------------------------------------
+    def _drain_overdue(self, slack_s: float = 0.0) -> bool:
+        return self.drain_deadline is not None and time.monotonic() > self.drain_deadline + slack_s
+
     async def _drain(self) -> None:
-        """Stop running jobs with a checkpoint, hand them and unread assignments back, deregister."""
+        """Stop running jobs with a checkpoint, hand them and unread assignments back, deregister;
+        all within the drain timeout (then jobs are killed and the control plane's TTL takes over)."""
         self.accepting = False
+        self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         reg = self.registration
         if reg is None:
-            await self.supervisor.wait_idle(self.settings.drain_timeout_s + 30)
+            self.supervisor.stop_all(StopReason.LOST)
+            await self.supervisor.wait_idle(self.settings.cancel_grace_s + 5)
             return
-        removed = await self._deregister(reg) == "removed"
+        removed = await self._deregister(reg, slack_s=0.0) == "removed"
         self.supervisor.stop_all(StopReason.DRAIN)
         if not removed:
             await self._hand_back_unread(reg)
-        await self.supervisor.wait_idle(self.settings.drain_timeout_s + 30)
+        await self.supervisor.wait_idle(self.drain_deadline - time.monotonic() + 10)
         if not removed and self.registration is reg:
-            await self._deregister(reg)
+            await self._deregister(reg, slack_s=15.0)
         log.info("node %s left the cluster", reg.node_id)
 
-    async def _deregister(self, reg: Registration) -> str:
+    async def _deregister(self, reg: Registration, slack_s: float) -> str:
         """DELETE the node; ``removed`` once it holds no job, else ``draining``."""
-        deadline = time.monotonic() + self.settings.drain_timeout_s
         try:
             status = await retry_async(lambda: self.api.deregister(reg.node_id, reg.token),
-                                       give_up=lambda: self.signals > 1 or time.monotonic() > deadline,
+                                       give_up=lambda: self.signals > 1 or self._drain_overdue(slack_s),
                                        backoff=self._backoff())
         except ApiRefused as exc:
             if exc.node_unknown:

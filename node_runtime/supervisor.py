@@ -139,10 +139,14 @@ class Supervisor:
 
     def _enforce_limits(self, job: RunningJob) -> None:
         process, settings = job.process, self.agent.settings
+        if process.stop_reason == StopReason.DRAIN:
+            deadline = self.agent.drain_deadline
+            if deadline is not None and time.monotonic() > deadline:
+                process.kill(f"it did not hand itself back within the drain timeout ({settings.drain_timeout_s:.0f} s)")
+            return
         if process.stop_reason != StopReason.NONE:
-            grace = settings.drain_timeout_s if process.stop_reason == StopReason.DRAIN else settings.cancel_grace_s
-            if process.seconds_since_stop_request() > grace:
-                process.kill(f"it did not stop within {grace:.0f} s of being asked to")
+            if process.seconds_since_stop_request() > settings.cancel_grace_s:
+                process.kill(f"it did not stop within {settings.cancel_grace_s:.0f} s of being asked to")
             return
         since_step = process.seconds_since_step()
         if since_step is None and process.seconds_since_start() > settings.startup_timeout_s:
