@@ -134,3 +134,16 @@ async def test_reap_twice(store: Store, r: redis.Redis) -> None:
     assert job["status"] == "queued" and job["attempt"] == "2" and job["lost_count"] == "1"
     await register(store, "alive")
     assert r.hget(keys.job_key("j1"), "node_id") == "alive"
+
+
+async def test_node_scripts_check_the_session_digest_before_any_change(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")  # its stored digest is "hash"
+    await submit(store, "j1")
+    before = {k: r.dump(k) for k in r.keys("*")}
+    for _ in range(2):
+        with pytest.raises(errors.Unauthorized):
+            await store.run("HEARTBEAT", ["n1", "", "hasX"])
+        with pytest.raises(errors.Unauthorized):
+            await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "running", "{}", "{}", "", "job", "has"])
+    assert {k: r.dump(k) for k in r.keys("*")} == before
+    assert (await store.run("HEARTBEAT", ["n1", "", "hash"]))[0] == "ok"
