@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,9 @@ def test_tiny_transformer_learns_tiny_text(api: Api, start_node: Callable[..., N
     assert metrics["val_loss"] < 0.6 * uniform, metrics
     model = load_trained_model(api.artifact(job_id))
     assert model(torch.zeros(1, 32, dtype=torch.long)).shape == (1, 32, 256)
+
+
+def test_a_wrong_join_token_stops_the_runtime_with_exit_2(api_url: str, redis_url: str, tmp_path: Path) -> None:
+    node = NodeProcess(api_url, "cwj_not-a-real-token", redis_url, tmp_path / "node.log").start()
+    assert node.wait(30) == 2
+    assert "refused to register this node: 401" in node.log()
