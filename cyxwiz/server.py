@@ -68,7 +68,16 @@ def _start_gateway(opts: ServeOptions, env: dict[str, str]) -> subprocess.Popen[
                "--workers", str(opts.workers), "--graceful-timeout", "5"]
     if _has_uvloop():
         command += ["--worker-class", "uvloop"]
-    return subprocess.Popen(command, env=env)
+    # Its own process group: if the gateway dies, its leftover workers are killed with the group.
+    return subprocess.Popen(command, env=env, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left of a child's process group (Hypercorn's workers outlive a killed master)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _has_uvloop() -> bool:
@@ -127,6 +136,7 @@ def serve(opts: ServeOptions) -> int:
                 embedded.start()
             if gateway.poll() is not None and not stopping:
                 print(f"cyxwiz: the gateway exited ({gateway.returncode}); restarting it", file=sys.stderr, flush=True)
+                kill_group(gateway)
                 gateway = _start_gateway(opts, env)
     finally:
         gateway.terminate()
@@ -135,6 +145,7 @@ def serve(opts: ServeOptions) -> int:
         except subprocess.TimeoutExpired:
             gateway.kill()
             gateway.wait()
+        kill_group(gateway)
         if embedded is not None:
             embedded.stop()
     return 0

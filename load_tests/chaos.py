@@ -8,7 +8,7 @@ the Valkey server once. Then it waits for every job to end and checks:
 - every job is terminal, and completed (the chaos jobs get max_attempts 10, so none should fail);
 - exactly one completion per job, and no report of any attempt after it;
 - every completed job's weights download and load into the model its spec describes;
-- no attempt resumed from before the last checkpoint an earlier attempt reported;
+- no attempt resumed from before the last checkpoint an earlier run reported as stored;
 - reassignments, and detection time (kill -> the killed node's jobs assigned elsewhere).
 
 It prints a verdict and writes ``summary.json`` under DIR; exit 0 on pass, 1 on fail.
@@ -34,7 +34,7 @@ import httpx
 import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import wait_healthy
+from cyxwiz.server import kill_group, wait_healthy
 from shared import auth, keys
 from shared.settings import Settings
 from shared.store import Store
@@ -98,13 +98,13 @@ class Stack:
         log = open(self.logs / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind", f"127.0.0.1:{self.port}"],
-            env=self.env, cwd=REPO, stdout=log, stderr=log)
+            env=self.env, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
         if not wait_healthy(self.api, 30):
             raise RuntimeError("gateway did not come up")
 
     def kill_gateway(self) -> None:
         assert self.gateway is not None
-        self.gateway.send_signal(signal.SIGKILL)
+        os.killpg(self.gateway.pid, signal.SIGKILL)  # master and workers, as a machine crash would
         self.gateway.wait()
 
     def start_node(self, name: str) -> None:
@@ -130,6 +130,7 @@ class Stack:
         if self.gateway is not None:
             self.gateway.terminate()
             self.gateway.wait(10)
+            kill_group(self.gateway)
         self.valkey.stop()
 
 
@@ -297,17 +298,26 @@ def _stats(values: list[float]) -> dict[str, float | int | None]:
 
 
 def resume_problems(job_id: str, events: list[dict[str, Any]]) -> list[str]:
-    """An attempt must resume at or after the last checkpoint that earlier attempts reported."""
-    problems = []
-    checkpointed = 0
-    for attempt in sorted({e["attempt"] for e in events}):
-        mine = [e for e in events if e["attempt"] == attempt]
-        resumed = mine[0]["metrics"].get("resumed_from_epoch")
-        if attempt > 1 and resumed is not None and resumed < checkpointed:
-            problems.append(f"{job_id}: attempt {attempt} resumed from epoch {resumed}, "
-                            f"but epoch {checkpointed} was checkpointed")
-        for e in mine:
-            checkpointed = max(checkpointed, int(e["metrics"].get("checkpoint_epoch") or 0))
+    """A run of a job (an attempt, or the same attempt after its node restarted) must resume at or after
+    the last checkpoint that earlier runs reported as stored. Runs are told apart by their attempt and
+    the step they resumed from, which every report of a run carries."""
+    problems: list[str] = []
+    earlier_checkpoint = 0  # the latest checkpoint stored by the runs before the current one
+    this_run_checkpoint = 0
+    run: tuple[int, int] | None = None
+    for event in events:  # oldest first
+        metrics = event.get("metrics") or {}
+        if "resumed_from_step" not in metrics:
+            continue  # a run's first report, sent before it has looked for a checkpoint
+        key = (event["attempt"], int(metrics["resumed_from_step"]))
+        if key != run:
+            earlier_checkpoint = max(earlier_checkpoint, this_run_checkpoint)
+            this_run_checkpoint = 0
+            run = key
+            if key[1] < earlier_checkpoint:
+                problems.append(f"{job_id}: attempt {key[0]} resumed from step {key[1]}, "
+                                f"but step {earlier_checkpoint} had been checkpointed")
+        this_run_checkpoint = max(this_run_checkpoint, int(metrics.get("checkpoint_step") or 0))
     return problems
 
 

@@ -16,14 +16,16 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from redis.exceptions import RedisError
 
 from node_runtime.api import AgentApi, ApiRefused, ApiUnavailable, Backoff, retry_async
 from node_runtime.assignments import Assignment, AssignmentStream, StreamGone
 from node_runtime.device import detect_capabilities, gpu_free_mb, threads_per_job
-from node_runtime.job_control import StopReason
+from node_runtime.identity import forget_identity, identity_path, load_identity, save_identity
+from node_runtime.job_control import StopReason, seq_base
 from node_runtime.settings import NodeSettings
 from node_runtime.supervisor import Supervisor
 
@@ -65,6 +67,7 @@ class NodeAgent:
         self.signals = 0
         self.exit_code = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
+        self.identity: Path | None = identity_path(settings.state_dir, settings.name) if settings.state_dir else None
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -117,7 +120,10 @@ class NodeAgent:
 
     # --- registration and heartbeats -----------------------------------------------------------
     async def _register(self) -> bool:
-        """Register (again), retrying while the API is unreachable; False if shut down meanwhile."""
+        """Resume as the node this runtime was before a restart, else register (again), retrying while
+        the API is unreachable; False if shut down meanwhile."""
+        if await self._resume():
+            return True
         body = {"name": self.settings.name, "slots": self.settings.slots, "capabilities": self.capabilities,
                 "labels": self.settings.labels}
         backoff, warned = Backoff(0.5, self.settings.retry_max_s), False
@@ -136,10 +142,41 @@ class NodeAgent:
                 node_id=answer["node_id"], token=answer["session_token"],
                 heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
                 stream=answer["assignments"]["stream"], group=answer["assignments"]["group"])
+            if self.identity is not None:
+                save_identity(self.identity, self.settings.api_url, asdict(self.registration))
             gpus = ", ".join(g["name"] for g in self.capabilities["gpus"]) or "no GPU"
             log.info("registered as %s (%s, %d slot(s), %s, %d CPU cores); heartbeat every %.1f s",
                      answer["node_id"], self.settings.name, self.settings.slots, gpus,
                      self.capabilities["cpu_cores"], self.registration.heartbeat_interval_s)
+            self.registered.set()
+            self.supervisor.capacity_changed.set()
+            return True
+        return False
+
+    async def _resume(self) -> bool:
+        """Take back the saved registration if the control plane still knows it (a restart within the
+        TTL): the node's attempts are still current, and its pending entries are read first."""
+        saved = load_identity(self.identity, self.settings.api_url) if self.identity is not None else None
+        if saved is None:
+            return False
+        try:
+            reg = Registration(**saved)
+        except TypeError:
+            return False
+        backoff = Backoff(0.5, self.settings.retry_max_s)
+        while not self.shutdown.is_set():
+            try:
+                await self.api.heartbeat(reg.node_id, reg.token, None)
+            except ApiUnavailable as exc:
+                await self._sleep_unless_shutdown(backoff.next_delay(exc.retry_after_s))
+                continue
+            except ApiRefused as exc:
+                log.info("node %s of an earlier run is gone (%s); registering anew", reg.node_id, exc)
+                assert self.identity is not None
+                forget_identity(self.identity)
+                return False
+            self.registration = reg
+            log.info("resumed as node %s (%s): its pending assignments restart first", reg.node_id, self.settings.name)
             self.registered.set()
             self.supervisor.capacity_changed.set()
             return True
@@ -265,7 +302,7 @@ class NodeAgent:
         self.supervisor.start_job(reg, entry)
 
     async def _hand_back_unstarted(self, reg: Registration, entry: Assignment) -> None:
-        await self.report(reg, entry, 1, {"status": "queued"})
+        await self.report(reg, entry, seq_base(), {"status": "queued"})
         log.info("job %s attempt %d handed back unstarted", entry.job_id, entry.attempt)
         await self.stream.ack(entry)
 
@@ -313,6 +350,8 @@ class NodeAgent:
         except ApiRefused as exc:
             if exc.node_unknown:
                 self.deregistered = True
+                if self.identity is not None:
+                    forget_identity(self.identity)
                 return "removed"
             log.error("deregistering failed: %s", exc)
             return "draining"
@@ -321,6 +360,8 @@ class NodeAgent:
             return "draining"
         log.info("deregistered node %s: %s", reg.node_id, status)
         self.deregistered = status == "removed"
+        if self.deregistered and self.identity is not None:
+            forget_identity(self.identity)
         return status
 
     async def _hand_back_unread(self, reg: Registration) -> None:

@@ -38,12 +38,19 @@ class JobLaunch:
     retry_max_s: float  # longest wait between retries while the API is unreachable
 
 
+def seq_base() -> int:
+    """Where an attempt's report sequence starts in this process: the wall clock in microseconds, so a
+    process that runs the same attempt again after a restart always counts above the one before (the
+    control plane drops a report whose seq is not above the attempt's last as a duplicate)."""
+    return time.time_ns() // 1000
+
+
 class JobControl:
     """Values shared between the runtime and a job process (multiprocessing shared memory)."""
 
     def __init__(self, context: SpawnContext) -> None:
         self._stop = context.Value("i", int(StopReason.NONE))
-        self._seq = context.Value("q", 0)
+        self._seq = context.Value("q", seq_base())
         self._last_step_at = context.Value("d", 0.0)  # CLOCK_MONOTONIC (system-wide); 0: no step yet
 
     @property

@@ -20,7 +20,7 @@ from typing import Any
 
 from node_runtime.api import STOP_CODES, ApiRefused, ApiUnavailable, JobApi
 from node_runtime.job_control import JobControl, JobLaunch, StopReason
-from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender
+from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender, checkpoint_step
 
 log = logging.getLogger("cyxwiz.node.job")
 MODEL_ARTIFACT = "model.safetensors"
@@ -59,6 +59,7 @@ class JobAttempt:
         self.launch, self.control, self.api = launch, control, api
         self.sender = ProgressSender(api, control, self._refused)
         self.job = f"job {launch.job_id} attempt {launch.attempt}"
+        self.resumed_from_step = 0  # where this attempt started: the chaos run checks it never goes back
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
@@ -106,17 +107,20 @@ class JobAttempt:
                      "artifacts": [MODEL_ARTIFACT]})
 
     def _download_checkpoint(self) -> bytes | None:
-        if self.launch.attempt <= 1:
-            return None
+        """The job's latest checkpoint: of an earlier attempt, or of this one before a node restart."""
         data = self.api.download(CHECKPOINT_ARTIFACT, give_up=self._abandoned)
         if data is not None:
-            log.info("%s resumes from a checkpoint of an earlier attempt (%d bytes)", self.job, len(data))
+            self.resumed_from_step = checkpoint_step(data) or 0
+            log.info("%s resumes from a checkpoint at step %d", self.job, self.resumed_from_step)
         return data
 
     # --- the training run's callbacks (training thread) --------------------------------------
     def _progress(self, progress: dict[str, Any]) -> None:
         self.control.mark_step()
-        self.sender.send_report({"status": "running", **progress, "metrics": finite_metrics(progress["metrics"])})
+        metrics = {**finite_metrics(progress["metrics"]), "resumed_from_step": self.resumed_from_step}
+        if self.sender.checkpoint_step is not None:
+            metrics["checkpoint_step"] = self.sender.checkpoint_step
+        self.sender.send_report({"status": "running", **progress, "metrics": metrics})
 
     def _should_stop(self) -> bool:
         self.control.mark_step()

@@ -33,6 +33,7 @@ class ProgressSender:
         self._closed = False
         self._thread = threading.Thread(target=self._send_forever, name="progress-sender", daemon=True)
         self.checkpoints_uploaded = 0
+        self.checkpoint_step: int | None = None  # training step of the last checkpoint the control plane has
 
     def start(self) -> None:
         self._thread.start()
@@ -104,6 +105,7 @@ class ProgressSender:
         self._deliver(lambda: self.api.upload(CHECKPOINT_ARTIFACT, data),
                       superseded=lambda: self._checkpoint is not None)
         self.checkpoints_uploaded += 1
+        self.checkpoint_step = checkpoint_step(data)
         log.info("job %s: uploaded a checkpoint (%d bytes)", self.api.job_id, len(data))
 
     def _deliver(self, call: Callable[[], object], superseded: Callable[[], bool]) -> None:
@@ -119,3 +121,15 @@ class ProgressSender:
                 if backoff.failures == 0:
                     log.warning("job %s: the API is unavailable (%s); retrying", self.api.job_id, exc)
                 time.sleep(backoff.next_delay(exc.retry_after_s))
+
+
+def checkpoint_step(data: bytes) -> int | None:
+    """The training step a checkpoint was taken at (from its metadata), or None if unreadable."""
+    import json
+
+    from node_runtime.training.checkpoints import read_metadata  # the job process has torch loaded already
+
+    try:
+        return int(json.loads(read_metadata(data)["position"])["step"])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -41,6 +41,7 @@ class NodeSettings:
     startup_timeout_s: float = 1800.0  # ... or no first step for this long (imports, data download, checkpoint)
     poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
     retry_max_s: float = 10.0          # longest wait between retries while the API or Redis is unreachable
+    state_dir: Path | None = None      # where the registration is kept to resume as the same node after a restart
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +111,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 600.0),
         startup_timeout_s=_float(env, "CYXWIZ_NODE_STARTUP_TIMEOUT_S", 1800.0),
         retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
+        state_dir=data_dir / "nodes",
     )
 
 

@@ -28,6 +28,8 @@ def start_node(api_url: str, redis_url: str, creds: dict[str, str], tmp_path: Pa
     def start(**kwargs: Any) -> NodeProcess:
         index = len(started) + 1
         kwargs.setdefault("name", f"test-node-{index}")
+        # the test's own data dir: a restarted runtime finds its identity there, and ~/.cyxwiz stays untouched
+        kwargs["extra_env"] = {"CYXWIZ_DATA_DIR": str(tmp_path / "data"), **kwargs.get("extra_env", {})}
         node = NodeProcess(api_url, creds["join_token"], redis_url, tmp_path / f"node-{index}.log", **kwargs)
         started.append(node.start())
         return node

@@ -79,6 +79,26 @@ def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) 
     assert job["attempt"] == 2 and job["node_id"] != doomed_node["node_id"]
 
 
+def test_a_runtime_restarted_within_its_ttl_resumes_as_the_same_node(
+        api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    node = start_node(name="phoenix")
+    [before] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(60))
+    wait_until(lambda: any(e["metrics"].get("checkpoint_step") for e in api.events(job_id)), 60,
+               what="a stored checkpoint")
+    node.signal(signal.SIGKILL)  # a crash: no drain, no hand-back
+    node.wait(10)
+    again = start_node(name="phoenix")  # same name and data dir, well within the 2 s TTL
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    # the same node and the same attempt: nothing was requeued, the pending entry was re-read first
+    assert job["attempt"] == 1 and job["node_id"] == before["node_id"]
+    assert f"resumed as node {before['node_id']}" in again.log()
+    runs = [e["metrics"]["resumed_from_step"] for e in api.events(job_id) if "resumed_from_step" in e["metrics"]]
+    assert runs[0] == 0 and runs[-1] > 0  # the second run started from the first run's checkpoint
+    assert len([e for e in api.events(job_id) if e["status"] == "completed"]) == 1
+
+
 def test_a_crashed_job_process_is_a_node_fault_and_the_job_is_retried(
         api: Api, start_node: Callable[..., NodeProcess]) -> None:
     node = start_node()
