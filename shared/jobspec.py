@@ -8,19 +8,16 @@ cannot disagree. Every error names the dotted field at fault (``model.layers.2.t
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
 from shared.errors import InvalidField, MalformedBody
+from shared.model_shapes import ACTIVATIONS, SHAPELESS_LAYERS, TEXT_VOCAB_SIZE, check_model_fits
 
-MAX_PARAMETERS = 200_000_000  # beyond this a job would not fit a node's memory, let alone train quickly
 MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits outgrow a large GPU
 MAX_WIDTH = 65_536
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid")
 NORMS = ("none", "layernorm", "rmsnorm")
 BUILTIN_DATASETS = ("digits", "tiny-text", "blobs", "spirals")
-TEXT_VOCAB_SIZE = 256  # text datasets are modelled as raw bytes, so every text shares one vocabulary
 _REQUIRED = object()  # sentinel: the field has no default
 
 
@@ -239,12 +236,11 @@ def _parse_model(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]
     return model
 
 
-_SHAPELESS_LAYERS = ("flatten", *ACTIVATIONS, "layernorm", "rmsnorm")
 
 
 def _parse_layer(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]:
     kind = fields.choice("type", _REQUIRED, ("linear", "conv2d", "maxpool", "avgpool", "dropout", "embedding",
-                                             *_SHAPELESS_LAYERS))
+                                             *SHAPELESS_LAYERS))
     layer: dict[str, Any] = {"type": kind}
     if kind == "linear":
         layer.update(out=fields.integer("out", _REQUIRED, 1, MAX_WIDTH), bias=fields.boolean("bias", True))
@@ -314,153 +310,3 @@ def _parse_requirements(fields: _Fields) -> dict[str, Any]:
                     "labels": dict(labels)}
     fields.finish()
     return requirements
-
-
-# ---------------------------------------------------------------- shapes and sizes
-
-def check_model_fits(model: dict[str, Any], info: dict[str, Any] | None) -> int:
-    """Check that a normalized model can train on data of this shape; return its parameter count.
-
-    ``info`` None (user data not loaded yet) checks only what does not depend on the data.
-    The node calls this again once the data is loaded; it raises ``InvalidField`` either way.
-    """
-    kind, task = model["type"], (info or {}).get("task")
-    if kind == "transformer" and task != "lm":
-        raise InvalidField("a transformer is a language model: it needs a text dataset such as tiny-text",
-                           field="model.type")
-    if kind in ("mlp", "cnn") and task == "lm":
-        raise InvalidField(f"{kind} cannot model text; use a transformer or a sequential model with an embedding",
-                           field="model.type")
-    outputs = _output_size(info)
-    if kind == "mlp":
-        features = (info or {}).get("num_features") or 1
-        widths = [features, *model["hidden"]]
-        norm = {"none": 0, "layernorm": 2, "rmsnorm": 1}[model["norm"]]
-        count = int(sum(a * b + b + norm * b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs)
-    elif kind == "cnn":
-        count = _cnn_parameters(model, info, outputs)
-    elif kind == "transformer":
-        count = _transformer_parameters(model, info["vocab_size"] if info else TEXT_VOCAB_SIZE)
-    else:
-        count = sum(size for _, size in sequential_shapes(model, info))
-    if count > MAX_PARAMETERS:
-        raise InvalidField(f"the model has {count:,} parameters; the limit is {MAX_PARAMETERS:,}", field="model")
-    return count
-
-
-def _output_size(info: dict[str, Any] | None) -> int:
-    info = info or {}
-    return int(info.get("num_classes") or info.get("target_dim") or info.get("vocab_size") or 1)
-
-
-def _cnn_parameters(model: dict[str, Any], info: dict[str, Any] | None, outputs: int) -> int:
-    if info is None:
-        channels, height, width = 1, 1 << 30, 1 << 30  # unknown image: only the sizes can be checked
-    elif info.get("image_shape") is None:
-        raise InvalidField("a cnn needs image-shaped data (channels, height, width); this dataset is flat",
-                           field="model.type")
-    else:
-        channels, height, width = info["image_shape"]
-    count, k = 0, model["kernel_size"]
-    for out_channels in model["channels"]:
-        count += channels * out_channels * k * k + out_channels
-        channels = out_channels
-        if model["pool"]:  # same-padded conv keeps the size; each 2x2 pool halves it
-            height, width = height // 2, width // 2
-            if height < 1 or width < 1:
-                raise InvalidField("too many pooled conv layers for this image size", field="model.channels")
-    if info is None:
-        return count
-    widths = [channels * height * width, *model["hidden"]]
-    return int(count + sum(a * b + b for a, b in itertools.pairwise(widths)) + widths[-1] * outputs + outputs)
-
-
-def _transformer_parameters(model: dict[str, Any], vocab_size: int) -> int:
-    d, d_ff = model["d_model"], model["d_ff"]
-    norm = 2 * d if model["norm"] == "layernorm" else d
-    block = 2 * norm + (d * 3 * d + 3 * d) + (d * d + d) + (d * d_ff + d_ff) + (d_ff * d + d)
-    return int(vocab_size * d + model["context"] * d + model["n_layers"] * block + norm + d * vocab_size)
-
-
-def sequential_input(model: dict[str, Any], info: dict[str, Any] | None) -> tuple[list[int], bool]:
-    """The per-sample input shape a sequential model sees, and whether it is token ids.
-
-    Text gives ``context`` token ids; image data gives (C, H, W) when the first layer that cares
-    is a conv or pool, so one dataset serves both ``linear``-first and ``conv2d``-first stacks.
-    """
-    if info is None:
-        return [], False
-    if info["task"] == "lm":
-        return [model["context"]], True
-    shaping = (layer["type"] for layer in model["layers"] if layer["type"] not in (*_SHAPELESS_LAYERS, "dropout"))
-    first = next(shaping, None)
-    if first in ("conv2d", "maxpool", "avgpool") and info.get("image_shape"):
-        return list(info["image_shape"]), False
-    return [info["num_features"]], False
-
-
-def sequential_shapes(model: dict[str, Any], info: dict[str, Any] | None) -> list[tuple[list[int], int]]:
-    """Each layer's output shape (per sample) and parameter count; raises InvalidField where they break.
-
-    With unknown data (``info`` None) shapes are not tracked and only sizes that need no input are counted.
-    """
-    shape, tokens = sequential_input(model, info)
-    known, vocab = info is not None, (info or {}).get("vocab_size") or 0
-    results: list[tuple[list[int], int]] = []
-    for index, layer in enumerate(model["layers"]):
-        kind, params = layer["type"], 0
-        if known and tokens and kind != "embedding":
-            raise _layer_error(index, f"{kind} cannot take token ids: start a text model with an embedding layer")
-        if kind == "embedding":
-            if known and not tokens:
-                raise _layer_error(index, "embedding needs token ids, which only text datasets give")
-            if layer["num_embeddings"] < vocab:
-                raise _layer_error(index, f"num_embeddings must cover the vocabulary ({vocab})", "num_embeddings")
-            params, shape, tokens = layer["num_embeddings"] * layer["dim"], [*shape, layer["dim"]], False
-        elif kind == "linear":
-            if known and len(shape) not in (1, 2):
-                raise _layer_error(index, f"linear needs flat input but gets shape {tuple(shape)}: "
-                                          "add a flatten layer first")
-            inputs = shape[-1] if known else 0
-            params = inputs * layer["out"] + (layer["out"] if layer["bias"] else 0)
-            shape = [*shape[:-1], layer["out"]]
-        elif kind in ("conv2d", "maxpool", "avgpool"):
-            if known and len(shape) != 3:
-                raise _layer_error(index, f"{kind} needs image-shaped input (channels, height, width) "
-                                          f"but gets {tuple(shape)}")
-            channels = layer.get("out_channels", shape[0] if known else 0)
-            if kind == "conv2d":
-                params = (shape[0] if known else 0) * channels * layer["kernel_size"] ** 2 + channels
-            if known:
-                padding = layer.get("padding", 0)
-                sides = [(size + 2 * padding - layer["kernel_size"]) // layer["stride"] + 1 for size in shape[1:]]
-                if min(sides) < 1:
-                    raise _layer_error(index, f"kernel_size {layer['kernel_size']} is too large for the "
-                                              f"{shape[1]}x{shape[2]} input", "kernel_size")
-                shape = [channels, *sides]
-        elif kind == "flatten":
-            shape = [math.prod(shape)] if known else []
-        elif kind in ("layernorm", "rmsnorm"):
-            params = (2 if kind == "layernorm" else 1) * (shape[-1] if known and shape else 0)
-        results.append((list(shape), params))
-    if info is not None:
-        _check_sequential_output(model, info, shape)
-    return results
-
-
-def _layer_error(index: int, message: str, field: str = "type") -> InvalidField:
-    return InvalidField(message, field=f"model.layers.{index}.{field}")
-
-
-def _check_sequential_output(model: dict[str, Any], info: dict[str, Any], shape: list[int]) -> None:
-    last = f"model.layers.{len(model['layers']) - 1}"
-    if info["task"] == "lm":
-        wanted = [model["context"], info["vocab_size"]]
-    elif info["task"] == "classification":
-        wanted = [info["num_classes"]]
-    else:
-        wanted = [info["target_dim"]]
-    if shape != wanted:
-        raise InvalidField(f"the last layer gives shape {tuple(shape)} per sample but the dataset needs "
-                           f"{tuple(wanted)}", field=last)
-

@@ -18,7 +18,8 @@ import torch
 
 from node_runtime.training.context import JobError
 from node_runtime.training.user_data import parse_arrays, prepare_arrays, read_dataset_bytes
-from shared.jobspec import TEXT_VOCAB_SIZE, data_info
+from shared.jobspec import data_info
+from shared.model_shapes import TEXT_VOCAB_SIZE
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 MAX_VAL_BATCH = 1024  # validation needs no gradients, so larger batches are cheaper per sample

@@ -16,7 +16,7 @@ from node_runtime.training import layers
 from node_runtime.training.context import JobError
 from node_runtime.training.transformer import DecoderLM
 from shared.errors import InvalidField
-from shared.jobspec import check_model_fits, sequential_input, sequential_shapes
+from shared.model_shapes import check_model_fits, sequential_input, sequential_shapes
 
 
 def output_size(info: dict[str, Any]) -> int:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from shared.errors import InvalidField, MalformedBody
-from shared.jobspec import MAX_PARAMETERS, check_model_fits, known_data_info, parse_job_spec, sequential_shapes
+from shared.jobspec import known_data_info, parse_job_spec
+from shared.model_shapes import MAX_PARAMETERS, check_model_fits, sequential_shapes
 
 API_EXAMPLE: dict[str, Any] = {
     "name": "digits-mlp",

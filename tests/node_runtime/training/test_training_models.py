@@ -13,7 +13,7 @@ import torch
 
 from node_runtime.training import build_model, load_trained_model, run_training
 from node_runtime.training.datasets import load_dataset
-from shared.jobspec import check_model_fits
+from shared.model_shapes import check_model_fits
 
 Recorder = Any  # the conftest's Recorder, handed over by the ``recorder`` fixture
 SpecFor = Callable[..., dict[str, Any]]
