@@ -8,6 +8,7 @@ and Starlette's own 404/405 into the contract's error shape. Client input never 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ from starlette.routing import BaseRoute, Route
 
 from shared import errors
 from shared.settings import Settings
-from shared.store import Store, is_unavailable
+from shared.store import RedisError, Store, is_unavailable
+
+log = logging.getLogger("cyxwiz.http")
 
 
 class JSONResponse(Response):
@@ -72,9 +75,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
+async def _store_error(request: Request, exc: Exception) -> Response:
+    """Redis down, restarting or hung: 503 with Retry-After (handled here, so nothing is re-raised and
+    no traceback is logged for an outage). Any other store error is a bug: logged, then a JSON 500."""
     if is_unavailable(exc):
         return error_response(errors.StoreUnavailable())
+    log.error("unexpected state-store error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _internal_error()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return _internal_error()
+
+
+def _internal_error() -> JSONResponse:
     body = {"error": {"code": "internal_error", "message": "an internal error occurred; it has been logged"}}
     return JSONResponse(body, status_code=500)
 
@@ -82,7 +96,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     errors.ApiError: _api_error,
     HTTPException: _http_error,
-    Exception: _unexpected,
+    RedisError: _store_error,
+    OSError: _store_error,  # includes TimeoutError
+    Exception: _unexpected,  # Starlette logs these itself
 }
 
 
