@@ -57,6 +57,7 @@ class Kill:
     at: float
     node_id: str | None = None
     jobs: list[str] = field(default_factory=list)
+    restarted_same: bool = False  # the same runtime came back (resuming as the same node)
     detected_after_s: dict[str, float] = field(default_factory=dict)    # the job left the dead node
     reassigned_after_s: dict[str, float] = field(default_factory=dict)  # ... and runs on another one
 
@@ -194,7 +195,9 @@ def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s
         events = [(t, "node") for t in schedule] + [(gateway_at, "gateway"), (redis_at, "redis")]
         t0 = time.monotonic()
         for at, what in sorted(events):
-            time.sleep(max(0.0, at - (time.monotonic() - t0)))
+            while time.monotonic() - t0 < at:  # watch the earlier kills' jobs while waiting
+                observe(http, stack, job_ids, kills)
+                time.sleep(0.25)
             if what == "node" and stack.nodes:
                 name = rng.choice(sorted(stack.nodes))
                 kill = Kill("node", time.monotonic())
@@ -206,8 +209,10 @@ def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s
                 stack.kill_node(name)
                 kills.append(kill)
                 serial += 1
-                # half the time the same host comes back, else a fresh one replaces it
-                stack.start_node(name if rng.random() < 0.5 else f"chaos-{serial}")
+                # half the time the same host comes back (and resumes as the same node), else a fresh one
+                replacement = name if rng.random() < 0.5 else f"chaos-{serial}"
+                kill.restarted_same = replacement == name
+                stack.start_node(replacement)
             elif what == "gateway":
                 kills.append(Kill("gateway", time.monotonic()))
                 stack.kill_gateway()
@@ -219,20 +224,8 @@ def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s
                 time.sleep(1.0)
                 stack.valkey.start()
         deadline = time.monotonic() + max(240.0, duration * 3)
-        watched = [k for k in kills if k.what == "node"]
         while time.monotonic() < deadline:
-            states = job_states(http, stack, job_ids)
-            for kill in watched:
-                for job_id in kill.jobs:
-                    state = states.get(job_id)
-                    if not state or state["node_id"] == kill.node_id:
-                        continue
-                    elapsed = round(time.monotonic() - kill.at, 2)
-                    kill.detected_after_s.setdefault(job_id, elapsed)
-                    if state["node_id"] is not None or state["status"] in ("completed", "failed", "cancelled"):
-                        kill.reassigned_after_s.setdefault(job_id, elapsed)
-            if len(states) == len(job_ids) and all(s["status"] in ("completed", "failed", "cancelled")
-                                                   for s in states.values()):
+            if observe(http, stack, job_ids, kills):
                 break
             time.sleep(0.25)
         summary = check(http, stack, job_ids, kills)
@@ -244,6 +237,28 @@ def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def observe(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill]) -> bool:
+    """Note when each killed node's jobs left it (detection: requeued or placed elsewhere) and when they
+    were assigned to another node (reassignment). A runtime that came back within its TTL resumes as
+    the same node and keeps its jobs: nothing is detected for it. True once every job has ended."""
+    states = job_states(http, stack, job_ids)
+    now = time.monotonic()
+    for kill in kills:
+        if kill.what != "node":
+            continue
+        for job_id in kill.jobs:
+            state = states.get(job_id)
+            if not state:
+                continue
+            if state["node_id"] == kill.node_id:
+                continue
+            kill.detected_after_s.setdefault(job_id, round(now - kill.at, 2))
+            if state["node_id"] is not None:
+                kill.reassigned_after_s.setdefault(job_id, round(now - kill.at, 2))
+    return len(states) == len(job_ids) and all(s["status"] in ("completed", "failed", "cancelled")
+                                               for s in states.values())
 
 
 def check(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill]) -> dict[str, Any]:
@@ -285,8 +300,9 @@ def check(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill
         "problems": problems,
         "statuses": statuses,
         "reassignments": reassignments,
-        "kills": [{"what": k.what, "node_id": k.node_id, "jobs": k.jobs, "detected_after_s": k.detected_after_s,
-                   "reassigned_after_s": k.reassigned_after_s} for k in kills],
+        "kills": [{"what": k.what, "node_id": k.node_id, "jobs": k.jobs, "restarted_same": k.restarted_same,
+                   "detected_after_s": k.detected_after_s, "reassigned_after_s": k.reassigned_after_s}
+                  for k in kills],
         "detection_s": _stats(detection),
         "reassignment_s": _stats(reassignment),
     }

@@ -184,3 +184,25 @@ def test_event_stream(http: httpx.Client, creds: dict[str, str]) -> None:
     kinds = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
     assert kinds == ["progress", "progress", "status"]
     assert '"status":"completed"' in text
+
+
+def test_unreliable_node_cools_off_then_returns(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    import time
+
+    reg = register(http, creds["join_token"], "flaky")
+    job_id = submit(http, creds["api_key"], max_attempts=10)["job_id"]
+    for attempt in range(1, 6):  # 0.75 x 0.8^5 = 0.246: below the 0.3 floor
+        resp = report(http, reg["session_token"], job_id, attempt=attempt, seq=1, status="failed",
+                      error="segfault", fault="node")
+        assert resp.status_code == 200, resp.text
+        http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", headers=bearer(reg["session_token"]))
+    assert float(r.hget("cyxwiz:reputation", "flaky")) < 0.3 and r.hexists("cyxwiz:cooloff", "flaky")
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["status"] == "queued" and job["attempt"] == 6  # the idle node is cooling off: not scheduled
+    assert r.zscore("cyxwiz:nodes:free:cpu", reg["node_id"]) is None
+    deadline = time.monotonic() + 10  # the test gateway cools nodes off for 5 s
+    while time.monotonic() < deadline and job["status"] == "queued":
+        http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", headers=bearer(reg["session_token"]))
+        job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+        time.sleep(0.3)
+    assert job["status"] == "assigned" and job["node_id"] == reg["node_id"]
