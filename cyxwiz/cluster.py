@@ -24,15 +24,9 @@ from typing import Any
 from cyxwiz.credentials import read_credentials
 from cyxwiz.embedded import free_port, port_is_free
 from cyxwiz.server import wait_healthy
+from shared.jobspec import DIGITS_MLP_EXAMPLE
 from shared.settings import SettingsError, default_data_dir
 
-DEMO_SPEC: dict[str, Any] = {
-    "name": "digits-mlp",
-    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
-                 "weight_decay": 0.01, "seed": 0},
-}
 STOP_TIMEOUT_S = 60.0
 
 
@@ -209,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = 1
     with _stop_on_signals():
         try:
-            code = run_demo(cluster, Path(args.output), DEMO_SPEC)
+            code = run_demo(cluster, Path(args.output), DIGITS_MLP_EXAMPLE)
         except KeyboardInterrupt:
             print("\ncyxwiz: interrupted; shutting the demo cluster down", flush=True)
             code = 130

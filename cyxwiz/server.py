@@ -44,12 +44,28 @@ def ensure_credentials(data_dir: Path, api_url: str, redis_url: str) -> dict[str
     return creds
 
 
-async def _install(redis_url: str, creds: dict[str, str]) -> None:
-    store = Store(Settings.from_env({**os.environ, "CYXWIZ_REDIS_URL": redis_url}))
+def install_credentials_at(redis_url: str, admin_key: str, join_token: str) -> None:
+    """Make an admin key and a join token known to the store at ``redis_url`` (idempotent)."""
+    async def install() -> None:
+        store = Store(Settings.from_env({**os.environ, "CYXWIZ_REDIS_URL": redis_url}))
+        try:
+            await auth.install_credentials(store, admin_key=admin_key, join_token=join_token)
+        finally:
+            await store.close()
+
+    asyncio.run(install())
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
     try:
-        await auth.install_credentials(store, admin_key=creds["api_key"], join_token=creds["join_token"])
-    finally:
-        await store.close()
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _embedded_port(data_dir: Path) -> int | None:
@@ -114,7 +130,7 @@ def serve(opts: ServeOptions) -> int:
     creds = ensure_credentials(opts.data_dir, api_url, redis_url)
     if embedded is not None:
         write_credentials({**creds, "embedded": True}, opts.data_dir)
-    asyncio.run(_install(redis_url, creds))
+    install_credentials_at(redis_url, creds["api_key"], creds["join_token"])
     env = {**os.environ, "CYXWIZ_REDIS_URL": redis_url}
     gateway = _start_gateway(opts, env)
     stopping = False
@@ -139,12 +155,7 @@ def serve(opts: ServeOptions) -> int:
                 kill_group(gateway)
                 gateway = _start_gateway(opts, env)
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(10)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
+        stop_process(gateway)
         kill_group(gateway)
         if embedded is not None:
             embedded.stop()

@@ -34,10 +34,8 @@ import httpx
 import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import kill_group, wait_healthy
+from cyxwiz.server import install_credentials_at, kill_group, wait_healthy
 from shared import auth, keys
-from shared.settings import Settings
-from shared.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,16 +81,7 @@ class Stack:
     def start(self) -> None:
         self.valkey.start()
         self.env["CYXWIZ_REDIS_URL"] = self.valkey.url
-        import asyncio
-
-        async def install() -> None:
-            store = Store(Settings.from_env({"CYXWIZ_REDIS_URL": self.valkey.url}))
-            try:
-                await auth.install_credentials(store, admin_key=self.admin_key, join_token=self.join_token)
-            finally:
-                await store.close()
-
-        asyncio.run(install())
+        install_credentials_at(self.valkey.url, self.admin_key, self.join_token)
         self.start_gateway()
 
     def start_gateway(self) -> None:

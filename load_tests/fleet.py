@@ -15,6 +15,7 @@ import msgspec
 import orjson
 
 from shared import auth, lua, nodes
+from shared.jobspec import DIGITS_MLP_EXAMPLE
 from shared.lua_prelude import build_prelude
 from shared.store import Store
 
@@ -25,13 +26,7 @@ GPU_CAPS: dict[str, Any] = {"device": "cuda", "cpu_cores": 32, "ram_mb": 262144,
                                       "compute_capability": "9.0"}]}
 GPU_EVERY = 5  # one node in five has a GPU
 
-DIGITS_SPEC: dict[str, Any] = {
-    "name": "digits-mlp",
-    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
-                 "weight_decay": 0.01, "seed": 0},
-}
+DIGITS_SPEC = DIGITS_MLP_EXAMPLE
 
 
 def slots_for(fleet: int, jobs: int) -> int:

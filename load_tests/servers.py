@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import _has_uvloop, wait_healthy
+from cyxwiz.server import _has_uvloop, stop_process, wait_healthy
 from load_tests.stack import REPO, pinned
 from shared import auth
 from shared.settings import Settings
@@ -44,12 +44,7 @@ def hypercorn(app: str, *, env: dict[str, str] | None = None, cpus: str | None =
             raise RuntimeError(f"{app} did not become healthy")
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 @contextmanager

@@ -18,6 +18,14 @@ MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits o
 MAX_WIDTH = 65_536
 NORMS = ("none", "layernorm", "rmsnorm")
 BUILTIN_DATASETS = ("digits", "tiny-text", "blobs", "spirals")
+# The contract's example job: the digits MLP that ``cyxwiz demo`` trains (examples/digits-mlp.json).
+DIGITS_MLP_EXAMPLE: dict[str, Any] = {
+    "name": "digits-mlp",
+    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
+                 "weight_decay": 0.01, "seed": 0},
+}
 _REQUIRED = object()  # sentinel: the field has no default
 
 

@@ -7,7 +7,6 @@ short heartbeat interval and TTL so that lapsed-node tests finish in seconds.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -21,10 +20,9 @@ import pytest
 import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import wait_healthy
+from cyxwiz.server import install_credentials_at, wait_healthy
 from shared import auth
-from shared.settings import Settings
-from shared.store import Store
+from shared.jobspec import DIGITS_MLP_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 # Short liveness settings for the whole test session (production: 10 s and 30 s).
@@ -79,15 +77,7 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 def creds(r: redis.Redis, redis_url: str) -> dict[str, str]:
     """A fresh admin key and join token installed in the (empty) store."""
     admin_key, join_token = auth.new_token("cwk"), auth.new_token("cwj")
-
-    async def install() -> None:
-        store = Store(Settings.from_env({"CYXWIZ_REDIS_URL": redis_url}))
-        try:
-            await auth.install_credentials(store, admin_key=admin_key, join_token=join_token)
-        finally:
-            await store.close()
-
-    asyncio.run(install())
+    install_credentials_at(redis_url, admin_key, join_token)
     return {"api_key": admin_key, "join_token": join_token}
 
 
@@ -115,13 +105,7 @@ def register(http: httpx.Client, join_token: str, name: str = "node", slots: int
     return resp.json()  # type: ignore[no-any-return]
 
 
-DIGITS_SPEC: dict[str, Any] = {
-    "name": "digits-mlp",
-    "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm", "dropout": 0.0},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "training": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
-                 "weight_decay": 0.01, "seed": 0},
-}
+DIGITS_SPEC = DIGITS_MLP_EXAMPLE
 
 
 def submit(http: httpx.Client, api_key: str, spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from cyxwiz.server import install_credentials_at
 from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, bearer
 
 T = TypeVar("T")
@@ -174,32 +175,10 @@ def start_gateway_on(port: int, redis_url: str) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def install_credentials(redis_url: str) -> tuple[str, str]:
     """A fresh admin key and join token in the store at ``redis_url``."""
-    import asyncio
-
     from shared import auth
-    from shared.settings import Settings
-    from shared.store import Store
 
     admin_key, join_token = auth.new_token("cwk"), auth.new_token("cwj")
-
-    async def install() -> None:
-        store = Store(Settings.from_env({"CYXWIZ_REDIS_URL": redis_url}))
-        try:
-            await auth.install_credentials(store, admin_key=admin_key, join_token=join_token)
-        finally:
-            await store.close()
-
-    asyncio.run(install())
+    install_credentials_at(redis_url, admin_key, join_token)
     return admin_key, join_token

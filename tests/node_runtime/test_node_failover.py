@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
-from cyxwiz.server import wait_healthy
+from cyxwiz.server import stop_process, wait_healthy
 from tests.conftest import DIGITS_SPEC
 from tests.node_runtime.node_harness import (
     Api,
@@ -21,7 +21,6 @@ from tests.node_runtime.node_harness import (
     install_credentials,
     long_digits,
     start_gateway_on,
-    stop_process,
     wait_until,
 )
 

@@ -224,3 +224,13 @@ def test_url_dataset_model_checked_as_far_as_known() -> None:
     with pytest.raises(InvalidField) as caught:  # but user data is never text
         parse_job_spec({**MINIMAL, "dataset": user, "model": {"type": "transformer"}})
     assert caught.value.field == "model.type"
+
+
+def test_shipped_example_is_the_contract_example() -> None:
+    import json
+    from pathlib import Path
+
+    from shared.jobspec import DIGITS_MLP_EXAMPLE
+
+    shipped = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digits-mlp.json").read_text())
+    assert parse_job_spec(shipped) == parse_job_spec(DIGITS_MLP_EXAMPLE) == parse_job_spec(API_EXAMPLE)
