@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -63,16 +63,38 @@ def error_response(exc: errors.ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+async def _drained(request: Request, response: Response) -> Response:
+    """Read what is left of the request body before answering early (a refused token, an unknown
+    route). Otherwise the server must drop the connection, and a keep-alive client that sends its next
+    request on it sees "server disconnected". A body too large to read is not read: the answer then
+    says ``Connection: close`` instead."""
+    limit = store_of(request).settings.max_body_bytes if hasattr(request.app.state, "store") else 1 << 20
+    read = 0
+    try:
+        async for piece in request.stream():
+            read += len(piece)
+            if read > limit:
+                response.headers["Connection"] = "close"
+                break
+    except (RuntimeError, ClientDisconnect):  # already consumed, or the client left
+        pass
+    return response
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.ApiError)
-    return error_response(exc)
+    response = error_response(exc)
+    if isinstance(exc, errors.PayloadTooLarge):
+        response.headers["Connection"] = "close"
+        return response
+    return await _drained(request, response)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return await _drained(request, JSONResponse(body, status_code=exc.status_code, headers=exc.headers))
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:

@@ -133,3 +133,23 @@ def test_body_too_large_is_413(http: httpx.Client, creds: dict[str, str], r: red
     resp = http.post("/v1/nodes", content=b"{" + b" " * (2 << 20) + b"}", headers=bearer(creds["join_token"]))
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
     assert keyspace(r) == before
+
+
+def test_early_refusal_keeps_the_connection_usable(api_url: str, creds: dict[str, str]) -> None:
+    """A request refused before its body was read (here: a bad token, the body arriving late) must not
+    cost a keep-alive client its connection: the next request on it is answered."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    body = b'{"name": "late-body"}'
+    head = (f"POST /v1/nodes HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer cwj_wrong\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    url = urlparse(api_url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+        sock.sendall(head)
+        time.sleep(0.2)  # the body comes in a later segment, as under load
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
+        sock.sendall(head + body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401")
