@@ -234,7 +234,10 @@ class NodeAgent:
         self.registered.clear()
         self.backlog.clear()
         self.supervisor.forget_registration(old)
-        if self.shutdown.is_set():
+        if self.identity is not None:
+            forget_identity(self.identity)
+        if self.shutdown.is_set() or self.left_by_control_plane:
+            self.shutdown.set()  # an admin's drain removed the node once its last job ended: leave
             return
         try:
             await self._register()

@@ -45,6 +45,7 @@ class RedisArtifactStore:
 
     async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes]) -> int:
         settings = self.store.settings
+        await self.store.run("CHECK_UPLOAD", [job_id, node_id, attempt])  # refuse before reading the body
         upload = keys.artifact_upload_key(job_id, name, uuid.uuid4().hex)
         buffer = bytearray()
         size = chunks = 0

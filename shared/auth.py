@@ -137,6 +137,8 @@ async def authenticate_node_or_admin(store: Store, node_id: str, authorization: 
 
 async def create_api_key(store: Store, tenant: str, *, admin: bool = False) -> str:
     """Store a new API key for a tenant and return it (the only time it is seen in clear)."""
+    if tenant == ADMIN_TENANT and not admin:
+        raise errors.InvalidField(f"tenant {ADMIN_TENANT!r} is reserved for the admin key's own jobs", field="tenant")
     if not TENANT_RE.match(tenant):
         raise errors.InvalidField("tenant must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
                                   field="tenant")
@@ -161,18 +163,18 @@ async def install_credentials(store: Store, *, admin_key: str, join_token: str) 
 
 async def authenticate_job_reader(store: Store, job_id: str, authorization: str | None) -> None:
     """For artifact downloads: an API key that may see the job, or the session token of the node
-    that holds the job's current attempt (it resumes from a checkpoint). Else 401/403/404."""
+    that holds the job's current attempt (it resumes from a checkpoint). The token is checked before
+    the job is looked at, so an unknown token learns nothing about which jobs exist: 401, then 403/404."""
     token = bearer_token(authorization)
     raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
-    job = await store.redis.hmget(keys.job_key(job_id), ["tenant", "node_id"])
-    tenant, node_id = job
-    if raw is not None:
-        entry = orjson.loads(raw)
-        if tenant is None or (not entry.get("admin") and tenant != entry["tenant"]):
-            raise errors.NotFound(f"no job {job_id}")
-        return
+    caller = None if raw is not None else await authenticate_node_token(store, authorization)
+    tenant, node_id = await store.redis.hmget(keys.job_key(job_id), ["tenant", "node_id"])
     if tenant is None:
         raise errors.NotFound(f"no job {job_id}")
-    caller = await authenticate_node_token(store, authorization)
+    if raw is not None:
+        entry = orjson.loads(raw)
+        if not entry.get("admin") and tenant != entry["tenant"]:
+            raise errors.NotFound(f"no job {job_id}")
+        return
     if caller != node_id:
         raise errors.Forbidden(f"job {job_id} is not assigned to node {caller}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -22,8 +23,34 @@ from starlette.routing import BaseRoute, Route
 from shared import errors
 from shared.settings import Settings
 from shared.store import RedisError, Store, is_unavailable
+from shared.validation import is_number
 
 log = logging.getLogger("cyxwiz.http")
+
+
+class _IdConvertor(Convertor[str]):
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+class JobIdConvertor(_IdConvertor):
+    """``{job_id:job}``: only well-formed job ids reach a handler (anything else is a 404), so an id
+    can never reach into another key (``j-...:progress``)."""
+
+    regex = "j-[0-9a-f]{20}"
+
+
+class NodeIdConvertor(_IdConvertor):
+    """``{node_id:node}``: only well-formed node ids reach a handler."""
+
+    regex = "n-[0-9a-f]{16}"
+
+
+register_url_convertor("job", JobIdConvertor())
+register_url_convertor("node", NodeIdConvertor())
 
 
 class JSONResponse(Response):
@@ -42,7 +69,7 @@ async def read_json(request: Request, *, optional: bool = False) -> Any:
     """The request's JSON body, capped at max_body_bytes (413); not JSON: 400."""
     limit = store_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and is_number(declared) and int(declared) > limit:
         raise errors.PayloadTooLarge(f"the body may be at most {limit} bytes")
     body = bytearray()
     async for piece in request.stream():

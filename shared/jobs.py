@@ -18,7 +18,7 @@ from shared.auth import Principal
 from shared.jobspec import parse_job_spec
 from shared.store import Store
 from shared.transitions import JOB_STATUSES, PRIORITY_BANDS
-from shared.validation import convert
+from shared.validation import convert, is_number
 from shared.views import job_view, rfc3339
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -91,7 +91,7 @@ def _list_args(status: str | None, limit: str | None, cursor: str | None) -> tup
         raise errors.InvalidField("limit must be an integer", field="limit") from None
     if not 1 <= count <= 500:
         raise errors.InvalidField("limit must be between 1 and 500", field="limit")
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and not is_number(cursor):
         raise errors.InvalidField("cursor must be a value of next_cursor", field="cursor")
     return status, count, f"({cursor}" if cursor else "+inf"
 
@@ -156,7 +156,7 @@ async def progress_events(store: Store, job_id: str, after: str = "-",
 async def upload_attempt(store: Store, job_id: str, header: str | None) -> int:
     """The attempt an upload claims (its header), else the job's current one; 404 for no job."""
     if header is not None:
-        if not header.isdigit():
+        if not is_number(header):
             raise errors.InvalidField("X-CyxWiz-Attempt must be an integer", field="X-CyxWiz-Attempt")
         return int(header)
     current = await store.redis.hget(keys.job_key(job_id), "attempt")

@@ -265,3 +265,16 @@ if not known then table.insert(names, name) end
 redis.call('HSET', jk, 'artifacts', cjson.encode(names), 'artifact_bytes', total)
 return {'ok'}
 """
+
+# Before an upload streams its body: the same fence as COMMIT_ARTIFACT, so a node cannot park up to
+# max_artifact_bytes in Redis for a job it does not hold. COMMIT_ARTIFACT checks again at the end.
+CHECK_UPLOAD = _FENCE + r"""
+local job_id = ARGV[1]
+local node_id = ARGV[2]
+local attempt = ARGV[3]
+local refused = fence(job_id, node_id, attempt)
+if refused then return refused end
+local status = redis.call('HGET', job_key(job_id), 'status')
+if TERMINAL[status] then return terminal_conflict(job_id, status) end
+return {'ok'}
+"""

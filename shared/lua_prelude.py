@@ -37,7 +37,8 @@ local SESSION_UNKNOWN = "unknown node session token (if the node's heartbeat lap
 -- Move a job between statuses: the only place a status changes. Keeps the listing indexes in step.
 local function set_status(job_id, from, to, tenant, seq)
   if not TRANSITIONS[from] or not TRANSITIONS[from][to] then
-    return redis.error_reply('illegal transition ' .. tostring(from) .. ' -> ' .. to .. ' for ' .. job_id)
+    -- stop the script here (callers change a status before anything else they write)
+    error('illegal transition ' .. tostring(from) .. ' -> ' .. to .. ' for ' .. job_id)
   end
   redis.call('HSET', job_key(job_id), 'status', to)
   redis.call('ZREM', jobs_index_key(tenant, from), job_id)
@@ -163,13 +164,19 @@ local function pull_queue(node_id, now)
 end
 
 -- A job leaves a node (ended, cancelled, lost or handed back): free its slot.
+local remove_node  -- defined below; a draining node that runs its last job out is removed
+
 local function release(job_id, node_id, now)
   if not node_id or node_id == '' then return end
   redis.call('SREM', node_jobs_key(node_id), job_id)
   local nk = node_key(node_id)
   if redis.call('EXISTS', nk) == 1 then
     if tonumber(redis.call('HGET', nk, 'running')) > 0 then redis.call('HINCRBY', nk, 'running', -1) end
-    rescore(node_id, now)
+    if redis.call('HGET', nk, 'status') == 'draining' and tonumber(redis.call('HGET', nk, 'running')) == 0 then
+      remove_node(node_id, now, false)
+    else
+      rescore(node_id, now)
+    end
   end
 end
 
@@ -194,7 +201,7 @@ end
 
 -- Remove a node and everything it holds; its live jobs go back to the queue (and are placed again
 -- at once where a free node fits). lost = the heartbeat lapsed (the node's fault).
-local function remove_node(node_id, now, lost)
+remove_node = function(node_id, now, lost)
   local name = redis.call('HGET', NODE_NAMES, node_id)
   local moved = 0
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do

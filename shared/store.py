@@ -22,7 +22,7 @@ from shared.settings import Settings
 
 # Script names, as ``Store.run`` takes them.
 SCRIPTS = ("REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB",
-           "REPORT_PROGRESS", "COMMIT_ARTIFACT")
+           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT")
 
 _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "unauthorized": errors.Unauthorized,

@@ -44,3 +44,8 @@ def convert(data: Any, into: type[T]) -> T:
         return msgspec.convert(data, into, strict=True)
     except msgspec.ValidationError as exc:
         raise field_error(exc) from None
+
+
+def is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also accepts '²', which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()

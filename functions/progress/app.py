@@ -74,7 +74,7 @@ async def download(request: Request) -> Response:
     artifacts = RedisArtifactStore(store)
     size = await artifacts.size(job_id, name)
     if size is None:
-        raise errors.NotFound(f"job {job_id} has no artifact {name}")
+        raise errors.NotFound(f"job {job_id:job} has no artifact {name}")
     try:
         wanted = parse_range(request.headers.get("range"), size)
     except RangeNotSatisfiable:
@@ -94,10 +94,10 @@ async def _empty() -> AsyncIterator[bytes]:
 
 
 routes = [
-    Route("/v1/jobs/{job_id}/progress", report, methods=["POST"]),
-    Route("/v1/jobs/{job_id}/progress", list_progress, methods=["GET"]),
-    Route("/v1/jobs/{job_id}/events", events, methods=["GET"]),
-    Route("/v1/jobs/{job_id}/artifacts/{name}", upload, methods=["PUT"]),
-    Route("/v1/jobs/{job_id}/artifacts/{name}", download, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/progress", report, methods=["POST"]),
+    Route("/v1/jobs/{job_id:job}/progress", list_progress, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/events", events, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/artifacts/{name}", upload, methods=["PUT"]),
+    Route("/v1/jobs/{job_id:job}/artifacts/{name}", download, methods=["GET"]),
 ]
 app = make_app(routes)

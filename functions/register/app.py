@@ -1,7 +1,7 @@
 """Register function: nodes join, are listed and read, and drain.
 
-POST /v1/nodes (join token), GET /v1/nodes and GET /v1/nodes/{node_id} (API key),
-DELETE /v1/nodes/{node_id} (the node's session token or an admin key).
+POST /v1/nodes (join token), GET /v1/nodes and GET /v1/nodes/{node_id:node} (API key),
+DELETE /v1/nodes/{node_id:node} (the node's session token or an admin key).
 Run alone: ``hypercorn functions.register.app:app``.
 """
 
@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from shared import auth, errors, nodes
 from shared.http import JSONResponse, make_app, read_json, store_of
+from shared.validation import is_number
 
 
 async def register(request: Request) -> Response:
@@ -33,9 +34,9 @@ async def list_nodes(request: Request) -> Response:
 def _page(request: Request) -> tuple[int, int]:
     raw_limit = request.query_params.get("limit", "100")
     raw_cursor = request.query_params.get("cursor", "0")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+    if not is_number(raw_limit) or not 1 <= int(raw_limit) <= 1000:
         raise errors.InvalidField("limit must be an integer between 1 and 1000", field="limit")
-    if not raw_cursor.isdigit():
+    if not is_number(raw_cursor):
         raise errors.InvalidField("cursor must be a value of next_cursor", field="cursor")
     return int(raw_limit), int(raw_cursor)
 
@@ -56,7 +57,7 @@ async def drain_node(request: Request) -> Response:
 routes = [
     Route("/v1/nodes", register, methods=["POST"]),
     Route("/v1/nodes", list_nodes, methods=["GET"]),
-    Route("/v1/nodes/{node_id}", get_node, methods=["GET"]),
-    Route("/v1/nodes/{node_id}", drain_node, methods=["DELETE"]),
+    Route("/v1/nodes/{node_id:node}", get_node, methods=["GET"]),
+    Route("/v1/nodes/{node_id:node}", drain_node, methods=["DELETE"]),
 ]
 app = make_app(routes)

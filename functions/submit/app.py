@@ -1,6 +1,6 @@
 """Submit function: users create, list, read and cancel jobs; admins create API keys.
 
-POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}/cancel (API key);
+POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id:job}, POST /v1/jobs/{job_id:job}/cancel (API key);
 POST /v1/keys (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
 """
 
@@ -62,8 +62,8 @@ async def create_key(request: Request) -> Response:
 routes = [
     Route("/v1/jobs", submit, methods=["POST"]),
     Route("/v1/jobs", list_jobs, methods=["GET"]),
-    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
-    Route("/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/v1/jobs/{job_id:job}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/cancel", cancel_job, methods=["POST"]),
     Route("/v1/keys", create_key, methods=["POST"]),
 ]
 app = make_app(routes)

@@ -206,3 +206,29 @@ def test_unreliable_node_cools_off_then_returns(http: httpx.Client, creds: dict[
         job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
         time.sleep(0.3)
     assert job["status"] == "assigned" and job["node_id"] == reg["node_id"]
+
+
+def test_unknown_token_is_401_whether_or_not_the_job_exists(http: httpx.Client, creds: dict[str, str]) -> None:
+    register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    for job in (job_id, "j-0123456789abcdef0123"):
+        resp = http.get(f"/v1/jobs/{job}/artifacts/model.safetensors", headers=bearer("cwk_unknown"))
+        assert resp.status_code == 401, job
+
+
+def test_upload_refused_before_the_body_is_stored(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    register(http, creds["join_token"], "holder")
+    job_id = submit(http, creds["api_key"])["job_id"]
+    other = register(http, creds["join_token"], "other")
+    resp = upload(http, other["session_token"], job_id, b"x" * 2_000_000)
+    assert resp.status_code == 403 and not r.keys("cyxwiz:job:*:upload:*")
+
+
+def test_drained_node_leaves_once_its_last_job_ends(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"], "drained")
+    job_id = submit(http, creds["api_key"])["job_id"]
+    assert http.delete(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()["status"] == "draining"
+    upload(http, reg["session_token"], job_id, b"w")
+    report(http, reg["session_token"], job_id, attempt=1, seq=1, status="completed")
+    assert not r.exists(f"cyxwiz:node:{reg['node_id']}") and r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) is None
+    assert float(r.hget("cyxwiz:reputation", "drained")) > 0.75  # left cleanly: no lapse penalty

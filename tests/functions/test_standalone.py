@@ -16,9 +16,9 @@ from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, bearer, start_gateway
 
 @pytest.mark.parametrize(("module", "method", "path", "status"), [
     ("register", "GET", "/v1/nodes", 200),
-    ("heartbeat", "POST", "/v1/nodes/n-x/heartbeat", 401),
+    ("heartbeat", "POST", "/v1/nodes/n-0123456789abcdef/heartbeat", 401),
     ("submit", "GET", "/v1/jobs", 200),
-    ("progress", "GET", "/v1/jobs/j-x/progress", 404),
+    ("progress", "GET", "/v1/jobs/j-0123456789abcdef0123/progress", 404),
 ])
 def test_function_runs_alone(redis_url: str, creds: dict[str, str], module: str, method: str, path: str,
                              status: int) -> None:

@@ -210,3 +210,26 @@ def test_cancel_assigned_frees_slot_and_tells_node(http: httpx.Client, creds: di
     assert beat["cancel"] == [running]
     beat = http.post(f"/v1/nodes/{reg['node_id']}/heartbeat", headers=bearer(reg["session_token"])).json()
     assert beat["cancel"] == []
+
+
+def test_malformed_ids_and_numbers_are_client_errors(http: httpx.Client, creds: dict[str, str],
+                                                     r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    key = bearer(creds["api_key"])
+    before = keyspace(r)
+    for method, path in (("GET", f"/v1/jobs/{job_id}:progress"), ("POST", f"/v1/jobs/{job_id}:progress/cancel"),
+                         ("GET", f"/v1/jobs/{job_id}:artifact:model.safetensors"),
+                         ("GET", f"/v1/nodes/{reg['node_id']}:jobs"), ("GET", "/v1/jobs/J-UPPER")):
+        resp = http.request(method, path, headers=key)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found", path
+    for path, field in (("/v1/jobs?cursor=%C2%B2", "cursor"), ("/v1/nodes?limit=%C2%B2", "limit"),
+                        ("/v1/nodes?cursor=%C2%B2", "cursor")):
+        resp = http.get(path, headers=key)
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == field, path
+    assert keyspace(r) == before
+
+
+def test_admin_tenant_name_is_reserved(http: httpx.Client, creds: dict[str, str]) -> None:
+    resp = http.post("/v1/keys", json={"tenant": "admin"}, headers=bearer(creds["api_key"]))
+    assert resp.status_code == 422 and resp.json()["error"]["field"] == "tenant"

@@ -33,7 +33,7 @@ async def submit(store: Store, job_id: str, idem: str = "", gpu: int = 0) -> lis
 
 def test_every_script_is_tested() -> None:
     tested = {"REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB", "REPORT_PROGRESS",
-              "COMMIT_ARTIFACT"}
+              "CHECK_UPLOAD", "COMMIT_ARTIFACT"}
     assert set(SCRIPTS) == tested
 
 
@@ -147,3 +147,20 @@ async def test_node_scripts_check_the_session_digest_before_any_change(store: St
             await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "running", "{}", "{}", "", "job", "has"])
     assert {k: r.dump(k) for k in r.keys("*")} == before
     assert (await store.run("HEARTBEAT", ["n1", "", "hash"]))[0] == "ok"
+
+
+async def test_check_upload_twice(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await register(store, "n2")
+    await submit(store, "j1")
+    holder = r.hget(keys.job_key("j1"), "node_id")
+    other = "n2" if holder == "n1" else "n1"
+    before = {k: r.dump(k) for k in r.keys("*")}
+    for _ in range(2):
+        assert await store.run("CHECK_UPLOAD", ["j1", holder, 1]) == ["ok"]
+        with pytest.raises(errors.Forbidden):
+            await store.run("CHECK_UPLOAD", ["j1", other, 1])
+    assert {k: r.dump(k) for k in r.keys("*")} == before
+    await store.run("CANCEL_JOB", ["j1", ""])
+    with pytest.raises(errors.Conflict):
+        await store.run("CHECK_UPLOAD", ["j1", holder, 1])
