@@ -81,6 +81,8 @@ class Settings:
     reputation_floor: float = 0.3            # below this a node cools off (not scheduled)
     cooloff_s: float = 600.0
     rate_limit_per_s: int = 0                # per API key; 0 turns it off
+    max_event_streams: int = 200             # open SSE streams per process ...
+    max_event_streams_per_tenant: int = 20   # ... and per tenant in it; past either: 429
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -114,4 +116,6 @@ class Settings:
             reputation_floor=_read_float(env, "CYXWIZ_REPUTATION_FLOOR", 0.3),
             cooloff_s=_read_float(env, "CYXWIZ_COOLOFF_S", 600.0),
             rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 0),
+            max_event_streams=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS", 200, minimum=1),
+            max_event_streams_per_tenant=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT", 20, minimum=1),
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from shared import keys
+from shared import errors, keys
 from shared.store import Store
 from shared.transitions import TERMINAL
 
@@ -22,6 +22,24 @@ def _frame(event: str, data: Any, event_id: str | None = None) -> bytes:
     return f"{head}event: {event}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
 
 
+def admit_stream(store: Store, tenant: str) -> None:
+    """Count a new event stream in, or refuse it (429): a tenant cannot hold every stream of a process."""
+    settings = store.settings
+    if sum(store.open_streams.values()) >= settings.max_event_streams:
+        raise errors.RateLimited("too many open event streams on this server; retry shortly",
+                                 headers={"Retry-After": "5"})
+    if store.open_streams[tenant] >= settings.max_event_streams_per_tenant:
+        raise errors.RateLimited(f"at most {settings.max_event_streams_per_tenant} open event streams per tenant",
+                                 headers={"Retry-After": "5"})
+    store.open_streams[tenant] += 1
+
+
+async def release_stream(store: Store, tenant: str) -> None:
+    """Count a stream out: the response's background task, which runs when the stream ends or its
+    client leaves (also when the stream never got to start)."""
+    store.open_streams[tenant] -= 1
+
+
 async def job_event_stream(store: Store, job_id: str) -> AsyncIterator[bytes]:
     """Yield SSE frames until the job ends."""
     progress_key = keys.job_progress_key(job_id)
@@ -29,11 +47,11 @@ async def job_event_stream(store: Store, job_id: str) -> AsyncIterator[bytes]:
     last_status = None
     last_sent = time.monotonic()
     while True:
-        status = await store.redis.hget(keys.job_key(job_id), "status")
+        status = await store.events.hget(keys.job_key(job_id), "status")
         if status is None:
             return
         block = None if status in TERMINAL else BLOCK_MS
-        found = await store.redis.xread({progress_key: last_id}, count=500, block=block)
+        found = await store.events.xread({progress_key: last_id}, count=500, block=block)
         for _, entries in found or []:
             for entry_id, fields in entries:
                 last_id = entry_id

@@ -7,6 +7,7 @@ Retry-After) within ``redis_timeout_s``, instead of a hung or 500 response.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,7 +47,7 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-def make_client(settings: Settings, *, decode: bool) -> aioredis.Redis:
+def make_client(settings: Settings, *, decode: bool, max_connections: int = 256) -> aioredis.Redis:
     """A pooled asyncio client that fails fast instead of retrying."""
     return aioredis.Redis.from_url(
         settings.redis_url,
@@ -54,7 +55,7 @@ def make_client(settings: Settings, *, decode: bool) -> aioredis.Redis:
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=min(settings.redis_timeout_s, 1.0),
         retry=Retry(NoBackoff(), 0),
-        max_connections=256,
+        max_connections=max_connections,
     )
 
 
@@ -65,6 +66,10 @@ class Store:
         self.settings = settings
         self.redis = make_client(settings, decode=True)
         self.raw = make_client(settings, decode=False)
+        # Event streams block in XREAD for their whole life: their own pool, so however many are open,
+        # heartbeats and submits always find a connection (shared.sse admits at most this many).
+        self.events = make_client(settings, decode=True, max_connections=settings.max_event_streams)
+        self.open_streams: Counter[str] = Counter()  # per tenant, in this process
         prelude = build_prelude(settings)
         self._scripts = {name: self.redis.register_script(prelude + getattr(lua, name)) for name in SCRIPTS}
 
@@ -79,6 +84,7 @@ class Store:
     async def close(self) -> None:
         await self.redis.aclose()
         await self.raw.aclose()
+        await self.events.aclose()
 
 
 __all__ = ["Store", "is_unavailable", "make_client", "RedisError", "SCRIPTS"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -16,7 +17,7 @@ from starlette.routing import Route
 from shared import auth, errors, jobs
 from shared.artifacts import RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
 from shared.http import JSONResponse, make_app, read_json, store_of
-from shared.sse import job_event_stream
+from shared.sse import admit_stream, job_event_stream, release_stream
 
 ATTEMPT_HEADER = "x-cyxwiz-attempt"  # fences uploads; without it the job's current attempt is meant
 
@@ -53,8 +54,10 @@ async def events(request: Request) -> Response:
     who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
     job_id = request.path_params["job_id"]
     await jobs.check_job_visible(store, who, job_id)
+    admit_stream(store, who.tenant)
     return StreamingResponse(job_event_stream(store, job_id), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(release_stream, store, who.tenant))
 
 
 async def upload(request: Request) -> Response:

@@ -7,7 +7,7 @@ import os
 import httpx
 import redis
 
-from tests.conftest import bearer, keyspace, register, submit
+from tests.conftest import DIGITS_SPEC, bearer, keyspace, register, submit
 
 
 def report(http: httpx.Client, token: str, job_id: str, **body: object) -> httpx.Response:
@@ -232,3 +232,37 @@ def test_drained_node_leaves_once_its_last_job_ends(http: httpx.Client, creds: d
     report(http, reg["session_token"], job_id, attempt=1, seq=1, status="completed")
     assert not r.exists(f"cyxwiz:node:{reg['node_id']}") and r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) is None
     assert float(r.hget("cyxwiz:reputation", "drained")) > 0.75  # left cleanly: no lapse penalty
+
+
+def test_event_streams_are_capped_per_tenant_and_never_starve_the_api(redis_url: str, creds: dict[str, str]) -> None:
+    import asyncio
+
+    from tests.conftest import start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_MAX_EVENT_STREAMS": "6", "CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT": "3"})
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            created = await client.post("/v1/jobs", json=DIGITS_SPEC, headers=bearer(creds["api_key"]))
+            job_id = created.json()["job_id"]
+            streams, answers = [], []
+            for _ in range(4):  # a queued job's stream stays open
+                stream = client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(creds["api_key"]))
+                answers.append(await stream.__aenter__())
+                streams.append(stream)
+            assert [a.status_code for a in answers] == [200, 200, 200, 429]
+            assert answers[3].headers["retry-after"] == "5"
+            other = await client.post("/v1/keys", json={"tenant": "other"}, headers=bearer(creds["api_key"]))
+            resp = await client.get("/v1/jobs", headers=bearer(other.json()["api_key"]))  # the API still answers
+            assert resp.status_code == 200
+            for stream in streams:
+                await stream.__aexit__(None, None, None)
+            await asyncio.sleep(0.5)  # closed streams are counted out: a new one is admitted
+            async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(creds["api_key"])) as again:
+                assert again.status_code == 200
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait()
