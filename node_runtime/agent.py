@@ -18,13 +18,14 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from redis.exceptions import RedisError
 
 from node_runtime.api import AgentApi, ApiRefused, ApiUnavailable, Backoff, retry_async
 from node_runtime.assignments import Assignment, AssignmentStream, StreamGone
 from node_runtime.device import detect_capabilities, gpu_free_mb, threads_per_job
-from node_runtime.identity import forget_identity, identity_path, load_identity, save_identity
+from node_runtime.identity import forget_identity, identity_path, load_identity, lock_identity, save_identity
 from node_runtime.job_control import StopReason, seq_base
 from node_runtime.settings import NodeSettings
 from node_runtime.supervisor import Supervisor
@@ -67,7 +68,18 @@ class NodeAgent:
         self.signals = 0
         self.exit_code = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
-        self.identity: Path | None = identity_path(settings.state_dir, settings.name) if settings.state_dir else None
+        self.body = {"name": settings.name, "slots": settings.slots, "capabilities": self.capabilities,
+                     "labels": settings.labels}
+        self.identity: Path | None = None
+        self.identity_lock: IO[bytes] | None = None
+        if settings.state_dir is not None:
+            path = identity_path(settings.state_dir, settings.name)
+            self.identity_lock = lock_identity(path)
+            if self.identity_lock is not None:
+                self.identity = path
+            else:
+                log.warning("another node runtime named %r uses %s: this one registers as a node of its own "
+                            "and keeps no identity across restarts", settings.name, settings.state_dir)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -124,8 +136,7 @@ class NodeAgent:
         the API is unreachable; False if shut down meanwhile."""
         if await self._resume():
             return True
-        body = {"name": self.settings.name, "slots": self.settings.slots, "capabilities": self.capabilities,
-                "labels": self.settings.labels}
+        body = self.body
         backoff, warned = Backoff(0.5, self.settings.retry_max_s), False
         while not self.shutdown.is_set():
             try:
@@ -143,7 +154,7 @@ class NodeAgent:
                 heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
                 stream=answer["assignments"]["stream"], group=answer["assignments"]["group"])
             if self.identity is not None:
-                save_identity(self.identity, self.settings.api_url, asdict(self.registration))
+                save_identity(self.identity, self.settings.api_url, self.body, asdict(self.registration))
             gpus = ", ".join(g["name"] for g in self.capabilities["gpus"]) or "no GPU"
             log.info("registered as %s (%s, %d slot(s), %s, %d CPU cores); heartbeat every %.1f s",
                      answer["node_id"], self.settings.name, self.settings.slots, gpus,
@@ -156,7 +167,7 @@ class NodeAgent:
     async def _resume(self) -> bool:
         """Take back the saved registration if the control plane still knows it (a restart within the
         TTL): the node's attempts are still current, and its pending entries are read first."""
-        saved = load_identity(self.identity, self.settings.api_url) if self.identity is not None else None
+        saved = load_identity(self.identity, self.settings.api_url, self.body) if self.identity else None
         if saved is None:
             return False
         try:

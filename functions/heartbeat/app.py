@@ -1,6 +1,6 @@
 """Heartbeat function: a node stays alive, hears of cancelled jobs and picks up queued work.
 
-POST /v1/nodes/{node_id:node}/heartbeat (the node's session token).
+POST /v1/nodes/{node_id}/heartbeat (the node's session token).
 Run alone: ``hypercorn functions.heartbeat.app:app``.
 """
 

@@ -77,7 +77,7 @@ async def download(request: Request) -> Response:
     artifacts = RedisArtifactStore(store)
     size = await artifacts.size(job_id, name)
     if size is None:
-        raise errors.NotFound(f"job {job_id:job} has no artifact {name}")
+        raise errors.NotFound(f"job {job_id} has no artifact {name}")
     try:
         wanted = parse_range(request.headers.get("range"), size)
     except RangeNotSatisfiable:

@@ -1,7 +1,7 @@
 """Register function: nodes join, are listed and read, and drain.
 
-POST /v1/nodes (join token), GET /v1/nodes and GET /v1/nodes/{node_id:node} (API key),
-DELETE /v1/nodes/{node_id:node} (the node's session token or an admin key).
+POST /v1/nodes (join token), GET /v1/nodes and GET /v1/nodes/{node_id} (API key),
+DELETE /v1/nodes/{node_id} (the node's session token or an admin key).
 Run alone: ``hypercorn functions.register.app:app``.
 """
 

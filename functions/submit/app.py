@@ -1,6 +1,6 @@
 """Submit function: users create, list, read and cancel jobs; admins create API keys.
 
-POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id:job}, POST /v1/jobs/{job_id:job}/cancel (API key);
+POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}/cancel (API key);
 POST /v1/keys (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
 """
 

@@ -266,3 +266,11 @@ def test_event_streams_are_capped_per_tenant_and_never_starve_the_api(redis_url:
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_missing_artifact_is_404_for_user_and_node(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    for token in (creds["api_key"], reg["session_token"]):
+        resp = http.get(f"/v1/jobs/{job_id}/artifacts/checkpoint.safetensors", headers=bearer(token))
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"

@@ -98,6 +98,16 @@ def test_a_runtime_restarted_within_its_ttl_resumes_as_the_same_node(
     assert len([e for e in api.events(job_id) if e["status"] == "completed"]) == 1
 
 
+def test_two_runtimes_with_one_name_are_two_nodes(api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    first = start_node(name="twin")
+    api.wait_nodes(1)
+    second = start_node(name="twin")  # same name, same data dir: it must not take over the first's node
+    nodes = api.wait_nodes(2)
+    assert len({n["node_id"] for n in nodes}) == 2
+    assert "keeps no identity" in wait_until(lambda: "keeps no identity" in second.log() and second.log(), 10)
+    assert "resumed as" not in second.log() and first.alive()
+
+
 def test_a_crashed_job_process_is_a_node_fault_and_the_job_is_retried(
         api: Api, start_node: Callable[..., NodeProcess]) -> None:
     node = start_node()
