@@ -228,6 +228,21 @@ remove_node = function(node_id, now, lost)
   return moved
 end
 
+-- A node that heartbeats but never starts what it was given (it cannot read its stream, say) must not
+-- sit on jobs: an assignment not started within ASSIGN_TIMEOUT_MS goes back to the queue. The job
+-- keeps its attempts (it never ran); the node pays in reputation, so a broken node soon cools off.
+local function expire_stale_assignments(node_id, now)
+  for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms')
+    if j[1] == 'assigned' and j[2] == node_id and now - tonumber(j[3]) > ASSIGN_TIMEOUT_MS then
+      release(job_id, node_id, now)
+      requeue(job_id, now, false, 'not started by its node')
+      adjust_reputation(node_id, redis.call('HGET', NODE_NAMES, node_id), 'node_fault', now)
+      place(job_id, now)
+    end
+  end
+end
+
 -- Lazy reaping: nodes whose deadline passed and whose hash expired, REAP_BATCH at most per call.
 local function reap_expired(now)
   local reaped = {}
@@ -256,6 +271,7 @@ def build_prelude(settings: Settings) -> str:
         f"local REPUTATION_START = '0.75'\n"
         f"local REPUTATION_FLOOR = {settings.reputation_floor}\n"
         f"local COOLOFF_MS = {int(settings.cooloff_s * 1000)}\n"
+        f"local ASSIGN_TIMEOUT_MS = {int(settings.assign_timeout_s * 1000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
     )
     return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS

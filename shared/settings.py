@@ -80,6 +80,7 @@ class Settings:
     reap_batch: int = 20                     # expired nodes reaped per function call at most
     reputation_floor: float = 0.3            # below this a node cools off (not scheduled)
     cooloff_s: float = 600.0
+    assign_timeout_s: float = 120.0          # an assignment its node has not started by then is requeued
     rate_limit_per_s: int = 0                # per API key; 0 turns it off
     max_event_streams: int = 200             # open SSE streams per process ...
     max_event_streams_per_tenant: int = 20   # ... and per tenant in it; past either: 429
@@ -115,6 +116,7 @@ class Settings:
             reap_batch=_read_int(env, "CYXWIZ_REAP_BATCH", 20, minimum=1),
             reputation_floor=_read_float(env, "CYXWIZ_REPUTATION_FLOOR", 0.3),
             cooloff_s=_read_float(env, "CYXWIZ_COOLOFF_S", 600.0),
+            assign_timeout_s=_read_float(env, "CYXWIZ_ASSIGN_TIMEOUT_S", 120.0, minimum=1.0),
             rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 0),
             max_event_streams=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS", 200, minimum=1),
             max_event_streams_per_tenant=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT", 20, minimum=1),

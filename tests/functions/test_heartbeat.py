@@ -65,3 +65,25 @@ def test_lapsed_node_is_reaped_and_its_job_moves(http: httpx.Client, creds: dict
     assert float(r.hget("cyxwiz:reputation", "dead")) < 0.75  # a lost job costs reputation
     lapsed = beat(http, dead)
     assert lapsed.status_code == 401  # its session ended with it: register again
+
+
+def test_assignment_not_started_in_time_goes_back(redis_url: str, creds: dict[str, str], r: redis.Redis) -> None:
+    """A node that heartbeats but never starts its job (it cannot read its stream) does not keep it."""
+    from tests.conftest import start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_ASSIGN_TIMEOUT_S": "1"})
+    try:
+        with httpx.Client(base_url=url) as http:
+            stuck = register(http, creds["join_token"], "stuck")
+            job_id = submit(http, creds["api_key"])["job_id"]
+            assert beat(http, stuck).status_code == 200
+            healthy = register(http, creds["join_token"], "healthy")
+            time.sleep(1.3)
+            beat(http, stuck)
+            job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+            assert job["status"] == "assigned" and job["node_id"] == healthy["node_id"]
+            assert job["attempt"] == 2 and r.hget(f"cyxwiz:job:{job_id}", "lost_count") == "0"  # no attempt spent
+            assert float(r.hget("cyxwiz:reputation", "stuck")) < 0.75
+    finally:
+        proc.terminate()
+        proc.wait()
