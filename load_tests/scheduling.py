@@ -71,7 +71,7 @@ async def _after(redis_url: str) -> dict[str, Any]:
     store = Store(servers.bench_settings(redis_url))
     try:
         total = await store.redis.zcard(keys.jobs_index_key(None, None))
-        queued = await store.redis.zcard(keys.QUEUE)
+        queued = await store.redis.zcard(keys.queue_key("cpu"))
     finally:
         await store.close()
     return {"jobs": total, "queued": queued, "placed_fraction": round(1 - queued / total, 4) if total else None}

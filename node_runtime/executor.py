@@ -13,7 +13,7 @@ import signal
 import time
 
 from node_runtime.job_control import JobControl, JobLaunch, StopReason
-from node_runtime.job_process import EXIT_ORPHANED, job_process_main
+from node_runtime.job_process import EXIT_ORPHANED, EXIT_UNSETTLED, job_process_main
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -85,6 +85,8 @@ class JobProcess:
             return f"the job process was killed by signal {name}{hint}"
         if code == EXIT_ORPHANED:
             return "the job process lost its node runtime"
+        if code == EXIT_UNSETTLED:
+            return "the job process ended without an outcome the control plane accepted (see the node's log)"
         return f"the job process exited with code {code} without reporting an outcome"
 
     def next_seq(self) -> int:

@@ -25,6 +25,7 @@ from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender, ch
 log = logging.getLogger("cyxwiz.node.job")
 MODEL_ARTIFACT = "model.safetensors"
 EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the node's TTL lapses
+EXIT_UNSETTLED = 71  # ended with no outcome in the control plane's hands: the runtime reports a node fault
 
 
 def job_process_main(launch: JobLaunch, control: JobControl) -> None:
@@ -35,10 +36,13 @@ def job_process_main(launch: JobLaunch, control: JobControl) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s)
+    attempt = JobAttempt(launch, control, api)
     try:
-        JobAttempt(launch, control, api).run()
+        attempt.run()
     finally:
         api.close()
+    if not attempt.settled and control.stop_reason == StopReason.NONE:
+        sys.exit(EXIT_UNSETTLED)  # e.g. a report refused for a reason that does not end the attempt
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -60,6 +64,7 @@ class JobAttempt:
         self.sender = ProgressSender(api, control, self._refused)
         self.job = f"job {launch.job_id} attempt {launch.attempt}"
         self.resumed_from_step = 0  # where this attempt started: the chaos run checks it never goes back
+        self.settled = False  # True once the outcome (completed, failed, handed back) was accepted
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
@@ -156,6 +161,7 @@ class JobAttempt:
             return self._refused(refusal)
         except ApiUnavailable:
             return
+        self.settled = True
         log.info("%s reported %s (job is now %s)", self.job, body["status"], answer.get("status"))
 
     def _refused(self, refusal: ApiRefused) -> None:

@@ -89,7 +89,11 @@ def artifact_upload_key(job_id: str, name: str, upload_id: str) -> str:
 
 UPLOAD_TTL_S = 3600
 
-QUEUE = PREFIX + "queue"  # ZSET job_id -> priority band * 1e12 + sequence: lowest score runs first
+def queue_key(job_class: str) -> str:
+    """ZSET job_id -> priority band * 1e12 + sequence (lowest runs first): the queued jobs of one class,
+    ``cpu`` (any node) or ``gpu`` (GPU nodes only), so GPU jobs a CPU node cannot take never fill
+    the window of the queue it scans."""
+    return PREFIX + "queue:" + job_class
 JOB_SEQ = PREFIX + "seq:jobs"  # STRING counter: creation order; also the listing cursor
 
 
@@ -140,7 +144,8 @@ local K_JOB = '{JOB}'
 local function job_key(id) return K_JOB .. id end
 local function job_progress_key(id) return K_JOB .. id .. ':progress' end
 local PROGRESS_MAXLEN = {PROGRESS_MAXLEN}
-local QUEUE = '{QUEUE}'
+local function queue_key(class) return '{PREFIX}queue:' .. class end
+local function job_class(req_gpu) if req_gpu == '1' then return 'gpu' end return 'cpu' end
 local JOB_SEQ = '{JOB_SEQ}'
 local function jobs_index_key(tenant, status) return '{PREFIX}jobs:' .. (tenant or '*') .. ':' .. (status or '*') end
 local function idempotency_key(tenant, key) return '{PREFIX}idem:' .. tenant .. ':' .. key end

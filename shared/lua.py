@@ -122,7 +122,7 @@ for _, t in ipairs({tenant, false}) do
   redis.call('ZADD', jobs_index_key(t or nil, nil), seq, job_id)
   redis.call('ZADD', jobs_index_key(t or nil, 'queued'), seq, job_id)
 end
-redis.call('ZADD', QUEUE, band * 1e12 + seq, job_id)
+redis.call('ZADD', queue_key(job_class(req_gpu)), band * 1e12 + seq, job_id)
 if idem ~= '' then
   redis.call('SET', idempotency_key(tenant, idem), job_id, 'EX', IDEMPOTENCY_TTL_S)
 end
@@ -135,7 +135,7 @@ CANCEL_JOB = r"""
 local job_id = ARGV[1]
 local tenant = ARGV[2]
 local jk = job_key(job_id)
-local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id')
+local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id', 'req_gpu')
 if not j[1] or (tenant ~= '' and j[2] ~= tenant) then
   return fail('not_found', 'no job ' .. job_id)
 end
@@ -143,7 +143,7 @@ if TERMINAL[j[1]] then return {'terminal', j[1]} end
 local now = now_ms()
 set_status(job_id, j[1], 'cancelled', j[2], j[3])
 redis.call('HSET', jk, 'finished_ms', now, 'error', 'cancelled by user')
-redis.call('ZREM', QUEUE, job_id)
+redis.call('ZREM', queue_key(job_class(j[5])), job_id)
 if j[4] ~= '' then
   redis.call('SADD', node_cancels_key(j[4]), job_id)
   release(job_id, j[4], now)

@@ -114,10 +114,10 @@ end
 -- Give a queued job to a node: status, slot, the node's job set, and the node's stream entry.
 local function assign(job_id, node_id, now)
   local jk = job_key(job_id)
-  local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq')
+  local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq', 'req_gpu')
   set_status(job_id, j[1], 'assigned', j[4], j[5])
   redis.call('HSET', jk, 'node_id', node_id, 'assigned_ms', now, 'node:' .. j[2], node_id, 'last_seq', -1)
-  redis.call('ZREM', QUEUE, job_id)
+  redis.call('ZREM', queue_key(job_class(j[6])), job_id)
   redis.call('HINCRBY', node_key(node_id), 'running', 1)
   redis.call('SADD', node_jobs_key(node_id), job_id)
   redis.call('XADD', node_stream_key(node_id), 'MAXLEN', '~', NODE_STREAM_MAXLEN, '*',
@@ -147,12 +147,22 @@ end
 -- that do not fit are skipped, so a big job never blocks small ones behind it).
 local function pull_queue(node_id, now)
   local assigned = {}
-  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running')
+  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')
   if not n[1] or n[1] ~= 'online' then return assigned end
   local free = tonumber(n[2]) - tonumber(n[3])
-  if free <= 0 or redis.call('ZCARD', QUEUE) == 0 then return assigned end
-  local ids = redis.call('ZRANGE', QUEUE, 0, QUEUE_SCAN - 1)
-  for _, job_id in ipairs(ids) do
+  if free <= 0 then return assigned end
+  -- a CPU node scans the CPU queue; a GPU node both, merged in queue order
+  local candidates = {}
+  local classes = {'cpu'}
+  if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end
+  for _, class in ipairs(classes) do
+    local window = redis.call('ZRANGE', queue_key(class), 0, QUEUE_SCAN - 1, 'WITHSCORES')
+    for i = 1, #window, 2 do table.insert(candidates, {window[i], tonumber(window[i + 1])}) end
+  end
+  if #candidates == 0 then return assigned end
+  table.sort(candidates, function(a, b) return a[2] < b[2] end)
+  for _, candidate in ipairs(candidates) do
+    local job_id = candidate[1]
     if node_can_take(node_id, job_requirements(job_id), now) then
       assign(job_id, node_id, now)
       table.insert(assigned, job_id)
@@ -184,7 +194,8 @@ end
 -- spends one of max_attempts; a hand-back (draining node) does not. Returns the new status.
 local function requeue(job_id, now, lost, reason)
   local jk = job_key(job_id)
-  local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'attempt', 'lost_count', 'max_attempts', 'band')
+  local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'attempt', 'lost_count', 'max_attempts', 'band',
+    'req_gpu')
   local lost_count = tonumber(j[5])
   if lost then lost_count = lost_count + 1 end
   redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'lost_count', lost_count, 'node_id', '')
@@ -195,7 +206,7 @@ local function requeue(job_id, now, lost, reason)
     return 'failed'
   end
   set_status(job_id, j[1], 'queued', j[2], j[3])
-  redis.call('ZADD', QUEUE, tonumber(j[7]) * 1e12 + tonumber(j[3]), job_id)
+  redis.call('ZADD', queue_key(job_class(j[8])), tonumber(j[7]) * 1e12 + tonumber(j[3]), job_id)
   return 'queued'
 end
 

@@ -35,7 +35,7 @@ def test_submit_assigns_to_best_node_and_streams_it(http: httpx.Client, creds: d
 def test_submit_without_nodes_queues(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
     answer = submit(http, creds["api_key"])
     assert answer == {"job_id": answer["job_id"], "status": "queued", "node_id": None}
-    assert r.zscore("cyxwiz:queue", answer["job_id"]) is not None
+    assert r.zscore("cyxwiz:queue:cpu", answer["job_id"]) is not None
 
 
 def test_registration_pulls_queued_jobs(http: httpx.Client, creds: dict[str, str]) -> None:
@@ -100,7 +100,7 @@ async def test_concurrent_submits_never_overfill_nodes(api_url: str, creds: dict
             node = r.hgetall(f"cyxwiz:node:{reg['node_id']}")
             assert node["running"] == "2" and r.scard(f"cyxwiz:node:{reg['node_id']}:jobs") == 2
             assert r.xlen(reg["assignments"]["stream"]) == 2
-        assert r.zcard("cyxwiz:queue") == 180
+        assert r.zcard("cyxwiz:queue:cpu") == 180
 
 
 def test_idempotency_key_returns_first_job(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
@@ -191,7 +191,7 @@ def test_cancel_queued_and_terminal(http: httpx.Client, creds: dict[str, str], r
     job = submit(http, creds["api_key"])["job_id"]
     resp = http.post(f"/v1/jobs/{job}/cancel", headers=bearer(creds["api_key"]))
     assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
-    assert r.zscore("cyxwiz:queue", job) is None
+    assert r.zscore("cyxwiz:queue:cpu", job) is None
     before = keyspace(r)
     again = http.post(f"/v1/jobs/{job}/cancel", headers=bearer(creds["api_key"]))
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_terminal"
@@ -233,3 +233,23 @@ def test_malformed_ids_and_numbers_are_client_errors(http: httpx.Client, creds: 
 def test_admin_tenant_name_is_reserved(http: httpx.Client, creds: dict[str, str]) -> None:
     resp = http.post("/v1/keys", json={"tenant": "admin"}, headers=bearer(creds["api_key"]))
     assert resp.status_code == 422 and resp.json()["error"]["field"] == "tenant"
+
+
+def test_gpu_jobs_never_hide_cpu_work_from_cpu_nodes(redis_url: str, creds: dict[str, str]) -> None:
+    """More GPU-only jobs than a queue scan looks at sit ahead of a CPU job: a CPU node still finds it."""
+    from tests.conftest import start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_QUEUE_SCAN": "5"})
+    try:
+        with httpx.Client(base_url=url) as http:
+            node = register(http, creds["join_token"], "cpu-only")
+            busy = submit(http, creds["api_key"])["job_id"]
+            for _ in range(8):
+                assert submit(http, creds["api_key"], requirements={"gpu": True})["status"] == "queued"
+            waiting = submit(http, creds["api_key"])["job_id"]
+            http.post(f"/v1/jobs/{busy}/cancel", headers=bearer(creds["api_key"]))  # the slot frees
+            job = http.get(f"/v1/jobs/{waiting}", headers=bearer(creds["api_key"])).json()
+            assert job["status"] == "assigned" and job["node_id"] == node["node_id"]
+    finally:
+        proc.terminate()
+        proc.wait()

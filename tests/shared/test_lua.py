@@ -56,7 +56,7 @@ async def test_submit_twice_without_key_fills_then_queues(store: Store, r: redis
     await register(store, "n1")
     assert (await submit(store, "j1"))[2] == "assigned"
     assert (await submit(store, "j2"))[2] == "queued"
-    assert r.zrange(keys.QUEUE, 0, -1) == ["j2"]
+    assert r.zrange(keys.queue_key("cpu"), 0, -1) == ["j2"]
 
 
 async def test_heartbeat_twice(store: Store, r: redis.Redis) -> None:
