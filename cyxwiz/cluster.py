@@ -25,7 +25,7 @@ from cyxwiz.credentials import read_credentials
 from cyxwiz.embedded import free_port, port_is_free
 from cyxwiz.server import wait_healthy
 from shared.jobspec import DIGITS_MLP_EXAMPLE
-from shared.settings import SettingsError, default_data_dir
+from shared.settings import default_data_dir
 
 STOP_TIMEOUT_S = 60.0
 
@@ -55,15 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from node_runtime.agent import run_node
-    from node_runtime.settings import settings_from_args
+    from node_runtime.settings import run_node_from_args
 
-    try:
-        settings = settings_from_args(args)
-    except SettingsError as exc:
-        print(f"cyxwiz node: {exc}", file=sys.stderr)
-        return 2
-    return run_node(settings)
+    return run_node_from_args(args)
 
 
 class LocalCluster:

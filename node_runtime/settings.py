@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,18 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
         state_dir=data_dir / "nodes",
     )
+
+
+def run_node_from_args(args: argparse.Namespace) -> int:
+    """``cyxwiz node`` and ``python -m node_runtime``: read the settings (exit 2 naming a bad one), run."""
+    from node_runtime.agent import run_node  # the agent imports settings: import it only to run
+
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"cyxwiz node: {exc}", file=sys.stderr)
+        return 2
+    return run_node(settings)
 
 
 def _int(flag_value: int | None, env: dict[str, str], flag: str, variable: str, default: int | None,
