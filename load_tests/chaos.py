@@ -277,9 +277,8 @@ def check(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill
                 problems.append(f"{job_id}: progress after its completion")
         problems += resume_problems(job_id, events)
         if job["status"] == "completed":
-            weights = http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=auth_header)
             try:
-                load_trained_model(weights.content)
+                load_trained_model(download_weights(http, auth_header, job_id))
             except Exception as exc:  # any failure to load is a finding, whatever its type
                 problems.append(f"{job_id}: weights do not load: {exc}")
     detection = [t for k in kills if k.what == "node" for t in k.detected_after_s.values()]
@@ -295,6 +294,22 @@ def check(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill
         "detection_s": _stats(detection),
         "reassignment_s": _stats(reassignment),
     }
+
+
+def download_weights(http: httpx.Client, auth_header: dict[str, str], job_id: str) -> bytes:
+    """The job's weights, retried as the contract asks while the store answers 503 or a connection
+    breaks (the gateway's pooled Redis connections may still be stale from the restart)."""
+    for attempt in range(5):
+        try:
+            resp = http.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=auth_header)
+            if resp.status_code != 503:
+                resp.raise_for_status()
+                return resp.content
+        except httpx.TransportError:
+            if attempt == 4:
+                raise
+        time.sleep(1.0)
+    raise RuntimeError(f"the weights of {job_id} stayed unavailable")
 
 
 def _stats(values: list[float]) -> dict[str, float | int | None]:

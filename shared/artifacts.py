@@ -33,8 +33,9 @@ class ArtifactStore(Protocol):
     async def size(self, job_id: str, name: str) -> int | None:
         """The artifact's size, or None if there is none."""
 
-    def read(self, job_id: str, name: str, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes start..end (inclusive) of the artifact."""
+    async def read(self, job_id: str, name: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end (inclusive) of the artifact. The first piece is fetched before this returns,
+        so a store failure becomes an error answer rather than a body cut off after its headers."""
 
 
 class RedisArtifactStore:
@@ -83,12 +84,20 @@ class RedisArtifactStore:
 
     async def read(self, job_id: str, name: str, start: int, end: int) -> AsyncIterator[bytes]:
         key = keys.artifact_key(job_id, name)
-        for index in range(start // CHUNK_BYTES, end // CHUNK_BYTES + 1):
-            chunk = await self.store.raw.hget(key, str(index))
-            if chunk is None:  # replaced or removed mid-read
-                return
-            base = index * CHUNK_BYTES
-            yield chunk[max(0, start - base): end - base + 1]
+        first = start // CHUNK_BYTES
+        head = await self.store.raw.hget(key, str(first))
+
+        async def pieces() -> AsyncIterator[bytes]:
+            chunk = head
+            for index in range(first, end // CHUNK_BYTES + 1):
+                if index > first:
+                    chunk = await self.store.raw.hget(key, str(index))
+                if chunk is None:  # replaced or removed mid-read
+                    return
+                base = index * CHUNK_BYTES
+                yield chunk[max(0, start - base): end - base + 1]
+
+        return pieces()
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -87,7 +87,7 @@ async def download(request: Request) -> Response:
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1))}
     if wanted:
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    content: AsyncIterator[bytes] = artifacts.read(job_id, name, start, end) if size else _empty()
+    content: AsyncIterator[bytes] = await artifacts.read(job_id, name, start, end) if size else _empty()
     return StreamingResponse(content, status_code=206 if wanted else 200, headers=headers,
                              media_type="application/octet-stream")
 
