@@ -61,3 +61,40 @@ def test_redis_down_hung_and_back() -> None:
         gateway.terminate()
         gateway.wait()
         server.stop()
+
+
+def test_downloads_after_a_redis_restart_are_whole_or_503() -> None:
+    """Pooled connections go stale when Redis restarts: a download must then answer 503 (and the client
+    retries), never send its headers and cut the body off."""
+    from cyxwiz.server import install_credentials_at
+
+    server = EmbeddedValkey(Path(tempfile.mkdtemp(prefix="cyxwiz-restart-")))
+    server.start()
+    gateway, url = start_gateway(server.url)
+    admin, join = auth.new_token("cwk"), auth.new_token("cwj")
+    install_credentials_at(server.url, admin, join)
+    try:
+        with httpx.Client(base_url=url, timeout=15) as http:
+            reg = http.post("/v1/nodes", json={"name": "n"}, headers=bearer(join)).json()
+            job_id = http.post("/v1/jobs", json=DIGITS_SPEC, headers=bearer(admin)).json()["job_id"]
+            weights = os.urandom(1_100_000)
+            put = http.put(f"/v1/jobs/{job_id}/artifacts/model.safetensors", content=weights,
+                           headers=bearer(reg["session_token"]))
+            assert put.status_code == 201
+            download = f"/v1/jobs/{job_id}/artifacts/model.safetensors"
+            for _ in range(3):  # warm the pool's connections
+                assert http.get(download, headers=bearer(admin)).content == weights
+            server.kill()
+            server.start()
+            answers = []
+            for _ in range(8):
+                resp = http.get(download, headers=bearer(admin))
+                answers.append(resp.status_code)
+                assert resp.status_code in (200, 503)
+                if resp.status_code == 200:
+                    assert resp.content == weights
+            assert answers[-1] == 200
+    finally:
+        gateway.terminate()
+        gateway.wait()
+        server.stop()
