@@ -154,16 +154,15 @@ def _run_asyncio_subprocess(url: str, templates: list[bytes], concurrency: int, 
     return LoadResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response off the connection: its status and body (Content-Length framed)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
     for line in head.split(b"\r\n")[1:]:
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
-    if length:
-        await reader.readexactly(length)
-    return status
+    return status, (await reader.readexactly(length) if length else b"")
 
 
 async def drive(url: str, templates: list[bytes], concurrency: int, duration_s: float,
@@ -192,7 +191,7 @@ async def drive(url: str, templates: list[bytes], concurrency: int, duration_s: 
                 sent = time.perf_counter()
                 writer.write(request)
                 try:
-                    status = await _read_response(reader)
+                    status, _ = await _read_response(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     errors += 1
                     writer.close()
@@ -244,13 +243,7 @@ async def request_json(url: str, method: str, path: str, token: str | None = Non
     try:
         payload = None if body is None else json.dumps(body).encode()
         writer.write(raw_request(f"{parsed.hostname}:{parsed.port}", method, path, token, payload))
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        data = await reader.readexactly(length) if length else b""
+        status, data = await _read_response(reader)
     finally:
         writer.close()
     return status, (json.loads(data) if data else None)
