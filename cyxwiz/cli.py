@@ -74,8 +74,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import os
 
         redis_url = os.environ.get("CYXWIZ_REDIS_URL") or None
+    if bool(args.certfile) != bool(args.keyfile):
+        raise SystemExit("cyxwiz serve: --certfile and --keyfile go together")
     return serve(ServeOptions(host=args.host, port=args.port, redis_url=redis_url, data_dir=data_dir,
-                              workers=args.workers))
+                              workers=args.workers, public_url=args.public_url,
+                              public_redis_host=args.public_redis_host, certfile=args.certfile,
+                              keyfile=args.keyfile))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -174,11 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = sub.add_parser("serve", help="all functions in one Hypercorn server (embedded Valkey by default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--redis-url", help="use this Redis/Valkey instead of the embedded one")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the gateway and the embedded store listen on; 0.0.0.0 for nodes on other "
+                        "hosts (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    p.add_argument("--redis-url", help="use this Redis/Valkey (>= 7, a user with the gateway's ACL rules; see "
+                                       "docs/deploying.md) instead of the embedded one (default: $CYXWIZ_REDIS_URL)")
     p.add_argument("--data-dir", help="default: $CYXWIZ_DATA_DIR or ~/.cyxwiz")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    p.add_argument("--public-url", help="the API URL clients and nodes on other hosts use, written to "
+                                        "credentials.json (default: http(s)://HOST:PORT)")
+    p.add_argument("--public-redis-host", metavar="HOST",
+                   help="the store host registration hands to nodes, where NAT or DNS needs it (default: the "
+                        "host each node used to reach the API)")
+    p.add_argument("--certfile", help="serve the API over HTTPS with this certificate (with --keyfile)")
+    p.add_argument("--keyfile", help="the certificate's private key")
     p.set_defaults(handler=cmd_serve)
 
     keys_parser = sub.add_parser("keys", help="API keys (admin)")

@@ -66,14 +66,15 @@ class LocalCluster:
     def __init__(self, data_dir: Path, port: int, nodes: int, slots: int, host: str = "127.0.0.1",
                  quiet: bool = False) -> None:
         self.data_dir, self.port, self.nodes, self.slots, self.host = data_dir, port, nodes, slots, host
-        self.api_url = f"http://{host}:{port}"
+        self.api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self.quiet = quiet
         self.server: subprocess.Popen[bytes] | None = None
         self.node_processes: list[subprocess.Popen[bytes]] = []
         self.logs = data_dir / "logs"
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def _spawn(self, command: list[str], log_name: str, extra_env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         env.pop("CYXWIZ_REDIS_URL", None)  # the cluster's own embedded store, not one from the environment
         output: Any = None
         if self.quiet:
@@ -84,7 +85,7 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the server, wait until it is healthy, then start the node runtimes."""
-        if not port_is_free(self.port):
+        if not port_is_free(self.port, self.host):
             raise RuntimeError(f"port {self.port} is in use (another `cyxwiz serve` or `up`?); pass --port")
         self.server = self._spawn([sys.executable, "-m", "cyxwiz.cli", "serve", "--host", self.host, "--port",
                                    str(self.port), "--data-dir", str(self.data_dir)], "serve.log")
@@ -95,11 +96,13 @@ class LocalCluster:
         cores = os.cpu_count() or 1
         threads = max(1, (cores - (1 if cores <= 8 else 0)) // max(1, self.nodes * self.slots))
         for index in range(self.nodes):
-            command = [sys.executable, "-m", "node_runtime", "--api", self.api_url, "--join-token",
-                       creds["join_token"], "--redis-url", creds["redis_url"], "--slots", str(self.slots),
+            # the join token through the environment, never on a command line (`ps` shows those);
+            # no store URL at all: registration hands each node one for its own stream
+            command = [sys.executable, "-m", "node_runtime", "--api", self.api_url, "--slots", str(self.slots),
                        "--name", f"local-{index + 1}", "--torch-threads", str(threads),
                        "--data-dir", str(self.data_dir)]
-            self.node_processes.append(self._spawn(command, f"node-{index + 1}.log"))
+            self.node_processes.append(self._spawn(command, f"node-{index + 1}.log",
+                                                   {"CYXWIZ_JOIN_TOKEN": creds["join_token"]}))
 
     def dead_children(self) -> list[str]:
         dead = [f"node {i + 1} (exit {p.returncode})" for i, p in enumerate(self.node_processes)

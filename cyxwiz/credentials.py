@@ -1,5 +1,6 @@
 """The credentials file (``<data dir>/credentials.json``, mode 0600) and how clients find their settings:
-a flag, else the environment variable, else the credentials file."""
+a flag, else the environment variable, else the credentials file. Also the one way secrets are written
+to disk (:func:`write_private`: 0600 files in 0700 directories)."""
 
 from __future__ import annotations
 
@@ -28,16 +29,29 @@ def read_credentials(data_dir: Path | None = None) -> dict[str, Any]:
 
 
 def write_credentials(data: dict[str, Any], data_dir: Path | None = None) -> Path:
-    """Write atomically with mode 0600 (created so, never world-readable even for a moment)."""
+    """Write ``credentials.json`` (mode 0600, in a 0700 data dir)."""
     path = credentials_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    write_private(path, json.dumps(data, indent=2))
+    return path
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700: it holds secrets."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically, created with mode 0600 (never readable by others, even for a moment) in a
+    0700 directory: for every file that holds a token, a key or a password."""
+    private_dir(path.parent)
+    tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-    return path
 
 
 def resolve(name: str, flag: str | None, data_dir: Path | None = None) -> str | None:

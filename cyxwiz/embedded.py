@@ -3,6 +3,11 @@
 
 Persistence is the append-only file with ``appendfsync always``: the server fsyncs before it answers
 a write, so a job that got its 201 survives a crash of the server or the machine.
+
+It requires authentication: an ACL file (mode 0600) disables the ``default`` user and defines the
+admin and gateway users of :mod:`shared.store_users` by their password digests. Node users are
+created at registration and recreated from the node hashes after a restart (``cyxwiz serve`` does it).
+Everything it writes is private to its owner (umask 077, a 0700 directory).
 """
 
 from __future__ import annotations
@@ -13,6 +18,18 @@ import time
 from pathlib import Path
 
 import redis
+
+from cyxwiz.credentials import private_dir, write_private
+from shared.store_users import (
+    ADMIN_RULES,
+    ADMIN_USER,
+    GATEWAY_RULES,
+    GATEWAY_USER,
+    acl_file_line,
+    new_password,
+    secret_hash,
+    with_credentials,
+)
 
 
 def valkey_binary() -> str:
@@ -28,34 +45,65 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now. Sockets of an earlier server still in
+    TIME-WAIT do not count (servers set SO_REUSEADDR, as this check does); a live listener does."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
         return True
 
 
 class EmbeddedValkey:
-    """One valkey-server child process bound to 127.0.0.1."""
+    """One valkey-server child process, authenticated by ACL users (the default user is off).
+
+    ``url`` is the admin user's URL, ``gateway_url`` the gateway user's. Passwords not given are
+    made up (tests and benchmarks); ``cyxwiz serve`` passes the ones kept in ``credentials.json``."""
 
     def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True,
-                 fsync: str = "always") -> None:
+                 fsync: str = "always", host: str = "127.0.0.1", admin_password: str | None = None,
+                 gateway_password: str | None = None) -> None:
         self.dir = data_dir / "valkey"
+        self.host = host
         self.port = port or free_port()
         self.persist = persist
         self.fsync = fsync
+        self.admin_password = admin_password or new_password()
+        self.gateway_password = gateway_password or new_password()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def address(self) -> str:
+        """The store's URL without credentials (on loopback when it listens on every address)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        return f"redis://{f'[{host}]' if ':' in host else host}:{self.port}/0"
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The admin user's URL."""
+        return with_credentials(self.address, ADMIN_USER, self.admin_password)
+
+    @property
+    def gateway_url(self) -> str:
+        """The gateway user's URL."""
+        return with_credentials(self.address, GATEWAY_USER, self.gateway_password)
+
+    def write_acl_file(self) -> Path:
+        path = self.dir / "users.acl"
+        lines = ["user default off",
+                 acl_file_line(ADMIN_USER, secret_hash(self.admin_password), ADMIN_RULES),
+                 acl_file_line(GATEWAY_USER, secret_hash(self.gateway_password), GATEWAY_RULES)]
+        write_private(path, "\n".join(lines) + "\n")
+        return path
 
     def command(self) -> list[str]:
-        args = [valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
-                "--logfile", str(self.dir / "valkey.log"), "--maxclients", "10000"]
+        args = [valkey_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.dir),
+                "--save", "", "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
+                "--logfile", str(self.dir / "valkey.log"), "--maxclients", "10000",
+                "--aclfile", str(self.dir / "users.acl")]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", self.fsync]
         else:
@@ -64,11 +112,12 @@ class EmbeddedValkey:
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it answers PING (and has loaded its data)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
+        self.write_acl_file()
         self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+                                        start_new_session=True, umask=0o077)
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
         try:
             while True:

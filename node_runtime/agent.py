@@ -6,6 +6,11 @@ cancels, a consumer task starts a job process per assignment while a slot is fre
 stop running jobs at their next step with a checkpoint, hand them back to the queue, deregister,
 exit 0. When the control plane no longer knows the node (its heartbeat lapsed while the API or
 Redis was away), the node registers again under a new id; the old attempts were requeued.
+
+The node reaches the store only through the URL its registration handed out: a store user of its
+own that can read and acknowledge its assignment stream and nothing else. Everything else it asks
+the control plane over HTTP. While it cannot read its stream it says so in its heartbeats (it is
+not scheduled then) and takes the store's address from the answer, in case the store moved.
 """
 
 from __future__ import annotations
@@ -19,16 +24,27 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import RedisError
 
 from node_runtime.api import AgentApi, ApiRefused, ApiUnavailable, Backoff, retry_async
 from node_runtime.assignments import Assignment, AssignmentStream, StreamGone
 from node_runtime.device import detect_capabilities, gpu_free_mb, threads_per_job
-from node_runtime.identity import forget_identity, identity_path, load_identity, lock_identity, save_identity
+from node_runtime.identity import (
+    forget_identity,
+    identity_path,
+    load_identity,
+    load_node_key,
+    lock_identity,
+    node_key_path,
+    save_identity,
+    save_node_key,
+)
 from node_runtime.job_control import StopReason, seq_base
 from node_runtime.settings import NodeSettings
 from node_runtime.supervisor import Supervisor
+from shared.store_users import with_credentials, with_host
 
 log = logging.getLogger("cyxwiz.node")
 
@@ -39,7 +55,8 @@ class RegistrationRefused(Exception):
 
 @dataclass(frozen=True)
 class Registration:
-    """One registration of this runtime: a node id, its session token and its assignment stream."""
+    """One registration of this runtime: a node id, its session token and its assignment stream
+    (with the URL of the node's own store user)."""
 
     node_id: str
     token: str
@@ -47,6 +64,7 @@ class Registration:
     ttl_s: float
     stream: str
     group: str
+    redis_url: str
 
 
 class NodeAgent:
@@ -55,8 +73,10 @@ class NodeAgent:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.capabilities = detect_capabilities(settings.device)
-        self.api = AgentApi(settings.api_url)
-        self.stream = AssignmentStream(settings.redis_url)
+        self.api = AgentApi(settings.api_url, settings.ca_file)
+        self.stream = AssignmentStream()
+        self.stream_error: str | None = None  # why the assignment stream cannot be read, while it cannot
+        self.store_address: str | None = None  # the store's address as the control plane last gave it
         self.registration: Registration | None = None
         self.backlog: deque[Assignment] = deque()  # received, not yet started (no free slot yet)
         self.registered = asyncio.Event()
@@ -71,15 +91,15 @@ class NodeAgent:
         self.body = {"name": settings.name, "slots": settings.slots, "capabilities": self.capabilities,
                      "labels": settings.labels}
         self.identity: Path | None = None
+        self.key_path: Path | None = None
         self.identity_lock: IO[bytes] | None = None
         if settings.state_dir is not None:
             path = identity_path(settings.state_dir, settings.name)
             self.identity_lock = lock_identity(path)
-            if self.identity_lock is not None:
-                self.identity = path
-            else:
-                log.warning("another node runtime named %r uses %s: this one registers as a node of its own "
-                            "and keeps no identity across restarts", settings.name, settings.state_dir)
+            if self.identity_lock is None:
+                raise RuntimeError(f"another node runtime named {settings.name!r} runs with {settings.state_dir}: "
+                                   "a name is one node identity; start this one with another --name")
+            self.identity, self.key_path = path, node_key_path(settings.state_dir, settings.name)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -136,7 +156,8 @@ class NodeAgent:
         the API is unreachable; False if shut down meanwhile."""
         if await self._resume():
             return True
-        body = self.body
+        node_key = load_node_key(self.key_path) if self.key_path else None
+        body = {**self.body, "node_key": node_key} if node_key else self.body
         backoff, warned = Backoff(0.5, self.settings.retry_max_s), False
         while not self.shutdown.is_set():
             try:
@@ -148,11 +169,23 @@ class NodeAgent:
                 await self._sleep_unless_shutdown(backoff.next_delay(exc.retry_after_s))
                 continue
             except ApiRefused as exc:
+                if exc.code == "name_in_use":  # our own earlier registration, until its heartbeat lapses
+                    if not warned:
+                        log.warning("%s; retrying until it lapses", exc.message)
+                        warned = True
+                    await self._sleep_unless_shutdown(backoff.next_delay())
+                    continue
                 raise RegistrationRefused(f"the control plane refused to register this node: {exc}") from exc
+            if answer.get("node_key") and self.key_path is not None:
+                save_node_key(self.key_path, answer["node_key"])
+                log.info("new node identity %r: its key is in %s (keep it: only it registers this name again)",
+                         self.settings.name, self.key_path)
+            assignments = answer["assignments"]
             self.registration = Registration(
                 node_id=answer["node_id"], token=answer["session_token"],
                 heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
-                stream=answer["assignments"]["stream"], group=answer["assignments"]["group"])
+                stream=assignments["stream"], group=assignments["group"], redis_url=assignments["redis_url"])
+            await self.stream.use(self._stream_url(self.registration))
             if self.identity is not None:
                 save_identity(self.identity, self.settings.api_url, self.body, asdict(self.registration))
             gpus = ", ".join(g["name"] for g in self.capabilities["gpus"]) or "no GPU"
@@ -177,7 +210,7 @@ class NodeAgent:
         backoff = Backoff(0.5, self.settings.retry_max_s)
         while not self.shutdown.is_set():
             try:
-                await self.api.heartbeat(reg.node_id, reg.token, None)
+                answer = await self.api.heartbeat(reg.node_id, reg.token, None)
             except ApiUnavailable as exc:
                 await self._sleep_unless_shutdown(backoff.next_delay(exc.retry_after_s))
                 continue
@@ -186,6 +219,12 @@ class NodeAgent:
                 assert self.identity is not None
                 forget_identity(self.identity)
                 return False
+            if answer.get("status") == "draining":  # the earlier run was stopping; this one is not
+                log.info("node %s of an earlier run was draining; registering afresh", reg.node_id)
+                assert self.identity is not None
+                forget_identity(self.identity)
+                return False
+            await self.stream.use(self._stream_url(reg))
             self.registration = reg
             log.info("resumed as node %s (%s): its pending assignments restart first", reg.node_id, self.settings.name)
             self.registered.set()
@@ -204,7 +243,7 @@ class NodeAgent:
             due = loop.time() + reg.heartbeat_interval_s
             gpu_free = await asyncio.to_thread(gpu_free_mb) if self.capabilities["gpus"] else None
             try:
-                answer = await self.api.heartbeat(reg.node_id, reg.token, gpu_free)
+                answer = await self.api.heartbeat(reg.node_id, reg.token, gpu_free, self.stream_error)
             except ApiUnavailable as exc:
                 if not unreachable:
                     log.warning("heartbeat failed (%s); retrying every %.1f s", exc, reg.heartbeat_interval_s)
@@ -220,10 +259,28 @@ class NodeAgent:
                 if unreachable:
                     log.info("the control plane answers again")
                     unreachable = False
-                self._apply_heartbeat(reg, answer)
+                await self._apply_heartbeat(reg, answer)
             await asyncio.sleep(max(0.0, due - loop.time()))
 
-    def _apply_heartbeat(self, reg: Registration, answer: dict[str, object]) -> None:
+    def _stream_url(self, reg: Registration) -> str:
+        """Where to read the stream: the registration's URL (the node's own store user), at the
+        address the control plane last gave if the store moved, on the operator's host override."""
+        url = reg.redis_url
+        if self.store_address:
+            parts = urlsplit(url)
+            url = with_credentials(self.store_address, unquote(parts.username or ""), unquote(parts.password or ""))
+        if self.settings.store_host:
+            override = urlsplit("//" + self.settings.store_host)
+            url = with_host(url, override.hostname or "", override.port)
+        return url
+
+    async def _apply_heartbeat(self, reg: Registration, answer: dict[str, object]) -> None:
+        store_url = answer.get("store_url")
+        if isinstance(store_url, str) and self.registration is reg and store_url != self.store_address:
+            # we said we cannot read the stream: the store may have moved; reconnect at its address
+            log.info("the control plane gives the store's address as %s; reading assignments there", store_url)
+            self.store_address = store_url
+            await self.stream.use(self._stream_url(reg))
         cancelled = answer.get("cancel") or []
         assert isinstance(cancelled, list)
         for job_id in cancelled:
@@ -282,8 +339,13 @@ class NodeAgent:
                 await self._sleep_unless_shutdown(reg.heartbeat_interval_s)  # the heartbeat will re-register
             except (RedisError, OSError) as exc:
                 if not failing:
-                    log.warning("the assignment stream is unreachable (%s); reconnecting with backoff", exc)
+                    log.warning("the assignment stream is unreachable (%s); reconnecting with backoff, and "
+                                "unhealthy (not scheduled) until it is back", exc)
                     failing = True
+                self.stream_error = f"{type(exc).__name__}: {exc}"[:200]  # the next heartbeat says so
+                self._reread_pending()
+                await self._sleep_unless_shutdown(backoff.next_delay())
+            except ApiUnavailable:  # asking whether an assignment is current: the API is away
                 self._reread_pending()
                 await self._sleep_unless_shutdown(backoff.next_delay())
             except Exception:  # a bug must not stop the node from consuming: log it, read again
@@ -291,6 +353,7 @@ class NodeAgent:
                 self._reread_pending()
                 await self._sleep_unless_shutdown(backoff.next_delay())
             else:
+                self.stream_error = None
                 if failing:
                     log.info("the assignment stream is reachable again")
                     failing = False
@@ -305,7 +368,7 @@ class NodeAgent:
         """Start a job process for an entry, or acknowledge an entry whose job is already over."""
         if self.supervisor.holds(entry) or entry.stream != reg.stream:
             return  # a pending entry read again after a reconnect (it runs), or one of an old registration
-        if not entry.job_id or not await self.stream.is_current(entry, reg.node_id):
+        if not entry.job_id or not await self.api.attempt_is_current(entry.job_id, entry.attempt, reg.token):
             log.info("assignment %s (job %s attempt %d) is already over; acknowledging it",
                      entry.entry_id, entry.job_id or "-", entry.attempt)
             await self.stream.ack(entry)
@@ -385,7 +448,7 @@ class NodeAgent:
             while entries := await self.stream.read(reg.stream, reg.group, reg.node_id, 100, None):
                 for entry in entries:  # the pending ones first (some still running), then unread ones
                     await self._take(reg, entry)
-        except (StreamGone, RedisError, OSError) as exc:
+        except (StreamGone, RedisError, OSError, ApiUnavailable) as exc:
             log.warning("could not read the last assignments (%s); the control plane requeues them "
                         "after the node's TTL", exc)
 

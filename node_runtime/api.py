@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -79,6 +80,11 @@ def check_answer(response: httpx.Response) -> httpx.Response:
     raise ApiRefused(response.status_code, code, message)
 
 
+def tls_verify(ca_file: str | None) -> ssl.SSLContext | bool:
+    """What httpx verifies an https API against: the system's CAs, or also a private CA's file."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
 def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -87,9 +93,10 @@ class JobApi:
     """Blocking calls for one attempt of one job, with the node's session token (a job process)."""
 
     def __init__(self, api_url: str, session_token: str, job_id: str, attempt: int,
-                 retry_max_s: float = 10.0) -> None:
+                 retry_max_s: float = 10.0, ca_file: str | None = None) -> None:
         self.job_id, self.attempt, self.retry_max_s = job_id, attempt, retry_max_s
-        self.client = httpx.Client(base_url=api_url, headers=_bearer(session_token), timeout=TIMEOUT)
+        self.client = httpx.Client(base_url=api_url, headers=_bearer(session_token), timeout=TIMEOUT,
+                                   verify=tls_verify(ca_file))
 
     def close(self) -> None:
         self.client.close()
@@ -151,8 +158,8 @@ class AgentApi:
     """Asynchronous calls of the runtime itself: register, heartbeat, deregister, and the reports it
     makes for a job whose process died."""
 
-    def __init__(self, api_url: str) -> None:
-        self.client = httpx.AsyncClient(base_url=api_url, timeout=TIMEOUT)
+    def __init__(self, api_url: str, ca_file: str | None = None) -> None:
+        self.client = httpx.AsyncClient(base_url=api_url, timeout=TIMEOUT, verify=tls_verify(ca_file))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -168,10 +175,24 @@ class AgentApi:
         answer: dict[str, Any] = await self._send("POST", "/v1/nodes", join_token, json=body)
         return answer
 
-    async def heartbeat(self, node_id: str, token: str, gpu_free_mb: int | None) -> dict[str, Any]:
-        body = {} if gpu_free_mb is None else {"gpu_free_mb": gpu_free_mb}
+    async def heartbeat(self, node_id: str, token: str, gpu_free_mb: int | None,
+                        stream_error: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {} if gpu_free_mb is None else {"gpu_free_mb": gpu_free_mb}
+        if stream_error:
+            body["stream_error"] = stream_error
         answer: dict[str, Any] = await self._send("POST", f"/v1/nodes/{node_id}/heartbeat", token, json=body)
         return answer
+
+    async def attempt_is_current(self, job_id: str, attempt: int, token: str) -> bool:
+        """Whether this attempt of the job is still live and this node's; a job that is gone or was
+        given to another node is not (403/404)."""
+        try:
+            answer = await self._send("GET", f"/v1/jobs/{job_id}/attempts/{attempt}", token)
+        except ApiRefused as exc:
+            if exc.status in (403, 404):
+                return False
+            raise
+        return bool(answer["current"])
 
     async def deregister(self, node_id: str, token: str) -> str:
         """DELETE the node: it drains; the answer's status is ``draining`` or ``removed``."""

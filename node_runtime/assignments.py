@@ -14,11 +14,9 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from shared import keys
-
-TERMINAL = ("completed", "failed", "cancelled")
 PENDING_BATCH = 1000  # pending entries of one consumer are at most its slots plus a few ended ones
 
 
@@ -43,15 +41,34 @@ class StreamGone(Exception):
 
 
 class AssignmentStream:
-    """Reads and acknowledges one node's assignments (one consumer, named by the node id)."""
+    """Reads and acknowledges one node's assignments (one consumer, named by the node id), with the
+    node's own store user: the URL that registration handed out, which can do nothing else."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5,
-                                             socket_keepalive=True)
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self._redis: aioredis.Redis | None = None
         self._pending_checked: set[str] = set()
 
+    async def use(self, url: str) -> None:
+        """Read through ``url`` from now on (a new registration, or the store moved); no-op if same."""
+        if url == self.url:
+            return
+        await self.close()
+        self.url = url
+        self._redis = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                              socket_keepalive=True)
+        self._pending_checked.clear()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RedisConnectionError("no assignment stream yet: the node is not registered")
+        return self._redis
+
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
 
     def reread_pending(self) -> None:
         """After a connection failure: read this consumer's pending entries again before new ones."""
@@ -89,16 +106,10 @@ class AssignmentStream:
         return found
 
     async def ack(self, assignment: Assignment) -> None:
-        """The job is over for this node: acknowledge the entry and delete it (keeps the stream short)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        """The job is over for this node: acknowledge the entry and delete it (keeps the stream short).
+        Not a MULTI: the node's store user may run nothing but XREADGROUP, XACK, XDEL and PING (an
+        entry acknowledged but not deleted is harmless; the stream is capped)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(assignment.stream, assignment.group, assignment.entry_id)
             pipe.xdel(assignment.stream, assignment.entry_id)
             await pipe.execute()
-
-    async def is_current(self, assignment: Assignment, node_id: str) -> bool:
-        """Whether the entry's attempt is still live and this node's (not cancelled, ended or moved on
-        while the entry waited), so that no process is started for a job that is already over."""
-        status, attempt, holder = await self.redis.hmget(
-            keys.job_key(assignment.job_id), ["status", "attempt", f"node:{assignment.attempt}"])
-        return (status is not None and status not in TERMINAL and attempt == str(assignment.attempt)
-                and holder == node_id)

@@ -1,5 +1,6 @@
-"""A node runtime's identity across restarts: its registration, kept in ``<data dir>/nodes/<name>.json``
-(mode 0600: it holds the session token).
+"""A node runtime's identity: its node key (``<data dir>/nodes/<name>.key``), which alone may register
+its name, and its current registration (``<name>.json``, with the session token and the store URL of
+its own store user). Both are mode 0600 in a 0700 directory.
 
 A runtime that restarts within its TTL (a crash, an upgrade, ``kill -9``) resumes as the same node:
 its attempts are still current, so it reads its own pending assignment entries first and restarts
@@ -15,6 +16,8 @@ import re
 from pathlib import Path
 from typing import IO, Any
 
+from cyxwiz.credentials import private_dir, write_private
+
 
 def identity_path(state_dir: Path, name: str) -> Path:
     return state_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".json")
@@ -23,8 +26,9 @@ def identity_path(state_dir: Path, name: str) -> Path:
 def lock_identity(path: Path) -> IO[bytes] | None:
     """Hold ``<name>.lock`` for the life of this process; None if another live runtime holds it (two
     runtimes with one name and data dir must not both be that node: each would run its jobs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path.with_suffix(".lock"), "ab")  # noqa: SIM115 - held open while the process lives
+    private_dir(path.parent)
+    fd = os.open(path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    handle = os.fdopen(fd, "ab")  # held open while the process lives
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -46,14 +50,27 @@ def load_identity(path: Path, api_url: str, registered_as: dict[str, Any]) -> di
 
 
 def save_identity(path: Path, api_url: str, registered_as: dict[str, Any], registration: dict[str, Any]) -> None:
-    """Write atomically, created with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"api_url": api_url, "body": registered_as, "registration": registration}, f)
-    os.replace(tmp, path)
+    write_private(path, json.dumps({"api_url": api_url, "body": registered_as, "registration": registration}))
+
 
 
 def forget_identity(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def node_key_path(state_dir: Path, name: str) -> Path:
+    """``<name>.key``: the node identity's secret (mode 0600). Unlike the registration it is never
+    forgotten: only its holder can register this name again, and reputation follows the name."""
+    return identity_path(state_dir, name).with_suffix(".key")
+
+
+def load_node_key(path: Path) -> str | None:
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        return None
+    return key or None
+
+
+def save_node_key(path: Path, key: str) -> None:
+    write_private(path, key + "\n")

@@ -29,6 +29,7 @@ class JobLaunch:
     spec: dict[str, Any]
     node_id: str
     api_url: str
+    ca_file: str | None  # CA bundle for an https API with a private CA; None: the system's
     session_token: str
     device: str
     torch_threads: int

@@ -35,7 +35,8 @@ def job_process_main(launch: JobLaunch, control: JobControl) -> None:
     _exit_with_parent(launch.parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s)
+    api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
+                 ca_file=launch.ca_file)
     attempt = JobAttempt(launch, control, api)
     try:
         attempt.run()

@@ -1,8 +1,9 @@
 """The node runtime's settings: one frozen object, read once at start from flags and environment.
 
-Each value comes from its flag, else its ``CYXWIZ_*`` variable, else (for the API URL, join token
-and Redis URL) the credentials file that ``cyxwiz serve`` writes into the data dir. A missing or bad
-value fails at start, naming the flag and the variable.
+Each value comes from its flag, else its ``CYXWIZ_*`` variable, else (for the API URL and join token)
+the credentials file that ``cyxwiz serve`` writes into the data dir. A missing or bad value fails at
+start, naming the flag and the variable. A node needs no store URL: registration hands it one, with
+a store user of its own that can only read its assignment stream.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cyxwiz.credentials import read_credentials
 from shared.settings import SettingsError, default_data_dir
@@ -28,7 +30,8 @@ class NodeSettings:
 
     api_url: str
     join_token: str
-    redis_url: str
+    store_host: str | None = None      # host[:port] that replaces the host of the store URL registration hands out
+    ca_file: str | None = None         # a CA bundle to trust for an https API (a private CA)
     slots: int = 1
     name: str = field(default_factory=socket.gethostname)
     labels: dict[str, str] = field(default_factory=dict)
@@ -42,15 +45,19 @@ class NodeSettings:
     startup_timeout_s: float = 1800.0  # ... or no first step for this long (imports, data download, checkpoint)
     poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
     retry_max_s: float = 10.0          # longest wait between retries while the API or Redis is unreachable
-    state_dir: Path | None = None      # where the registration is kept to resume as the same node after a restart
+    state_dir: Path | None = None      # where the node key and the registration are kept (0700): identity and resume
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``cyxwiz node`` (and ``python -m node_runtime``)."""
     parser.add_argument("--api", help=f"API URL (default: $CYXWIZ_API_URL, the credentials file, {DEFAULT_API_URL})")
     parser.add_argument("--join-token", help="join token (default: $CYXWIZ_JOIN_TOKEN or the credentials file)")
-    parser.add_argument("--redis-url", help="state store with the assignment streams (default: $CYXWIZ_REDIS_URL "
-                                            "or the credentials file)")
+    parser.add_argument("--redis-url", metavar="HOST[:PORT]",
+                        help="reach the state store at this host (and port) instead of the address registration "
+                             "hands out, for nodes behind NAT or split DNS; a URL's host and port are used, its "
+                             "credentials never (default: $CYXWIZ_NODE_REDIS_HOST)")
+    parser.add_argument("--ca-file", help="CA certificates to trust for an https API (default: $CYXWIZ_CA_FILE, "
+                                          "else the system's)")
     parser.add_argument("--slots", type=int, help="jobs run at once (default: $CYXWIZ_NODE_SLOTS or 1)")
     parser.add_argument("--name", help="node name; reputation follows it (default: $CYXWIZ_NODE_NAME or the hostname)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
@@ -85,9 +92,12 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     if not join_token:
         raise SettingsError("no join token: pass --join-token, set CYXWIZ_JOIN_TOKEN, or run `cyxwiz serve` "
                             f"so that {data_dir / 'credentials.json'} exists")
-    redis_url = pick(args.redis_url, "CYXWIZ_REDIS_URL", "redis_url")
-    if not redis_url:
-        raise SettingsError("no Redis URL for the assignment streams: pass --redis-url or set CYXWIZ_REDIS_URL")
+    store_host = pick(args.redis_url, "CYXWIZ_NODE_REDIS_HOST")
+    if store_host is not None:
+        store_host = _host_port(store_host)
+    ca_file = pick(args.ca_file, "CYXWIZ_CA_FILE")
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise SettingsError(f"--ca-file / CYXWIZ_CA_FILE: {ca_file} is not a file")
     data_root_raw = pick(args.data_root, "CYXWIZ_NODE_DATA_ROOT")
     data_root = Path(data_root_raw).expanduser().resolve() if data_root_raw else None
     if data_root is not None and not data_root.is_dir():
@@ -99,7 +109,8 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     return NodeSettings(
         api_url=(pick(args.api, "CYXWIZ_API_URL", "api_url") or DEFAULT_API_URL).rstrip("/"),
         join_token=join_token,
-        redis_url=redis_url,
+        store_host=store_host,
+        ca_file=ca_file,
         slots=_int(args.slots, env, "--slots", "CYXWIZ_NODE_SLOTS", 1, minimum=1) or 1,
         name=pick(args.name, "CYXWIZ_NODE_NAME") or socket.gethostname(),
         labels=_labels(args.label),
@@ -142,6 +153,19 @@ def _int(flag_value: int | None, env: dict[str, str], flag: str, variable: str, 
     if value < minimum:
         raise SettingsError(f"{flag} / {variable} must be >= {minimum}, got {value}")
     return value
+
+
+def _host_port(raw: str) -> str:
+    """``host``, ``host:port`` or a URL (only its host and port are kept) as ``host[:port]``."""
+    parts = urlsplit(raw if "//" in raw else "//" + raw)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if not parts.hostname or port == -1:
+        raise SettingsError(f"--redis-url / CYXWIZ_NODE_REDIS_HOST takes HOST[:PORT] or a URL, got {raw!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}" if port else host
 
 
 def _float(env: dict[str, str], variable: str, default: float) -> float:

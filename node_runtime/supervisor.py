@@ -81,7 +81,7 @@ class Supervisor:
         settings = self.agent.settings
         launch = JobLaunch(
             job_id=entry.job_id, attempt=entry.attempt, spec=entry.spec, node_id=reg.node_id,
-            api_url=settings.api_url, session_token=reg.token,
+            api_url=settings.api_url, ca_file=settings.ca_file, session_token=reg.token,
             device=device_for_slot(self.agent.capabilities, slot), torch_threads=self.torch_threads,
             data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
             parent_pid=os.getpid(), retry_max_s=settings.retry_max_s)

@@ -7,6 +7,7 @@ and Starlette's own 404/405 into the contract's error shape. Client input never 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from shared import errors
+from shared.nodes import reap_forever
 from shared.settings import Settings
 from shared.store import RedisError, Store, is_unavailable
 from shared.validation import is_number
@@ -168,9 +170,12 @@ def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> S
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.store = Store(settings or Settings.from_env())
+        reaper = asyncio.create_task(reap_forever(app.state.store), name="reaper")
         try:
             yield
         finally:
+            reaper.cancel()
+            await asyncio.gather(reaper, return_exceptions=True)
             await app.state.store.close()
 
     all_routes = [*routes, Route("/healthz", healthz, methods=["GET"])]

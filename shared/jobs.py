@@ -17,7 +17,7 @@ from shared import errors, keys
 from shared.auth import Principal
 from shared.jobspec import parse_job_spec
 from shared.store import Store
-from shared.transitions import JOB_STATUSES, PRIORITY_BANDS
+from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, TERMINAL
 from shared.validation import convert, is_number
 from shared.views import job_view, rfc3339
 
@@ -163,3 +163,17 @@ async def upload_attempt(store: Store, job_id: str, header: str | None) -> int:
     if current is None:
         raise errors.NotFound(f"no job {job_id}")
     return int(current)
+
+
+async def attempt_state(store: Store, node_id: str, job_id: str, attempt: str) -> dict[str, Any]:
+    """For a node about to start an assignment: is this attempt of the job still live and this node's
+    (not cancelled, ended or moved on while the entry waited)? 404 no job, 403 another node's attempt."""
+    if not is_number(attempt):
+        raise errors.InvalidField("attempt must be an integer", field="attempt")
+    status, current, holder = await store.redis.hmget(keys.job_key(job_id), ["status", "attempt", f"node:{attempt}"])
+    if status is None:
+        raise errors.NotFound(f"no job {job_id}")
+    if holder != node_id:
+        raise errors.Forbidden(f"attempt {attempt} of job {job_id} is not assigned to node {node_id}")
+    live = status not in TERMINAL and current == str(int(attempt))
+    return {"job_id": job_id, "attempt": int(attempt), "status": status, "current": live}

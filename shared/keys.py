@@ -17,7 +17,8 @@ NODE = PREFIX + "node:"
 
 
 def node_key(node_id: str) -> str:
-    """Hash: one live node. TTL = the node's ttl_s, refreshed by each heartbeat (expiry = lost)."""
+    """Hash: one live node. No Redis TTL: liveness is its entry in :data:`NODES_DEADLINE`, so a
+    control-plane outage (when no heartbeat can land) does not delete the node and its session."""
     return NODE + node_id
 
 
@@ -56,8 +57,20 @@ NODE_CLASSES = ("cpu", "gpu")
 
 # HASH node_id -> name: outlives the node hash, so a reaped node's reputation can still move
 NODE_NAMES = PREFIX + "nodes:names"
-REPUTATION = PREFIX + "reputation"  # HASH node name -> reputation 0..1; survives re-registration
-COOLOFF = PREFIX + "cooloff"        # HASH node name -> ms until which the node is not scheduled
+# HASH node name -> sha256(node_key): the identity that owns a name. Only the holder of the node_key
+# may register that name again, so reputation, cool-off and bans (keyed by name) follow the identity.
+NODE_IDENTITIES = PREFIX + "nodes:identities"
+# HASH node name -> node_id of its live registration: a second live registration of a name is refused
+NODE_BY_NAME = PREFIX + "nodes:by_name"
+REPUTATION = PREFIX + "reputation"  # HASH node name (identity) -> reputation 0..1; survives re-registration
+COOLOFF = PREFIX + "cooloff"        # HASH node name (identity) -> ms until which the node is not scheduled
+# SET node ids removed by a script whose store ACL user is still to be deleted (scripts cannot run ACL
+# commands); every gateway's reaper timer deletes them within a tick
+NODE_USERS_TO_DELETE = PREFIX + "nodes:acl_delete"
+# STRING ms of the last script run: the control plane's pulse. A gap longer than the outage threshold
+# means the plane was down, and nodes that were alive when it went silent get a fresh TTL
+PLANE_PULSE = PREFIX + "plane:pulse"
+PLANE_RESUMED = PREFIX + "plane:resumed"  # STRING ms when the plane last came back from such a gap
 
 # --- jobs ------------------------------------------------------------------------------------
 JOB = PREFIX + "job:"
@@ -138,6 +151,11 @@ local NODE_CLASSES = {{'cpu', 'gpu'}}
 local NODE_GROUP = '{NODE_GROUP}'
 local NODE_STREAM_MAXLEN = {NODE_STREAM_MAXLEN}
 local NODE_NAMES = '{NODE_NAMES}'
+local NODE_IDENTITIES = '{NODE_IDENTITIES}'
+local NODE_BY_NAME = '{NODE_BY_NAME}'
+local NODE_USERS_TO_DELETE = '{NODE_USERS_TO_DELETE}'
+local PLANE_PULSE = '{PLANE_PULSE}'
+local PLANE_RESUMED = '{PLANE_RESUMED}'
 local REPUTATION = '{REPUTATION}'
 local COOLOFF = '{COOLOFF}'
 local K_JOB = '{JOB}'

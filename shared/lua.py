@@ -22,8 +22,35 @@ local token_hash = ARGV[10]
 local ttl_ms = tonumber(ARGV[11])
 local capability = ARGV[12]
 local w_rep, w_av, w_cap, w_up = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local presented_key_hash = ARGV[17]  -- digest of the node_key in the body, '' when none was sent
+local new_key_hash = ARGV[18]        -- digest of a fresh node_key, issued if the name is new
+local stream_secret_hash = ARGV[19]  -- digest of the password of the node's store user
 local now = now_ms()
 reap_expired(now)
+-- The name belongs to the identity that first registered it: only its node_key registers it again.
+local issued = 0
+local owner = redis.call('HGET', NODE_IDENTITIES, name)
+if owner then
+  if not digest_equal(owner, presented_key_hash) then
+    return fail('name_taken', 'node name ' .. name .. ' belongs to another node identity: register it with '
+      .. 'its node_key, or choose another name')
+  end
+elseif presented_key_hash ~= '' then
+  redis.call('HSET', NODE_IDENTITIES, name, presented_key_hash)  -- a key the store forgot: adopted
+else
+  redis.call('HSET', NODE_IDENTITIES, name, new_key_hash)
+  issued = 1
+end
+-- One live registration per identity. A draining one is the same runtime restarted after a SIGTERM:
+-- it goes (its jobs were handed back or go back now) and the runtime registers afresh.
+local live = redis.call('HGET', NODE_BY_NAME, name)
+if live and redis.call('EXISTS', node_key(live)) == 1 then
+  if redis.call('HGET', node_key(live), 'status') ~= 'draining' then
+    return fail('name_in_use', 'node ' .. live .. ' (' .. name .. ') is still registered; a restarted runtime '
+      .. 'resumes it with its saved session, or registers once its heartbeat lapses')
+  end
+  remove_node(live, now, false)
+end
 local rep = redis.call('HGET', REPUTATION, name)
 if not rep then
   rep = REPUTATION_START
@@ -34,21 +61,23 @@ redis.call('HSET', nk, 'node_id', node_id, 'name', name, 'status', 'online', 'sl
   'class', class, 'gpu', gpu, 'gpu_memory_mb', gpu_memory_mb, 'ram_mb', ram_mb,
   'capabilities', capabilities, 'labels', labels, 'token_hash', token_hash, 'ttl_ms', ttl_ms,
   'reputation', rep, 'capability', capability, 'w_rep', w_rep, 'w_av', w_av, 'w_cap', w_cap, 'w_up', w_up,
-  'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now)
-redis.call('PEXPIRE', nk, ttl_ms)
+  'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now, 'health', '',
+  'stream_secret_hash', stream_secret_hash)
 redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
 redis.call('HSET', NODE_NAMES, node_id, name)
+redis.call('HSET', NODE_BY_NAME, name, node_id)
 -- Group from id 0: entries added before the node first reads are still delivered to it.
 redis.pcall('XGROUP', 'CREATE', node_stream_key(node_id), NODE_GROUP, '0', 'MKSTREAM')
 rescore(node_id, now)
 local assigned = pull_queue(node_id, now)
-return {'ok', #assigned}
+return {'ok', #assigned, issued}
 """
 
 HEARTBEAT = r"""
 local node_id = ARGV[1]
 local gpu_free_frac = ARGV[2]
 local token_hash = ARGV[3]  -- optional: the caller's session-token digest, checked before any change
+local health = ARGV[4] or ''  -- '' when the node reads its stream, else why it cannot (not scheduled then)
 if token_hash and token_hash ~= '' and not session_ok(node_id, token_hash) then
   return fail('unauthorized', SESSION_UNKNOWN)
 end
@@ -59,15 +88,17 @@ if redis.call('EXISTS', nk) == 0 then
   return fail('not_found', 'node ' .. node_id .. ' is not registered (its heartbeat lapsed?); register again')
 end
 local ttl_ms = tonumber(redis.call('HGET', nk, 'ttl_ms'))
-redis.call('PEXPIRE', nk, ttl_ms)
 redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
-redis.call('HSET', nk, 'last_heartbeat_ms', now, 'gpu_free_frac', gpu_free_frac)
+redis.call('HSET', nk, 'last_heartbeat_ms', now, 'gpu_free_frac', gpu_free_frac, 'health', health)
 rescore(node_id, now)
 expire_stale_assignments(node_id, now)
 local cancels = redis.call('SMEMBERS', node_cancels_key(node_id))
 redis.call('DEL', node_cancels_key(node_id))
 local assigned = pull_queue(node_id, now)
-local reply = {'ok', redis.call('HGET', nk, 'status'), #assigned}
+-- an unhealthy node gets its store user's digest back, so the caller can recreate a lost user
+local secret = ''
+if health ~= '' then secret = redis.call('HGET', nk, 'stream_secret_hash') or '' end
+local reply = {'ok', redis.call('HGET', nk, 'status'), #assigned, secret}
 for _, job_id in ipairs(cancels) do table.insert(reply, job_id) end
 return reply
 """

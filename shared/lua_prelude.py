@@ -22,14 +22,18 @@ local function fail(code, message)
   return {'err', code, message}
 end
 
--- Does this digest match the node's stored session-token digest? Every byte is compared (constant
--- time), as hmac.compare_digest does. Lets a node call authenticate inside its one script.
-local function session_ok(node_id, token_hash)
-  local stored = redis.call('HGET', node_key(node_id), 'token_hash')
-  if not stored or #stored ~= #token_hash then return false end
+-- Are two digests equal? Every byte is compared (constant time), as hmac.compare_digest does.
+local function digest_equal(stored, given)
+  if not stored or not given or #stored ~= #given then return false end
   local diff = 0
-  for i = 1, #stored do diff = bit.bor(diff, bit.bxor(string.byte(stored, i), string.byte(token_hash, i))) end
+  for i = 1, #stored do diff = bit.bor(diff, bit.bxor(string.byte(stored, i), string.byte(given, i))) end
   return diff == 0
+end
+
+-- Does this digest match the node's stored session-token digest? Lets a node call authenticate
+-- inside its one script.
+local function session_ok(node_id, token_hash)
+  return digest_equal(redis.call('HGET', node_key(node_id), 'token_hash'), token_hash)
 end
 
 local SESSION_UNKNOWN = "unknown node session token (if the node's heartbeat lapsed, register again)"
@@ -51,7 +55,7 @@ end
 local function rescore(node_id, now)
   local nk = node_key(node_id)
   local f = redis.call('HMGET', nk, 'slots', 'running', 'reputation', 'capability', 'alive_since_ms',
-    'w_rep', 'w_av', 'w_cap', 'w_up', 'status', 'class', 'name', 'gpu_free_frac')
+    'w_rep', 'w_av', 'w_cap', 'w_up', 'status', 'class', 'name', 'gpu_free_frac', 'health')
   if not f[1] then return end
   local slots, running = tonumber(f[1]), tonumber(f[2])
   local avail = 0
@@ -63,7 +67,7 @@ local function rescore(node_id, now)
   redis.call('HSET', nk, 'availability', tostring(avail), 'uptime', tostring(uptime), 'score', tostring(score))
   redis.call('ZADD', NODES_SCORE, score, node_id)
   local cool_until = tonumber(redis.call('HGET', COOLOFF, f[12]) or '0')
-  if f[10] == 'online' and running < slots and cool_until <= now then
+  if f[10] == 'online' and (f[14] or '') == '' and running < slots and cool_until <= now then
     redis.call('ZADD', nodes_free_key(f[11]), score, node_id)
   else
     redis.call('ZREM', nodes_free_key(f[11]), node_id)
@@ -88,12 +92,14 @@ end
 -- Can this node take this job now? r = {req_gpu, req_gpu_mem, req_ram, req_labels}.
 local function node_can_take(node_id, r, now)
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'gpu', 'gpu_memory_mb',
-    'ram_mb', 'labels', 'name', 'class')
+    'ram_mb', 'labels', 'name', 'class', 'health')
   if not n[1] then
     for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
     return false
   end
-  if n[1] ~= 'online' or tonumber(n[3]) >= tonumber(n[2]) then return false end
+  if n[1] ~= 'online' or (n[10] or '') ~= '' or tonumber(n[3]) >= tonumber(n[2]) then return false end
+  -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
+  if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
   if tonumber(redis.call('HGET', COOLOFF, n[8]) or '0') > now then return false end
   if r[1] == '1' and n[4] ~= '1' then return false end
   if tonumber(r[2]) > tonumber(n[5]) then return false end
@@ -229,6 +235,8 @@ remove_node = function(node_id, now, lost)
   for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
   redis.call('DEL', node_key(node_id), node_jobs_key(node_id), node_cancels_key(node_id), node_stream_key(node_id))
   redis.call('HDEL', NODE_NAMES, node_id)
+  if name and redis.call('HGET', NODE_BY_NAME, name) == node_id then redis.call('HDEL', NODE_BY_NAME, name) end
+  redis.call('SADD', NODE_USERS_TO_DELETE, node_id)  -- its store user goes too (scripts cannot run ACL)
   if lost then
     if moved > 0 then
       for _ = 1, moved do adjust_reputation(node_id, name, 'node_fault', now) end
@@ -240,32 +248,50 @@ remove_node = function(node_id, now, lost)
 end
 
 -- A node that heartbeats but never starts what it was given (it cannot read its stream, say) must not
--- sit on jobs: an assignment not started within ASSIGN_TIMEOUT_MS goes back to the queue. The job
--- keeps its attempts (it never ran); the node pays in reputation, so a broken node soon cools off.
+-- sit on jobs: an assignment not started within ASSIGN_TIMEOUT_MS goes back to the queue and counts
+-- against the node (reputation) and as one of the job's attempts, so a job that keeps bouncing ends
+-- failed with that reason. Time the whole control plane was down does not count.
 local function expire_stale_assignments(node_id, now)
+  local resumed = nil
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
     local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms')
     if j[1] == 'assigned' and j[2] == node_id and now - tonumber(j[3]) > ASSIGN_TIMEOUT_MS then
-      release(job_id, node_id, now)
-      requeue(job_id, now, false, 'not started by its node')
-      adjust_reputation(node_id, redis.call('HGET', NODE_NAMES, node_id), 'node_fault', now)
-      place(job_id, now)
+      resumed = resumed or tonumber(redis.call('GET', PLANE_RESUMED) or '0')
+      if now - math.max(tonumber(j[3]), resumed) > ASSIGN_TIMEOUT_MS then
+        release(job_id, node_id, now)
+        local reason = 'node ' .. node_id .. ' did not start it within ' .. (ASSIGN_TIMEOUT_MS / 1000)
+          .. ' s of its assignment (it could not read its assignment stream?)'
+        adjust_reputation(node_id, redis.call('HGET', NODE_NAMES, node_id), 'node_fault', now)
+        if requeue(job_id, now, true, reason) == 'queued' then place(job_id, now) end
+      end
     end
   end
 end
 
--- Lazy reaping: nodes whose deadline passed and whose hash expired, REAP_BATCH at most per call.
-local function reap_expired(now)
-  local reaped = {}
-  local ids = redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)
-  for _, node_id in ipairs(ids) do
-    local pttl = redis.call('PTTL', node_key(node_id))
-    if pttl > 0 then
-      redis.call('ZADD', NODES_DEADLINE, now + pttl, node_id)
-    else
-      remove_node(node_id, now, true)
-      table.insert(reaped, node_id)
+-- The control plane's pulse: every script that reaps marks the time. A gap longer than OUTAGE_GAP_MS
+-- means nothing ran (gateway or store down), so no heartbeat could land: every node alive when the
+-- silence began gets a fresh TTL from now instead of being reaped for it (as Kubernetes' node
+-- controller stops evicting when the whole fleet goes silent at once).
+local function plane_pulse(now)
+  local last = tonumber(redis.call('GET', PLANE_PULSE) or '0')
+  redis.call('SET', PLANE_PULSE, string.format('%d', now))
+  if last > 0 and now - last > OUTAGE_GAP_MS then
+    redis.call('SET', PLANE_RESUMED, string.format('%d', now))
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, string.format('(%d', last), '+inf')) do
+      local ttl = tonumber(redis.call('HGET', node_key(id), 'ttl_ms') or '0')
+      redis.call('ZADD', NODES_DEADLINE, 'GT', now + ttl, id)
     end
+  end
+end
+
+-- Reaping: nodes whose deadline passed, REAP_BATCH at most per call (every gateway also runs REAP on
+-- a timer, so a quiet fleet is reaped too).
+local function reap_expired(now)
+  plane_pulse(now)
+  local reaped = {}
+  for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
+    remove_node(node_id, now, true)
+    table.insert(reaped, node_id)
   end
   return reaped
 end
@@ -283,6 +309,7 @@ def build_prelude(settings: Settings) -> str:
         f"local REPUTATION_FLOOR = {settings.reputation_floor}\n"
         f"local COOLOFF_MS = {int(settings.cooloff_s * 1000)}\n"
         f"local ASSIGN_TIMEOUT_MS = {int(settings.assign_timeout_s * 1000)}\n"
+        f"local OUTAGE_GAP_MS = {int(settings.outage_gap_s * 1000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
     )
     return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS

@@ -6,16 +6,21 @@ computes what only Python knows (the capability score of a hardware description)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
 from typing import Any
 
 import msgspec
 import orjson
 
-from shared import auth, errors, keys
-from shared.store import Store
+from shared import auth, errors, keys, store_users
+from shared.store import Store, is_unavailable
 from shared.validation import convert
 from shared.views import node_view
+
+log = logging.getLogger("cyxwiz.nodes")
 
 
 class GpuInfo(msgspec.Struct):
@@ -41,10 +46,15 @@ class Registration(msgspec.Struct, forbid_unknown_fields=True):
     slots: int = 1
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     labels: dict[str, str] = {}
+    node_key: str | None = None  # the identity's secret, returned by the first registration of the name
 
 
 class HeartbeatBody(msgspec.Struct, forbid_unknown_fields=True):
     gpu_free_mb: int | None = None
+    stream_error: str | None = None  # set while the node cannot read its assignment stream
+
+
+MAX_STREAM_ERROR = 300  # characters of a node's stream error kept on its hash
 
 
 def capability_score(caps: Capabilities) -> float:
@@ -78,46 +88,79 @@ def _validate(reg: Registration) -> None:
     if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 for k, v in reg.labels.items()):
         raise errors.InvalidField("at most 64 labels, keys up to 64 and values up to 256 characters",
                                   field="labels")
+    if reg.node_key is not None and not 16 <= len(reg.node_key) <= 256:
+        raise errors.InvalidField("node_key must be the key a first registration returned", field="node_key")
 
 
-async def register_node(store: Store, body: Any) -> dict[str, Any]:
-    """Register a node (the caller checked the join token); it may be handed queued jobs at once."""
+async def register_node(store: Store, body: Any, request_host: str | None = None) -> dict[str, Any]:
+    """Register a node (the caller checked the join token); it may be handed queued jobs at once.
+
+    Its store user is created first (so it exists before the node can learn of it) and deleted again
+    if the registration is refused: a refused registration changes nothing."""
     reg = convert(body, Registration)
     _validate(reg)
     settings = store.settings
     node_id = "n-" + uuid.uuid4().hex[:16]
     token = auth.new_session_token(node_id)
+    node_key = auth.new_token("cwi")
+    stream_password = store_users.new_password()
+    stream_hash = store_users.secret_hash(stream_password)
     caps = reg.capabilities
     gpu = bool(caps.gpus)
     w = settings.weights
-    await store.run("REGISTER_NODE", [
-        node_id, reg.name, reg.slots, "gpu" if gpu else "cpu", int(gpu),
-        max((g.memory_mb for g in caps.gpus), default=0), caps.ram_mb,
-        orjson.dumps(body.get("capabilities", {})).decode(), orjson.dumps(reg.labels).decode(),
-        auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
-        w.reputation, w.availability, w.capability, w.uptime,
-    ])
-    return {
+    await store_users.create_node_user(store.redis, node_id, stream_hash)
+    try:
+        reply = await store.run("REGISTER_NODE", [
+            node_id, reg.name, reg.slots, "gpu" if gpu else "cpu", int(gpu),
+            max((g.memory_mb for g in caps.gpus), default=0), caps.ram_mb,
+            orjson.dumps(body.get("capabilities", {})).decode(), orjson.dumps(reg.labels).decode(),
+            auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
+            w.reputation, w.availability, w.capability, w.uptime,
+            auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
+        ])
+    except BaseException:
+        with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless
+            await store_users.delete_node_users(store.redis, [node_id])
+        raise
+    address = store_users.node_store_address(settings.redis_url, settings.node_store_url, request_host)
+    answer = {
         "node_id": node_id,
         "session_token": token,
         "heartbeat_interval_s": settings.heartbeat_interval_s,
         "ttl_s": settings.ttl_s,
-        "assignments": {"stream": keys.node_stream_key(node_id), "group": keys.NODE_GROUP},
+        "assignments": {"stream": keys.node_stream_key(node_id), "group": keys.NODE_GROUP,
+                        "redis_url": store_users.with_credentials(address, store_users.node_user(node_id),
+                                                                  stream_password)},
     }
+    if int(reply[2]):
+        answer["node_key"] = node_key
+    return answer
 
 
-async def heartbeat(store: Store, node_id: str, body: Any, token_hash: str = "") -> dict[str, Any]:
+async def heartbeat(store: Store, node_id: str, body: Any, token_hash: str = "",
+                    request_host: str | None = None) -> dict[str, Any]:
     """Keep a node alive; answer with the ids of its jobs that users cancelled since the last beat.
-    With ``token_hash`` the script itself checks the session token first (401, nothing changed)."""
+    With ``token_hash`` the script itself checks the session token first (401, nothing changed).
+
+    A node that cannot read its assignment stream says so (``stream_error``): it is not scheduled
+    while it lasts, its store user is recreated (a restarted store may have lost it), and the answer
+    tells it the store's current address (``store_url``, no credentials) to reconnect to."""
     beat = convert(body if body is not None else {}, HeartbeatBody)
     gpu_free_frac = ""
     if beat.gpu_free_mb is not None:
         total = await store.redis.hget(keys.node_key(node_id), "gpu_memory_mb")
         if total and int(total) > 0:
             gpu_free_frac = str(max(0.0, min(1.0, beat.gpu_free_mb / int(total))))
-    reply = await store.run("HEARTBEAT", [node_id, gpu_free_frac, token_hash])
-    return {"ttl_s": store.settings.ttl_s, "cancel": list(reply[3:]), "status": reply[1],
-            "assigned": int(reply[2])}
+    health = (beat.stream_error or "")[:MAX_STREAM_ERROR]
+    reply = await store.run("HEARTBEAT", [node_id, gpu_free_frac, token_hash, health])
+    answer: dict[str, Any] = {"ttl_s": store.settings.ttl_s, "cancel": list(reply[4:]), "status": reply[1],
+                              "assigned": int(reply[2])}
+    if health:
+        if reply[3]:
+            await store_users.create_node_user(store.redis, node_id, reply[3])
+        answer["store_url"] = store_users.node_store_address(store.settings.redis_url,
+                                                             store.settings.node_store_url, request_host)
+    return answer
 
 
 async def drain_node(store: Store, node_id: str) -> dict[str, Any]:
@@ -145,10 +188,34 @@ async def list_nodes(store: Store, limit: int, offset: int) -> tuple[list[dict[s
 
 
 async def reap(store: Store) -> list[str]:
-    """Reap lapsed nodes until none is due (for ``cyxwiz reap`` and schedulers with no traffic)."""
+    """Reap lapsed nodes until none is due, then delete the store users of removed nodes. Every
+    gateway process runs this on a timer (:func:`reap_forever`); ``cyxwiz reap`` runs it by hand."""
     reaped: list[str] = []
     while True:
         batch = await store.run("REAP", [])
         reaped.extend(batch)
         if len(batch) < store.settings.reap_batch:
-            return reaped
+            break
+    while await store_users.delete_pending_node_users(store.redis):
+        pass
+    return reaped
+
+
+async def reap_forever(store: Store) -> None:
+    """Reap every ``reap_interval_s``: dead nodes are found with no other traffic, and each run is the
+    control plane's pulse (see ``plane_pulse`` in :mod:`shared.lua_prelude`). Store outages are
+    waited out quietly; the first of a run of errors is logged."""
+    failing = False
+    while True:
+        await asyncio.sleep(store.settings.reap_interval_s)
+        try:
+            await reap(store)
+        except Exception as exc:  # noqa: BLE001 - the timer must outlive any one failure
+            if not failing:
+                if is_unavailable(exc):
+                    log.warning("reaper: the state store is unreachable (%s); retrying", exc)
+                else:
+                    log.exception("reaper: unexpected error")
+            failing = True
+        else:
+            failing = False

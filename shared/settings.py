@@ -84,6 +84,9 @@ class Settings:
     rate_limit_per_s: int = 0                # per API key; 0 turns it off
     max_event_streams: int = 200             # open SSE streams per process ...
     max_event_streams_per_tenant: int = 20   # ... and per tenant in it; past either: 429
+    node_store_url: str = ""                 # the store address handed to nodes; "" = derived (store_users)
+    reap_interval_s: float = 1.0             # each gateway process reaps lapsed nodes this often
+    outage_gap_s: float = 5.0                # no script ran for this long: the control plane was down
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -93,6 +96,13 @@ class Settings:
         ttl = _read_float(env, "CYXWIZ_TTL_S", 3 * interval, minimum=0.1)
         if ttl < interval:
             raise SettingsError(f"CYXWIZ_TTL_S ({ttl}) must be >= CYXWIZ_HEARTBEAT_INTERVAL_S ({interval})")
+        # The reaper timer doubles as the control plane's pulse: it must tick several times within
+        # the outage threshold, and an outage shorter than a TTL can cost no node its registration.
+        reap_interval = _read_float(env, "CYXWIZ_REAP_INTERVAL_S", min(1.0, interval / 2), minimum=0.05)
+        outage_gap = _read_float(env, "CYXWIZ_OUTAGE_GAP_S", max(5 * reap_interval, min(5.0, ttl)), minimum=0.1)
+        if outage_gap < 2 * reap_interval:
+            raise SettingsError(f"CYXWIZ_OUTAGE_GAP_S ({outage_gap}) must be >= 2 x CYXWIZ_REAP_INTERVAL_S "
+                                f"({reap_interval})")
         weights = ScoreWeights(
             reputation=_read_float(env, "CYXWIZ_WEIGHT_REPUTATION", 0.4),
             availability=_read_float(env, "CYXWIZ_WEIGHT_AVAILABILITY", 0.3),
@@ -120,4 +130,7 @@ class Settings:
             rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 0),
             max_event_streams=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS", 200, minimum=1),
             max_event_streams_per_tenant=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT", 20, minimum=1),
+            node_store_url=_read(env, "CYXWIZ_NODE_STORE_URL", ""),
+            reap_interval_s=reap_interval,
+            outage_gap_s=outage_gap,
         )

@@ -25,8 +25,11 @@ def node_view(h: dict[str, str]) -> dict[str, Any]:
     """A node hash as the contract's node object."""
     last = int(h.get("last_heartbeat_ms") or 0)
     status = h.get("status", "offline")
+    problem = h.get("health") or None
     if last and time.time() * 1000 > last + int(h.get("ttl_ms") or 0):
         status = "offline"  # lapsed, not yet reaped
+    elif status == "online" and problem:
+        status = "unhealthy"  # heartbeats, but cannot read its assignments: not scheduled
     return {
         "node_id": h["node_id"],
         "name": h["name"],
@@ -42,6 +45,7 @@ def node_view(h: dict[str, str]) -> dict[str, Any]:
         "uptime": _float(h.get("uptime")),
         "last_heartbeat": rfc3339(last),
         "registered_at": rfc3339(h.get("registered_ms")),
+        "health": problem,
     }
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
 from cyxwiz.server import install_credentials_at, wait_healthy
-from shared import auth
+from shared import auth, store_users
 from shared.jobspec import DIGITS_MLP_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def valkey() -> Iterator[EmbeddedValkey]:
 
 @pytest.fixture(scope="session")
 def redis_url(valkey: EmbeddedValkey) -> str:
+    """The store's admin URL (tests inspect everything); the gateway runs as the gateway user."""
     return valkey.url
 
 
@@ -57,8 +59,8 @@ def start_gateway(redis_url: str, extra_env: dict[str, str] | None = None) -> tu
 
 
 @pytest.fixture(scope="session")
-def api_url(redis_url: str) -> Iterator[str]:
-    proc, url = start_gateway(redis_url)
+def api_url(valkey: EmbeddedValkey) -> Iterator[str]:
+    proc, url = start_gateway(valkey.gateway_url)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -66,9 +68,13 @@ def api_url(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture()
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain client to inspect state; the database is emptied before each test."""
+    """A plain (admin) client to inspect state; the database, and the store users of nodes, are
+    emptied before each test."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushall()
+    node_users = [u for u in client.acl_users() if u.startswith(store_users.NODE_USER_PREFIX)]
+    if node_users:
+        client.acl_deluser(*node_users)
     yield client
     client.close()
 
@@ -96,9 +102,11 @@ GPU_CAPS: dict[str, Any] = {"device": "cuda", "cpu_cores": 16, "ram_mb": 131072,
                             "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771, "compute_capability": "9.0"}]}
 
 
-def register(http: httpx.Client, join_token: str, name: str = "node", slots: int = 1,
+def register(http: httpx.Client, join_token: str, name: str | None = None, slots: int = 1,
              capabilities: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """Register a node over HTTP; returns the registration answer."""
+    """Register a node over HTTP (a new identity, named uniquely unless ``name`` is given); returns the
+    registration answer."""
+    name = name or f"node-{uuid.uuid4().hex[:8]}"
     body = {"name": name, "slots": slots, "capabilities": capabilities or CPU_CAPS, "labels": labels or {}}
     resp = http.post("/v1/nodes", json=body, headers=bearer(join_token))
     assert resp.status_code == 201, resp.text
@@ -115,9 +123,12 @@ def submit(http: httpx.Client, api_key: str, spec: dict[str, Any] | None = None,
 
 
 def keyspace(client: redis.Redis) -> dict[str, Any]:
-    """Every key with its type and full value: compared before and after a rejected request."""
+    """Every key with its type and full value: compared before and after a rejected request. The
+    control plane's pulse (``cyxwiz:plane:*``) is left out: every script and reaper tick marks it."""
     state: dict[str, Any] = {}
     for key in sorted(client.keys("*")):
+        if key.startswith("cyxwiz:plane:"):
+            continue
         kind = client.type(key)
         if kind == "string":
             value: Any = client.get(key)

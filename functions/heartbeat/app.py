@@ -23,7 +23,8 @@ async def heartbeat(request: Request) -> Response:
         await auth.authenticate_node(store, node_id, authorization)  # 401, or 403 for another node's token
     try:
         # One round trip: the HEARTBEAT script checks the session token before it changes anything.
-        answer = await nodes.heartbeat(store, node_id, await read_json(request, optional=True), token_hash)
+        answer = await nodes.heartbeat(store, node_id, await read_json(request, optional=True), token_hash,
+                                       request.url.hostname)
     except errors.ApiError:
         await auth.authenticate_node(store, node_id, authorization)  # a bad token still answers first
         raise

@@ -1,6 +1,7 @@
 """Progress function: nodes report progress and upload artifacts; users read, stream and download.
 
-POST /v1/jobs/{id}/progress and PUT /v1/jobs/{id}/artifacts/{name} (node session token);
+POST /v1/jobs/{id}/progress, PUT /v1/jobs/{id}/artifacts/{name} and GET /v1/jobs/{id}/attempts/{n}
+(node session token);
 GET /v1/jobs/{id}/progress, GET /v1/jobs/{id}/events (SSE) and GET /v1/jobs/{id}/artifacts/{name}
 (API key; HTTP Range honoured). Run alone: ``hypercorn functions.progress.app:app``.
 """
@@ -39,6 +40,14 @@ async def report(request: Request) -> Response:
         await _node(request)  # a bad token still answers first, as when it was checked on its own
         raise
     return JSONResponse(answer)
+
+
+async def attempt(request: Request) -> Response:
+    """A node asks whether an assignment it read is still live before starting it (nodes have no
+    store access beyond their own stream)."""
+    node_id = await _node(request)
+    job_id, number = request.path_params["job_id"], request.path_params["attempt"]
+    return JSONResponse(await jobs.attempt_state(store_of(request), node_id, job_id, number))
 
 
 async def list_progress(request: Request) -> Response:
@@ -100,6 +109,7 @@ routes = [
     Route("/v1/jobs/{job_id:job}/progress", report, methods=["POST"]),
     Route("/v1/jobs/{job_id:job}/progress", list_progress, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/events", events, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/attempts/{attempt}", attempt, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", upload, methods=["PUT"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", download, methods=["GET"]),
 ]

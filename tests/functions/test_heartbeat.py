@@ -20,7 +20,29 @@ def test_heartbeat_refreshes_ttl(http: httpx.Client, creds: dict[str, str], r: r
     resp = beat(http, reg)
     assert resp.status_code == 200
     assert resp.json() == {"ttl_s": 2.0, "cancel": [], "status": "online", "assigned": 0}
-    assert r.pttl(f"cyxwiz:node:{reg['node_id']}") > 1500
+    now_ms = float(r.time()[0]) * 1000
+    assert r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) > now_ms + 1500
+    # liveness is the deadline, not a Redis TTL: an outage of the control plane deletes no node
+    assert r.pttl(f"cyxwiz:node:{reg['node_id']}") == -1
+
+
+def test_a_node_that_cannot_read_its_stream_is_unhealthy_and_not_scheduled(
+        http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    user = f"node-{reg['node_id']}"
+    r.acl_deluser(user)  # as a store restarted without its node users would have lost it
+    answer = beat(http, reg, stream_error="AuthenticationError: invalid username-password pair").json()
+    assert answer["store_url"] == "redis://127.0.0.1:" + reg["assignments"]["redis_url"].rsplit(":", 1)[1]
+    assert "@" not in answer["store_url"]  # an address: the node keeps its own credentials
+    assert user in r.acl_users()  # recreated from the digest on the node hash
+    node = http.get(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()
+    assert node["status"] == "unhealthy" and "invalid username" in node["health"]
+    job = submit(http, creds["api_key"])
+    assert job["status"] == "queued"  # not placed on a node that cannot read its assignments
+    healthy = beat(http, reg).json()
+    assert healthy["assigned"] == 1 and "store_url" not in healthy
+    node = http.get(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()
+    assert node["status"] == "online" and node["health"] is None
 
 
 def test_heartbeat_auth(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
@@ -74,7 +96,8 @@ def test_assignment_not_started_in_time_goes_back(redis_url: str, creds: dict[st
     proc, url = start_gateway(redis_url, {"CYXWIZ_ASSIGN_TIMEOUT_S": "1"})
     try:
         with httpx.Client(base_url=url) as http:
-            stuck = register(http, creds["join_token"], "stuck")
+            stuck_name = "stuck"
+            stuck = register(http, creds["join_token"], stuck_name)
             job_id = submit(http, creds["api_key"])["job_id"]
             assert beat(http, stuck).status_code == 200
             healthy = register(http, creds["join_token"], "healthy")
@@ -82,8 +105,31 @@ def test_assignment_not_started_in_time_goes_back(redis_url: str, creds: dict[st
             beat(http, stuck)
             job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
             assert job["status"] == "assigned" and job["node_id"] == healthy["node_id"]
-            assert job["attempt"] == 2 and r.hget(f"cyxwiz:job:{job_id}", "lost_count") == "0"  # no attempt spent
-            assert float(r.hget("cyxwiz:reputation", "stuck")) < 0.75
+            assert job["attempt"] == 2 and r.hget(f"cyxwiz:job:{job_id}", "lost_count") == "1"  # counts
+            assert float(r.hget("cyxwiz:reputation", stuck_name)) < 0.75
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_a_job_that_keeps_bouncing_ends_failed_with_the_reason(redis_url: str, creds: dict[str, str]) -> None:
+    """Nodes that never start what they are given cannot bounce a job forever, silently."""
+    from tests.conftest import DIGITS_SPEC, start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_ASSIGN_TIMEOUT_S": "1"})
+    try:
+        with httpx.Client(base_url=url) as http:
+            stuck = register(http, creds["join_token"])
+            job_id = submit(http, creds["api_key"], {**DIGITS_SPEC, "max_attempts": 2})["job_id"]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # heartbeats keep it alive; it never starts the job
+                beat(http, stuck)
+                job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+                if job["status"] == "failed":
+                    break
+                time.sleep(0.2)
+            assert job["status"] == "failed" and job["attempt"] == 3
+            assert "max_attempts reached" in job["error"] and "did not start it within 1 s" in job["error"]
     finally:
         proc.terminate()
         proc.wait()

@@ -21,7 +21,7 @@ def upload(http: httpx.Client, token: str, job_id: str, data: bytes, name: str =
 
 
 def test_full_lifecycle(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
-    reg = register(http, creds["join_token"], slots=1)
+    reg = register(http, creds["join_token"], "node", slots=1)
     token, key = reg["session_token"], creds["api_key"]
     job_id = submit(http, key)["job_id"]
     waiting = submit(http, key)["job_id"]
@@ -99,7 +99,7 @@ def test_stale_attempt_is_fenced(http: httpx.Client, creds: dict[str, str]) -> N
 
 
 def test_job_fault_is_not_retried(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
-    reg = register(http, creds["join_token"])
+    reg = register(http, creds["join_token"], "node")
     job_id = submit(http, creds["api_key"])["job_id"]
     report(http, reg["session_token"], job_id, attempt=1, seq=1, status="failed", error="bad data", fault="job")
     job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from urllib.parse import urlsplit
+
 import httpx
 import pytest
 import redis
@@ -15,9 +18,13 @@ def test_register_returns_session_and_stream(http: httpx.Client, creds: dict[str
     assert reg["ttl_s"] == 2.0 and reg["heartbeat_interval_s"] == 0.5
     stream, group = reg["assignments"]["stream"], reg["assignments"]["group"]
     assert r.exists(stream) and r.xinfo_groups(stream)[0]["name"] == group
-    assert 0 < r.pttl(f"cyxwiz:node:{reg['node_id']}") <= 2000
-    # the token is stored only as a hash
-    assert reg["session_token"] not in str(r.hgetall(f"cyxwiz:node:{reg['node_id']}"))
+    seconds, micros = r.time()
+    assert 0 < r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) - (seconds * 1000 + micros / 1000) <= 2000
+    # the token, the node key and the store password are stored only as digests
+    stored = str(r.hgetall(f"cyxwiz:node:{reg['node_id']}")) + str(r.hgetall("cyxwiz:nodes:identities"))
+    password = urlsplit(reg["assignments"]["redis_url"]).password
+    assert reg["session_token"] not in stored and reg["node_key"] not in stored and password not in stored
+    assert r.hget("cyxwiz:nodes:identities", "gpu-host-1") == hashlib.sha256(reg["node_key"].encode()).hexdigest()
 
 
 def test_node_object_has_score_components_on_unit_scale(http: httpx.Client, creds: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ def api(http: httpx.Client, creds: dict[str, str]) -> Api:
 
 
 @pytest.fixture()
-def start_node(api_url: str, redis_url: str, creds: dict[str, str], tmp_path: Path,
+def start_node(api_url: str, creds: dict[str, str], tmp_path: Path,
                request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
     """Start node runtimes (``start_node(slots=2, name=...)``); all are stopped after the test, and
     their logs are printed when it fails."""
@@ -30,7 +30,7 @@ def start_node(api_url: str, redis_url: str, creds: dict[str, str], tmp_path: Pa
         kwargs.setdefault("name", f"test-node-{index}")
         # the test's own data dir: a restarted runtime finds its identity there, and ~/.cyxwiz stays untouched
         kwargs["extra_env"] = {"CYXWIZ_DATA_DIR": str(tmp_path / "data"), **kwargs.get("extra_env", {})}
-        node = NodeProcess(api_url, creds["join_token"], redis_url, tmp_path / f"node-{index}.log", **kwargs)
+        node = NodeProcess(api_url, creds["join_token"], tmp_path / f"node-{index}.log", **kwargs)
         started.append(node.start())
         return node
 

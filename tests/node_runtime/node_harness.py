@@ -31,14 +31,16 @@ def long_digits(epochs: int = 300, name: str = "long-digits") -> dict[str, Any]:
 class NodeProcess:
     """One node runtime process, its output in a log file."""
 
-    def __init__(self, api_url: str, join_token: str, redis_url: str, log_path: Path, *, slots: int = 1,
+    def __init__(self, api_url: str, join_token: str, log_path: Path, *, slots: int = 1,
                  name: str = "test-node", extra_args: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, netns: str | None = None) -> None:
         self.log_path = log_path
-        self.command = [sys.executable, "-m", "node_runtime", "--api", api_url, "--join-token", join_token,
-                        "--redis-url", redis_url, "--slots", str(slots), "--name", name, "--torch-threads", "1",
-                        *(extra_args or [])]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        # no store URL: registration hands the node its own; the join token through the environment
+        self.command = [*(["ip", "netns", "exec", netns] if netns else []),
+                        sys.executable, "-m", "node_runtime", "--api", api_url, "--slots", str(slots),
+                        "--name", name, "--torch-threads", "1", *(extra_args or [])]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYXWIZ_JOIN_TOKEN": join_token, **(extra_env or {})}
+        self.env.pop("CYXWIZ_REDIS_URL", None)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NodeProcess:

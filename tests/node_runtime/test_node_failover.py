@@ -149,7 +149,7 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
     api_url = f"http://127.0.0.1:{port}"
     try:
         admin_key, join_token = install_credentials(valkey.url)
-        node = NodeProcess(api_url, join_token, valkey.url, tmp_path / "node.log",
+        node = NodeProcess(api_url, join_token, tmp_path / "node.log",
                            extra_env={"CYXWIZ_NODE_RETRY_MAX_S": "1"}).start()
         wait_until(lambda: "cannot register" in node.log(), 20, what="the node to find no API")
 

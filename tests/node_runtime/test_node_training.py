@@ -70,6 +70,6 @@ def test_tiny_transformer_learns_tiny_text(api: Api, start_node: Callable[..., N
 
 
 def test_a_wrong_join_token_stops_the_runtime_with_exit_2(api_url: str, redis_url: str, tmp_path: Path) -> None:
-    node = NodeProcess(api_url, "cwj_not-a-real-token", redis_url, tmp_path / "node.log").start()
+    node = NodeProcess(api_url, "cwj_not-a-real-token", tmp_path / "node.log").start()
     assert node.wait(30) == 2
     assert "refused to register this node: 401" in node.log()
