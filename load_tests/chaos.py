@@ -1,9 +1,12 @@
-"""Fault injection: ``python -m load_tests.chaos [--nodes N] [--jobs M] [--duration S] [--out DIR]``.
+"""Fault injection: ``python -m load_tests.chaos [--nodes N] [--jobs M] [--duration S] [--out DIR] [--hosts]``.
 
 Starts a real stack on this machine (a persisted Valkey, a gateway under Hypercorn, N ``cyxwiz node``
 runtimes), submits M training jobs, and while they run: SIGKILLs node runtimes at random (restarting
 some, starting fresh ones for others), SIGKILLs and restarts the gateway, and SIGKILLs and restarts
-the Valkey server once. Then it waits for every job to end and checks:
+the Valkey server once (which forgets the nodes' store users: nodes report it in their heartbeats
+and the gateway recreates them). With ``--hosts`` the node runtimes run on a second host: a network
+namespace joined by a veth pair (root only), so they reach the gateway and the store over that link.
+Then it waits for every job to end and checks:
 
 - every job is terminal, and completed (the chaos jobs get max_attempts 10, so none should fail);
 - exactly one completion per job, and no report of any attempt after it;
@@ -35,6 +38,7 @@ import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
 from cyxwiz.server import install_credentials_at, kill_group, wait_healthy
+from load_tests.netns import HostPair, host_pair, unavailable_reason
 from shared import auth, keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +67,13 @@ class Kill:
 class Stack:
     """The processes under test, each one killable and restartable."""
 
-    def __init__(self, workdir: Path, interval_s: float, ttl_s: float) -> None:
+    def __init__(self, workdir: Path, interval_s: float, ttl_s: float, hosts: HostPair | None = None) -> None:
         self.workdir = workdir
-        self.valkey = EmbeddedValkey(workdir, persist=True)
+        self.hosts = hosts  # nodes on a second host: the servers listen on this host's end of the link
+        self.host = hosts.host_ip if hosts else "127.0.0.1"
+        self.valkey = EmbeddedValkey(workdir, persist=True, host=self.host)
         self.port = free_port()
-        self.api = f"http://127.0.0.1:{self.port}"
+        self.api = f"http://{self.host}:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | {
             "CYXWIZ_HEARTBEAT_INTERVAL_S": str(interval_s), "CYXWIZ_TTL_S": str(ttl_s),
             "CYXWIZ_DATA_DIR": str(workdir / "home"), "PYTHONUNBUFFERED": "1"}
@@ -80,14 +86,14 @@ class Stack:
 
     def start(self) -> None:
         self.valkey.start()
-        self.env["CYXWIZ_REDIS_URL"] = self.valkey.url
+        self.env["CYXWIZ_REDIS_URL"] = self.valkey.gateway_url  # the gateway's own store user
         install_credentials_at(self.valkey.url, self.admin_key, self.join_token)
         self.start_gateway()
 
     def start_gateway(self) -> None:
         log = open(self.logs / "gateway.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind", f"{self.host}:{self.port}"],
             env=self.env, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
         if not wait_healthy(self.api, 30):
             raise RuntimeError("gateway did not come up")
@@ -99,10 +105,11 @@ class Stack:
 
     def start_node(self, name: str) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115
-        self.nodes[name] = subprocess.Popen(
-            [sys.executable, "-m", "cyxwiz.cli", "node", "--api", self.api, "--join-token", self.join_token,
-             "--redis-url", self.valkey.url, "--slots", "1", "--name", name],
-            env=self.env, cwd=REPO, stdout=log, stderr=log)
+        # the API URL and the join token alone: registration hands the node its store URL
+        command = [sys.executable, "-m", "cyxwiz.cli", "node", "--api", self.api, "--slots", "1", "--name", name]
+        env = {k: v for k, v in self.env.items() if k != "CYXWIZ_REDIS_URL"} | {"CYXWIZ_JOIN_TOKEN": self.join_token}
+        self.nodes[name] = subprocess.Popen(self.hosts.command(command) if self.hosts else command,
+                                            env=env, cwd=REPO, stdout=log, stderr=log)
 
     def kill_node(self, name: str) -> None:
         proc = self.nodes.pop(name)
@@ -164,10 +171,21 @@ def job_states(http: httpx.Client, stack: Stack, job_ids: list[str]) -> dict[str
 
 
 def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s: float,
-        ttl_s: float) -> dict[str, Any]:
+        ttl_s: float, hosts: bool = False) -> dict[str, Any]:
+    if not hosts:
+        return _run(nodes, jobs, duration, out, seed, interval_s, ttl_s, None)
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"chaos --hosts: {reason}")
+    with host_pair("chaos") as pair:
+        return _run(nodes, jobs, duration, out, seed, interval_s, ttl_s, pair)
+
+
+def _run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s: float,
+         ttl_s: float, hosts: HostPair | None) -> dict[str, Any]:
     rng = random.Random(seed)
     workdir = Path(tempfile.mkdtemp(prefix="cyxwiz-chaos-"))
-    stack = Stack(workdir, interval_s, ttl_s)
+    stack = Stack(workdir, interval_s, ttl_s, hosts)
     kills: list[Kill] = []
     started = time.monotonic()
     stack.start()
@@ -222,6 +240,7 @@ def run(nodes: int, jobs: int, duration: float, out: Path, seed: int, interval_s
         client.close()
         stack.stop()
     summary.update(nodes=nodes, jobs=jobs, duration_s=duration, seed=seed, interval_s=interval_s, ttl_s=ttl_s,
+                   hosts=f"nodes in network namespace {hosts.netns} at {hosts.node_ip}" if hosts else "one",
                    wall_s=round(time.monotonic() - started, 1), workdir=str(workdir))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -350,9 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--interval", type=float, default=1.0, help="heartbeat interval of the stack (s)")
     parser.add_argument("--ttl", type=float, default=3.0, help="node TTL of the stack (s)")
+    parser.add_argument("--hosts", action="store_true",
+                        help="run the nodes on a second host: a network namespace over a veth pair (root)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # run the clean-up in finally
-    summary = run(args.nodes, args.jobs, args.duration, args.out, args.seed, args.interval, args.ttl)
+    summary = run(args.nodes, args.jobs, args.duration, args.out, args.seed, args.interval, args.ttl, args.hosts)
     print(json.dumps({k: v for k, v in summary.items() if k != "kills"}, indent=2))
     print(f"chaos verdict: {summary['verdict'].upper()}")
     return 0 if summary["verdict"] == "pass" else 1

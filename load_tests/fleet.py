@@ -1,8 +1,9 @@
 """Fleets for the benchmarks: many nodes registered through the real state code, pipelined.
 
 Nodes are registered with the REGISTER_NODE Lua script, with the same prelude and the same arguments
-that :func:`shared.nodes.register_node` builds, thousands per pipeline round trip, so a 100,000-node
-fleet takes seconds. Their TTL is long (a day) so none lapses while a benchmark runs.
+that :func:`shared.nodes.register_node` builds, each with its own store ACL user as registration
+creates it, thousands per pipeline round trip, so a 100,000-node fleet takes seconds. Their TTL is
+long (a day) so none lapses while a benchmark runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from shared import auth, lua, nodes
+from shared import auth, lua, nodes, store_users
 from shared.jobspec import DIGITS_MLP_EXAMPLE
 from shared.lua_prelude import build_prelude
 from shared.store import Store
@@ -54,10 +55,13 @@ async def register_fleet(store: Store, count: int, *, slots: int = 1, prefix: st
                 node_id = "n-" + uuid.uuid4().hex[:16]
                 token = auth.new_session_token(node_id)
                 tokens[node_id] = token
+                stream_hash = store_users.secret_hash(store_users.new_password())
+                pipe.execute_command("ACL", "SETUSER", store_users.node_user(node_id),
+                                     *store_users.node_rules(node_id, stream_hash))
                 await script(keys=[], args=[
                     node_id, f"{prefix}-{i}", slots, kind, int(kind == "gpu"), gpu_mem, ram, caps_json, "{}",
                     auth.hash_token(token), ttl_ms, capability, w.reputation, w.availability, w.capability,
-                    w.uptime], client=pipe)
+                    w.uptime, "", auth.hash_token(auth.new_token("cwi")), stream_hash], client=pipe)
             await pipe.execute()
     return tokens
 

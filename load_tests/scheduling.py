@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
 from contextlib import ExitStack
 from typing import Any
 
+import httpx
 import orjson
 
 from load_tests import httpload, servers
@@ -39,12 +41,41 @@ async def _fleet(redis_url: str, size: int) -> dict[str, Any]:
     creds = await servers.fresh_credentials(redis_url)
     store = Store(servers.bench_settings(redis_url, CYXWIZ_TTL_S="86400"))
     try:
+        memory_before = (await store.redis.info("memory"))["used_memory"]
+        users_before = len(await store.redis.acl_users())
         started = time.perf_counter()
         await register_fleet(store, size, slots=slots_for(size, JOBS_PER_SIZE), prefix=f"fleet{size}")
         elapsed = time.perf_counter() - started
+        memory = (await store.redis.info("memory"))["used_memory"] - memory_before
+        users = len(await store.redis.acl_users()) - users_before
     finally:
         await store.close()
-    return {"creds": creds, "register_s": round(elapsed, 2), "register_per_s": round(size / elapsed)}
+    return {"creds": creds, "register_s": round(elapsed, 2), "register_per_s": round(size / elapsed),
+            "store_memory_mb": round(memory / 2**20, 1), "store_bytes_per_node": round(memory / size),
+            "acl_users": users}
+
+
+async def _http_registrations(url: str, join_token: str, count: int, concurrency: int = 16) -> dict[str, Any]:
+    """Register ``count`` new nodes through the API (each: its store user, then REGISTER_NODE), as
+    real nodes join a fleet that is already this big; registrations per second and p99."""
+    latencies: list[float] = []
+    names = iter(range(count))
+    async with httpx.AsyncClient(base_url=url, timeout=30,
+                                 headers={"Authorization": f"Bearer {join_token}"}) as client:
+        async def worker() -> None:
+            for i in names:
+                body = {"name": f"joining-{uuid.uuid4().hex[:12]}-{i}", "slots": 1,
+                        "capabilities": {"device": "cpu", "cpu_cores": 8, "ram_mb": 32768}}
+                started = time.perf_counter()
+                resp = await client.post("/v1/nodes", json=body)
+                latencies.append(time.perf_counter() - started)
+                resp.raise_for_status()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"count": count, "per_s": round(count / elapsed, 1),
+            "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 2)}
 
 
 async def _settle(redis_url: str) -> None:
@@ -104,6 +135,8 @@ def run(redis_url: str, *, sizes: list[int], rounds: int, latency_s: float, thro
                                               orjson.dumps(DIGITS_SPEC))] for size in sizes}
         for size in sizes:  # warm-up
             httpload.run_load(gateways[size], submit[size], concurrency=4, duration_s=1, engine=engine, cpus=load_cpus)
+        joins = {size: asyncio.run(_http_registrations(gateways[size], fleets[size]["creds"]["join_token"],
+                                                       100 * rounds)) for size in sizes}
         for _ in range(rounds):
             for size in sizes:
                 samples[size]["one"].append(httpload.run_load(gateways[size], submit[size], concurrency=1,
@@ -117,6 +150,9 @@ def run(redis_url: str, *, sizes: list[int], rounds: int, latency_s: float, thro
         one, many = samples[size]["one"], samples[size]["many"]
         row = {"nodes": size, "slots_per_node": slots_for(size, JOBS_PER_SIZE),
                "register_s": fleets[size]["register_s"], "register_per_s": fleets[size]["register_per_s"],
+               "store_memory_mb": fleets[size]["store_memory_mb"],
+               "store_bytes_per_node": fleets[size]["store_bytes_per_node"], "acl_users": fleets[size]["acl_users"],
+               "http_registration": joins[size],
                "latency": {"p50_ms": round(statistics.median(r.p50_ms for r in one), 3),
                            "p99_ms": round(statistics.median(r.p99_ms for r in one), 3),
                            "p99_ms_by_round": [round(r.p99_ms, 3) for r in one],
@@ -128,7 +164,9 @@ def run(redis_url: str, *, sizes: list[int], rounds: int, latency_s: float, thro
                "non_2xx": sum(v for r in one + many for k, v in r.statuses.items() if not k.startswith("2")),
                **asyncio.run(_after(urls[size]))}
         lat = row["latency"]
-        print(f"  fleet {size:>6}: registered at {row['register_per_s']}/s; submit p50 {lat['p50_ms']:.2f} ms, "
+        print(f"  fleet {size:>6}: registered at {row['register_per_s']}/s ({row['acl_users']} store users, "
+              f"{row['store_memory_mb']} MiB); joins over HTTP {joins[size]['per_s']}/s "
+              f"(p99 {joins[size]['p99_ms']} ms); submit p50 {lat['p50_ms']:.2f} ms, "
               f"p99 {lat['p99_ms']:.2f} ms; {row['throughput']['rps']:.0f} submits/s at c={concurrency}; "
               f"placed {row['placed_fraction']}", flush=True)
         out.append(row)
@@ -136,4 +174,6 @@ def run(redis_url: str, *, sizes: list[int], rounds: int, latency_s: float, thro
     return {"sizes": out, "rounds": rounds, "server_side_all_sizes": asyncio.run(_server_side(redis_url)),
             "p99_ratio_largest_to_smallest": round(top["latency"]["p99_ms"] / base["latency"]["p99_ms"], 3),
             "p50_ratio_largest_to_smallest": round(top["latency"]["p50_ms"] / base["latency"]["p50_ms"], 3),
-            "throughput_ratio_largest_to_smallest": round(top["throughput"]["rps"] / base["throughput"]["rps"], 3)}
+            "throughput_ratio_largest_to_smallest": round(top["throughput"]["rps"] / base["throughput"]["rps"], 3),
+            "http_registration_ratio_largest_to_smallest": round(
+                top["http_registration"]["per_s"] / base["http_registration"]["per_s"], 3)}

@@ -185,6 +185,8 @@ class Supervisor:
                 await self.agent.stream.ack(job.entry)
                 return
             except (RedisError, OSError) as exc:
+                if self.agent.deregistered or self.agent.registration is not job.registration:
+                    return  # the node was removed: its stream and store user are gone, nothing to ack
                 if attempt == 0:
                     log.warning("%s: cannot acknowledge its assignment yet (%s); retrying", job.name, exc)
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))

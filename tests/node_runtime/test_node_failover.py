@@ -58,10 +58,11 @@ def test_sigterm_hands_the_job_back_and_another_node_resumes_it_from_its_checkpo
     assert job["progress"]["metrics"]["val_accuracy"] >= 0.95
 
 
+@pytest.mark.timeout(240)
 def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) -> None:
     doomed = start_node(name="doomed")
     [doomed_node] = api.wait_nodes(1)
-    job_id = api.submit(long_digits(60))
+    job_id = api.submit(long_digits(300))  # long enough to outlast the survivor's start on a quiet machine
     api.wait_progress(job_id, min_step=50, timeout_s=60)
     job_pids = doomed.job_process_pids()
     assert job_pids
@@ -73,7 +74,7 @@ def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) 
     # its job process notices and exits too, instead of training on for a node that is gone
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in job_pids), 10,
                what="the orphaned job process to exit")
-    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    job = api.wait_status(job_id, ("completed", "failed"), 180)
     assert job["status"] == "completed", job["error"]
     assert job["attempt"] == 2 and job["node_id"] != doomed_node["node_id"]
 
@@ -98,14 +99,13 @@ def test_a_runtime_restarted_within_its_ttl_resumes_as_the_same_node(
     assert len([e for e in api.events(job_id) if e["status"] == "completed"]) == 1
 
 
-def test_two_runtimes_with_one_name_are_two_nodes(api: Api, start_node: Callable[..., NodeProcess]) -> None:
+def test_a_second_runtime_with_the_same_name_is_refused(api: Api, start_node: Callable[..., NodeProcess]) -> None:
     first = start_node(name="twin")
-    api.wait_nodes(1)
-    second = start_node(name="twin")  # same name, same data dir: it must not take over the first's node
-    nodes = api.wait_nodes(2)
-    assert len({n["node_id"] for n in nodes}) == 2
-    assert "keeps no identity" in wait_until(lambda: "keeps no identity" in second.log() and second.log(), 10)
-    assert "resumed as" not in second.log() and first.alive()
+    [node] = api.wait_nodes(1)
+    second = start_node(name="twin")  # same name, same data dir: one name is one node identity
+    assert second.wait(60) == 2
+    assert "another node runtime named 'twin'" in second.log()
+    assert first.alive() and [n["node_id"] for n in api.nodes()] == [node["node_id"]]
 
 
 def test_a_crashed_job_process_is_a_node_fault_and_the_job_is_retried(

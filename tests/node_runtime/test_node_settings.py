@@ -30,8 +30,8 @@ def test_flags_beat_environment_beats_the_credentials_file(tmp_path: Path) -> No
     write_credentials({"api_url": "http://file:1", "join_token": "cwj_file", "redis_url": "redis://file:2/0"},
                       tmp_path)
     from_file = settings_from_args(_parse("--data-dir", str(tmp_path)), env={})
-    assert (from_file.api_url, from_file.join_token, from_file.redis_url) == (
-        "http://file:1", "cwj_file", "redis://file:2/0")
+    assert (from_file.api_url, from_file.join_token) == ("http://file:1", "cwj_file")
+    assert from_file.store_host is None  # never the file's (admin) store URL: registration hands one out
     env = {"CYXWIZ_JOIN_TOKEN": "cwj_env", "CYXWIZ_NODE_SLOTS": "3", "CYXWIZ_NODE_ALLOW_HTTP": "yes"}
     from_env = settings_from_args(_parse("--data-dir", str(tmp_path)), env=env)
     assert from_env.join_token == "cwj_env" and from_env.slots == 3 and from_env.allow_http
@@ -43,16 +43,27 @@ def test_flags_beat_environment_beats_the_credentials_file(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(("argv", "env", "named"), [
     ((), {}, "CYXWIZ_JOIN_TOKEN"),
-    (("--join-token", "t"), {}, "CYXWIZ_REDIS_URL"),
-    (("--join-token", "t", "--redis-url", "redis://x"), {"CYXWIZ_NODE_SLOTS": "many"}, "CYXWIZ_NODE_SLOTS"),
-    (("--join-token", "t", "--redis-url", "redis://x", "--slots", "0"), {}, "--slots"),
-    (("--join-token", "t", "--redis-url", "redis://x", "--data-root", "/no/such/dir"), {}, "--data-root"),
-    (("--join-token", "t", "--redis-url", "redis://x"), {"CYXWIZ_NODE_ALLOW_HTTP": "maybe"}, "ALLOW_HTTP"),
+    (("--join-token", "t", "--redis-url", "redis://x:port"), {}, "CYXWIZ_NODE_REDIS_HOST"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_SLOTS": "many"}, "CYXWIZ_NODE_SLOTS"),
+    (("--join-token", "t", "--slots", "0"), {}, "--slots"),
+    (("--join-token", "t", "--data-root", "/no/such/dir"), {}, "--data-root"),
+    (("--join-token", "t", "--ca-file", "/no/such/ca.pem"), {}, "CYXWIZ_CA_FILE"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_ALLOW_HTTP": "maybe"}, "ALLOW_HTTP"),
 ])
 def test_a_missing_or_bad_setting_fails_fast_naming_it(tmp_path: Path, argv: tuple[str, ...],
                                                        env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         settings_from_args(_parse("--data-dir", str(tmp_path), *argv), env=env)
+
+
+@pytest.mark.parametrize(("given", "host"), [
+    ("10.0.0.5", "10.0.0.5"), ("store.example:7000", "store.example:7000"),
+    ("rediss://user:secret@store.example:6380/0", "store.example:6380"), ("[fd00::1]:6379", "[fd00::1]:6379"),
+])
+def test_redis_url_on_a_node_overrides_the_store_host_only(tmp_path: Path, given: str, host: str) -> None:
+    settings = settings_from_args(_parse("--data-dir", str(tmp_path), "--join-token", "t", "--redis-url", given),
+                                  env={})
+    assert settings.store_host == host
 
 
 def test_cyxwiz_node_without_a_join_token_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
