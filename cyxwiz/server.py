@@ -174,8 +174,8 @@ def serve(opts: ServeOptions) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (1, at once and with nothing changed, when the
     data dir or a port is already in use)."""
     try:
+        _check_port(opts.host, opts.port, "the API")  # first: it creates nothing
         lock = lock_data_dir(opts.data_dir)
-        _check_port(opts.host, opts.port, "the API")
         return _serve_locked(opts, lock)
     except ServeError as exc:
         print(f"cyxwiz serve: {exc}", file=sys.stderr, flush=True)
