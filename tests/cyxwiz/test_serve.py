@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -166,6 +168,52 @@ def test_ctrl_c_and_restart_keeps_the_cluster(tmp_path: Path) -> None:
             except OSError:
                 continue
             assert not any(secret in text for secret in secrets), text
+    finally:
+        if node is not None:
+            node.stop()
+        serve.terminate()
+        serve.wait(30)
+
+
+def _private_ca_and_certificate(where: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA, and a certificate it signed for 127.0.0.1: (ca.crt, api.crt, api.key)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+            "-subj", "/CN=cyxwiz test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "api.key", "-out", "api.csr", "-subj", "/CN=127.0.0.1")
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "api.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "api.crt", "-days", "1", "-extfile", "san.ext")
+    return where / "ca.crt", where / "api.crt", where / "api.key"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_serve_over_https_and_a_node_that_trusts_a_private_ca(tmp_path: Path) -> None:
+    ca, cert, key = _private_ca_and_certificate(tmp_path)
+    data_dir, port = tmp_path / "data", free_port()
+    with open(tmp_path / "serve.log", "ab") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--port", str(port), "--certfile",
+                                  str(cert), "--keyfile", str(key)], env=_serve_env(data_dir), cwd=REPO,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    api_url = f"https://127.0.0.1:{port}"
+    node = None
+    try:
+        assert wait_healthy(api_url, 30), (tmp_path / "serve.log").read_text()
+        creds = json.loads((data_dir / "credentials.json").read_text())
+        assert creds["api_url"] == api_url
+        with pytest.raises(httpx.ConnectError):  # not a certificate the system trusts
+            httpx.get(api_url + "/healthz")
+        node = NodeProcess(api_url, creds["join_token"], tmp_path / "node.log", name="tls-node",
+                           extra_args=["--ca-file", str(ca)], extra_env={"CYXWIZ_DATA_DIR": str(data_dir)}).start()
+        with httpx.Client(base_url=api_url, timeout=10, verify=ssl.create_default_context(cafile=str(ca))) as http:
+            api = Api(http, creds["api_key"])
+            api.wait_nodes(1, timeout_s=60)
+            job = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 90)
+            assert job["status"] == "completed", job["error"] + node.log()  # the job process trusts it too
     finally:
         if node is not None:
             node.stop()
