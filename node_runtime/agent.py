@@ -181,6 +181,7 @@ class NodeAgent:
                 log.info("new node identity %r: its key is in %s (keep it: only it registers this name again)",
                          self.settings.name, self.key_path)
             assignments = answer["assignments"]
+            self.store_address = None  # a new registration's URL has the store's current address
             self.registration = Registration(
                 node_id=answer["node_id"], token=answer["session_token"],
                 heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
