@@ -121,7 +121,8 @@ class NodeUser(FastHttpUser):
         self.interval_s: float = float(reg["heartbeat_interval_s"])
         self.stream: str = reg["assignments"]["stream"]
         self.stream_group: str = reg["assignments"]["group"]
-        self.redis = redis.Redis.from_url(CREDS["redis_url"], decode_responses=True, socket_timeout=30)
+        # its own store user, as a real node: it can read and acknowledge this stream and nothing else
+        self.redis = redis.Redis.from_url(reg["assignments"]["redis_url"], decode_responses=True, socket_timeout=30)
         self.cancelled: set[str] = set()
         self.registered = True
         # Real runtimes start at different moments: the first beat falls anywhere in the interval.

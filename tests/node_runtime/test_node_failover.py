@@ -203,3 +203,53 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
         if gateway is not None:
             stop_process(gateway)
         valkey.stop()
+
+
+def test_a_runtime_restarted_while_its_node_was_draining_registers_afresh(
+        redis_url: str, creds: dict[str, str], tmp_path: Path) -> None:
+    """An admin drained the node (its job runs on), the runtime crashed and came back within the TTL:
+    it registers afresh with its node key instead of resuming a node that is leaving, and the job it
+    held is handed back (no attempt spent) and finished there."""
+    from tests.conftest import bearer, start_gateway
+
+    gateway, url = start_gateway(redis_url, {"CYXWIZ_TTL_S": "60"})  # "within the TTL", on any machine
+    nodes: list[NodeProcess] = []
+
+    def start() -> NodeProcess:
+        node = NodeProcess(url, creds["join_token"], tmp_path / f"drained-{len(nodes)}.log", name="drained",
+                           extra_env={"CYXWIZ_DATA_DIR": str(tmp_path / "data")}).start()
+        nodes.append(node)
+        return node
+
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            api = Api(http, creds["api_key"])
+            first = start()
+            [before] = api.wait_nodes(1)
+            job_id = api.submit(long_digits(100))
+            api.wait_progress(job_id, min_step=30, timeout_s=60)
+            drained = http.delete(f"/v1/nodes/{before['node_id']}", headers=bearer(creds["api_key"]))
+            assert drained.status_code == 202 and drained.json()["status"] == "draining"
+            first.signal(signal.SIGKILL)
+            first.wait(10)
+            again = start()
+            [after] = wait_until(lambda: [n for n in api.nodes() if n["status"] == "online"], 60,
+                                 what="the runtime to register afresh")
+            assert after["node_id"] != before["node_id"] and after["name"] == "drained"
+            assert "was draining; registering afresh" in again.log()
+            job = api.wait_status(job_id, ("completed", "failed"), 120)
+            assert job["status"] == "completed" and job["node_id"] == after["node_id"], job["error"]
+            assert job["attempt"] == 2 and int(r_lost(redis_url, job_id)) == 0  # handed back, not lost
+            assert again.alive() and "left the cluster" not in again.log()
+    finally:
+        for node in nodes:
+            node.stop()
+        gateway.terminate()
+        gateway.wait(10)
+
+
+def r_lost(redis_url: str, job_id: str) -> str:
+    import redis
+
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        return str(client.hget(f"cyxwiz:job:{job_id}", "lost_count"))
