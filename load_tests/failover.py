@@ -6,9 +6,10 @@ Node A registers first and receives the job; node B registers next. Both heartbe
 from their registration answer, as runtimes do. At a random moment A stops (a killed process sends
 nothing more). The clock stops when B's XREADGROUP on its assignment stream returns the job.
 
-Reaping is lazy (any function call reaps nodes whose deadline passed), so with two nodes the job
-moves at B's first heartbeat after A's TTL ran out: latency = TTL - (time since A's last beat when
-it died) + (wait for B's next beat) + delivery, i.e. between TTL - interval and TTL + interval, mean TTL.
+Any function call reaps nodes whose deadline passed, and so does every gateway's reaper timer
+(``CYXWIZ_REAP_INTERVAL_S``, at most 1 s), so the job moves at most a tick after A's TTL ran out:
+latency = TTL - (time since A's last beat when it died) + (up to one reaper tick) + delivery, i.e.
+between TTL - interval and TTL + tick. The model below keeps the older bound, TTL +/- interval.
 """
 
 from __future__ import annotations
