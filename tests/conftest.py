@@ -172,3 +172,15 @@ class KeepAlive:
     def __exit__(self, *exc: object) -> None:
         self.stop_event.set()
         self.thread.join()
+
+
+def assert_no_secret_on_command_lines(secrets: list[str]) -> None:
+    """No process of this machine shows any of ``secrets`` on its command line (``ps`` shows those to
+    every user of the host)."""
+    assert all(len(secret) >= 16 for secret in secrets)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # the process ended meanwhile
+        assert not any(secret in text for secret in secrets), text

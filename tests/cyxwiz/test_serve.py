@@ -20,7 +20,7 @@ import redis
 
 from cyxwiz.embedded import free_port
 from cyxwiz.server import wait_healthy
-from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, bearer
+from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, assert_no_secret_on_command_lines, bearer
 from tests.node_runtime.node_harness import Api, NodeProcess, long_digits
 
 
@@ -159,15 +159,10 @@ def test_ctrl_c_and_restart_keeps_the_cluster(tmp_path: Path) -> None:
         for path in secret_files:
             if path.is_file():
                 assert path.stat().st_mode & 0o777 == 0o600, path
-        # and none on a command line: `ps` shows those to every user of the host
-        secrets = [creds["join_token"], creds["api_key"], creds["store_admin_password"],
-                   creds["store_gateway_password"], (data_dir / "nodes" / "steady.key").read_text().strip()]
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                text = cmdline.read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            assert not any(secret in text for secret in secrets), text
+        # and none on a command line
+        assert_no_secret_on_command_lines([creds["join_token"], creds["api_key"], creds["store_admin_password"],
+                                           creds["store_gateway_password"],
+                                           (data_dir / "nodes" / "steady.key").read_text().strip()])
     finally:
         if node is not None:
             node.stop()

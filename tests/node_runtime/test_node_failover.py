@@ -11,10 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
 from cyxwiz.server import stop_process, wait_healthy
-from tests.conftest import DIGITS_SPEC
+from tests.conftest import DIGITS_SPEC, bearer
+from tests.node_runtime.conftest import LongTtlCluster
 from tests.node_runtime.node_harness import (
     Api,
     NodeProcess,
@@ -79,46 +81,24 @@ def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) 
     assert job["attempt"] == 2 and job["node_id"] != doomed_node["node_id"]
 
 
-def test_a_runtime_restarted_within_its_ttl_resumes_as_the_same_node(
-        redis_url: str, creds: dict[str, str], tmp_path: Path) -> None:
-    # Its own gateway with a 60 s TTL: "within the TTL" must not depend on how fast a restart that
-    # imports torch is on a busy machine (2-4 s), which the session's 2 s TTL would.
-    from tests.conftest import start_gateway
-
-    gateway, url = start_gateway(redis_url, {"CYXWIZ_TTL_S": "60"})
-    nodes: list[NodeProcess] = []
-
-    def start() -> NodeProcess:
-        node = NodeProcess(url, creds["join_token"], tmp_path / f"phoenix-{len(nodes)}.log", name="phoenix",
-                           extra_env={"CYXWIZ_DATA_DIR": str(tmp_path / "data")}).start()
-        nodes.append(node)
-        return node
-
-    try:
-        with httpx.Client(base_url=url, timeout=10) as http:
-            api = Api(http, creds["api_key"])
-            node = start()
-            [before] = api.wait_nodes(1)
-            job_id = api.submit(long_digits(60))
-            wait_until(lambda: any(e["metrics"].get("checkpoint_step") for e in api.events(job_id)), 60,
-                       what="a stored checkpoint")
-            node.signal(signal.SIGKILL)  # a crash: no drain, no hand-back
-            node.wait(10)
-            again = start()  # same name and data dir, well within the TTL
-            job = api.wait_status(job_id, ("completed", "failed"), 90)
-            assert job["status"] == "completed", job["error"]
-            # the same node and the same attempt: nothing was requeued, the pending entry was re-read first
-            assert job["attempt"] == 1 and job["node_id"] == before["node_id"]
-            assert f"resumed as node {before['node_id']}" in again.log()
-            runs = [e["metrics"]["resumed_from_step"] for e in api.events(job_id)
-                    if "resumed_from_step" in e["metrics"]]
-            assert runs[0] == 0 and runs[-1] > 0  # the second run started from the first run's checkpoint
-            assert len([e for e in api.events(job_id) if e["status"] == "completed"]) == 1
-    finally:
-        for node in nodes:
-            node.stop()
-        gateway.terminate()
-        gateway.wait(10)
+def test_a_runtime_restarted_within_its_ttl_resumes_as_the_same_node(long_ttl_cluster: LongTtlCluster) -> None:
+    api, start = long_ttl_cluster.api, long_ttl_cluster.start
+    node = start("phoenix")
+    [before] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(60))
+    wait_until(lambda: any(e["metrics"].get("checkpoint_step") for e in api.events(job_id)), 60,
+               what="a stored checkpoint")
+    node.signal(signal.SIGKILL)  # a crash: no drain, no hand-back
+    node.wait(10)
+    again = start("phoenix")  # same name and data dir, well within the TTL
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed", job["error"]
+    # the same node and the same attempt: nothing was requeued, the pending entry was re-read first
+    assert job["attempt"] == 1 and job["node_id"] == before["node_id"]
+    assert f"resumed as node {before['node_id']}" in again.log()
+    runs = [e["metrics"]["resumed_from_step"] for e in api.events(job_id) if "resumed_from_step" in e["metrics"]]
+    assert runs[0] == 0 and runs[-1] > 0  # the second run started from the first run's checkpoint
+    assert len([e for e in api.events(job_id) if e["status"] == "completed"]) == 1
 
 
 def test_a_second_runtime_with_the_same_name_is_refused(api: Api, start_node: Callable[..., NodeProcess]) -> None:
@@ -206,50 +186,25 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
 
 
 def test_a_runtime_restarted_while_its_node_was_draining_registers_afresh(
-        redis_url: str, creds: dict[str, str], tmp_path: Path) -> None:
+        long_ttl_cluster: LongTtlCluster, creds: dict[str, str], r: redis.Redis) -> None:
     """An admin drained the node (its job runs on), the runtime crashed and came back within the TTL:
     it registers afresh with its node key instead of resuming a node that is leaving, and the job it
     held is handed back (no attempt spent) and finished there."""
-    from tests.conftest import bearer, start_gateway
-
-    gateway, url = start_gateway(redis_url, {"CYXWIZ_TTL_S": "60"})  # "within the TTL", on any machine
-    nodes: list[NodeProcess] = []
-
-    def start() -> NodeProcess:
-        node = NodeProcess(url, creds["join_token"], tmp_path / f"drained-{len(nodes)}.log", name="drained",
-                           extra_env={"CYXWIZ_DATA_DIR": str(tmp_path / "data")}).start()
-        nodes.append(node)
-        return node
-
-    try:
-        with httpx.Client(base_url=url, timeout=10) as http:
-            api = Api(http, creds["api_key"])
-            first = start()
-            [before] = api.wait_nodes(1)
-            job_id = api.submit(long_digits(100))
-            api.wait_progress(job_id, min_step=30, timeout_s=60)
-            drained = http.delete(f"/v1/nodes/{before['node_id']}", headers=bearer(creds["api_key"]))
-            assert drained.status_code == 202 and drained.json()["status"] == "draining"
-            first.signal(signal.SIGKILL)
-            first.wait(10)
-            again = start()
-            [after] = wait_until(lambda: [n for n in api.nodes() if n["status"] == "online"], 60,
-                                 what="the runtime to register afresh")
-            assert after["node_id"] != before["node_id"] and after["name"] == "drained"
-            assert "was draining; registering afresh" in again.log()
-            job = api.wait_status(job_id, ("completed", "failed"), 120)
-            assert job["status"] == "completed" and job["node_id"] == after["node_id"], job["error"]
-            assert job["attempt"] == 2 and int(r_lost(redis_url, job_id)) == 0  # handed back, not lost
-            assert again.alive() and "left the cluster" not in again.log()
-    finally:
-        for node in nodes:
-            node.stop()
-        gateway.terminate()
-        gateway.wait(10)
-
-
-def r_lost(redis_url: str, job_id: str) -> str:
-    import redis
-
-    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        return str(client.hget(f"cyxwiz:job:{job_id}", "lost_count"))
+    api, start = long_ttl_cluster.api, long_ttl_cluster.start
+    first = start("drained")
+    [before] = api.wait_nodes(1)
+    job_id = api.submit(long_digits(100))
+    api.wait_progress(job_id, min_step=30, timeout_s=60)
+    drained = long_ttl_cluster.http.delete(f"/v1/nodes/{before['node_id']}", headers=bearer(creds["api_key"]))
+    assert drained.status_code == 202 and drained.json()["status"] == "draining"
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    again = start("drained")
+    [after] = wait_until(lambda: [n for n in api.nodes() if n["status"] == "online"], 60,
+                         what="the runtime to register afresh")
+    assert after["node_id"] != before["node_id"] and after["name"] == "drained"
+    assert "was draining; registering afresh" in again.log()
+    job = api.wait_status(job_id, ("completed", "failed"), 120)
+    assert job["status"] == "completed" and job["node_id"] == after["node_id"], job["error"]
+    assert job["attempt"] == 2 and r.hget(f"cyxwiz:job:{job_id}", "lost_count") == "0"  # handed back, not lost
+    assert again.alive() and "left the cluster" not in again.log()
