@@ -4,7 +4,7 @@ The serve process is a supervisor: it starts the state store (if embedded) and t
 processes, restarts either if it dies, and on SIGTERM/SIGINT stops the gateway first, then the store
 (which flushes its append-only file), and exits 0.
 
-Before it touches anything it takes the data dir's lock and checks that its ports are free, so a
+Before it changes anything it checks that its ports are free and takes the data dir's lock, so a
 second ``cyxwiz serve`` on the same data dir or port exits at once and changes nothing. The embedded
 store keeps its port across restarts (``store_port`` in ``credentials.json``), and every start of it
 recreates the store users of registered nodes, so running nodes keep reading their streams.
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -140,7 +141,7 @@ def _has_uvloop() -> bool:
     return True
 
 
-def wait_healthy(api_url: str, timeout_s: float = 30.0, alive: Any = None) -> bool:
+def wait_healthy(api_url: str, timeout_s: float = 30.0, alive: Callable[[], bool] | None = None) -> bool:
     """Poll ``/healthz`` until it answers 200 (False after ``timeout_s``, or once ``alive()`` is False).
     An https URL is probed without verifying its certificate: this is our own child on this host."""
     context = ssl._create_unverified_context() if api_url.startswith("https:") else None  # noqa: S323
