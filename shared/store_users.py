@@ -59,37 +59,32 @@ def acl_file_line(user: str, password_hash: str, rules: list[str]) -> str:
     return " ".join(["user", user, "on", "#" + password_hash, *rules])
 
 
+def _rebuild(url: str, *, credentials: str | None = None, host: str | None = None, port: int | None = None) -> str:
+    """``url`` with its credentials (``user:password@`` as given; None keeps them), host and port
+    replaced; scheme, database and query kept. IPv6 hosts are bracketed."""
+    parts = urlsplit(url)
+    if credentials is None:
+        credentials = parts.netloc.rpartition("@")[0] + "@" if "@" in parts.netloc else ""
+    host = host or parts.hostname or "127.0.0.1"
+    netloc = credentials + (f"[{host}]" if ":" in host else host)
+    if port or parts.port:
+        netloc += f":{port or parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def with_credentials(url: str, user: str, password: str) -> str:
     """``url`` with ``user:password@`` in place of any credentials it had."""
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, f"{quote(user, safe='')}:{quote(password, safe='')}@{netloc}",
-                       parts.path, parts.query, parts.fragment))
+    return _rebuild(url, credentials=f"{quote(user, safe='')}:{quote(password, safe='')}@")
 
 
 def without_credentials(url: str) -> str:
     """``url`` with no user or password: the store's address, safe to show and to hand to nodes."""
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return _rebuild(url, credentials="")
 
 
 def with_host(url: str, host: str, port: int | None = None) -> str:
     """``url`` pointing at another host (and port, if given), credentials and database kept."""
-    parts = urlsplit(url)
-    creds = ""
-    if parts.username is not None:
-        creds = parts.username + (f":{parts.password}" if parts.password is not None else "") + "@"
-    netloc = creds + (f"[{host}]" if ":" in host else host)
-    if port or parts.port:
-        netloc += f":{port or parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return _rebuild(url, host=host, port=port)
 
 
 LOOPBACK_OR_ANY = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "")

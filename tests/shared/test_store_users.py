@@ -39,3 +39,9 @@ def test_node_rules_name_one_stream_and_four_commands() -> None:
     assert [r for r in rules if r.startswith("~")] == ["~cyxwiz:node:n-0123456789abcdef:assignments"]
     assert [r for r in rules if r.startswith("+")] == ["+xreadgroup", "+xack", "+xdel", "+ping"]
     assert "-@all" in rules and "#" + "ab" * 32 in rules and "resetchannels" in rules
+
+
+def test_a_host_override_keeps_the_node_credentials_scheme_and_database() -> None:
+    url = "rediss://node-n-1:p%40ss@10.0.0.1:6380/0?ssl_cert_reqs=required"
+    assert store_users.with_host(url, "store.example") == "rediss://node-n-1:p%40ss@store.example:6380/0?ssl_cert_reqs=required"
+    assert store_users.with_host(url, "fd00::2", 7000) == "rediss://node-n-1:p%40ss@[fd00::2]:7000/0?ssl_cert_reqs=required"
