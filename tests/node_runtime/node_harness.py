@@ -39,7 +39,10 @@ class NodeProcess:
         self.command = [*(["ip", "netns", "exec", netns] if netns else []),
                         sys.executable, "-m", "node_runtime", "--api", api_url, "--slots", str(slots),
                         "--name", name, "--torch-threads", "1", *(extra_args or [])]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYXWIZ_JOIN_TOKEN": join_token, **(extra_env or {})}
+        # a data dir of the test's own unless given: never ~/.cyxwiz, where another test run on the same
+        # host would hold the same node name's lock
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYXWIZ_JOIN_TOKEN": join_token,
+                    "CYXWIZ_DATA_DIR": str(log_path.parent / "data"), **(extra_env or {})}
         self.env.pop("CYXWIZ_REDIS_URL", None)
         self.process: subprocess.Popen[bytes] | None = None
 

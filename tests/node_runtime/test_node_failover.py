@@ -147,7 +147,7 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
     valkey = EmbeddedValkey(tmp_path / "store", persist=True)  # persisted: a restart keeps the jobs
     valkey.start()
     port = free_port()
-    gateway = None
+    gateway = node = None
     api_url = f"http://127.0.0.1:{port}"
     try:
         admin_key, join_token = install_credentials(valkey.url)
@@ -180,6 +180,8 @@ def test_the_node_rides_out_api_and_redis_outages(tmp_path: Path, start_node: Ca
         assert "reachable again" in node.log() or "answers again" in node.log()
         node.stop()
     finally:
+        if node is not None:
+            node.stop()
         if gateway is not None:
             stop_process(gateway)
         valkey.stop()
