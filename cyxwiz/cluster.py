@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any
 
 from cyxwiz.credentials import read_credentials
-from cyxwiz.embedded import free_port, port_is_free
+from cyxwiz.embedded import free_port, local_address, port_is_free
 from cyxwiz.server import wait_healthy
 from shared.jobspec import DIGITS_MLP_EXAMPLE
 from shared.settings import default_data_dir
@@ -66,7 +66,7 @@ class LocalCluster:
     def __init__(self, data_dir: Path, port: int, nodes: int, slots: int, host: str = "127.0.0.1",
                  quiet: bool = False) -> None:
         self.data_dir, self.port, self.nodes, self.slots, self.host = data_dir, port, nodes, slots, host
-        self.api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        self.api_url = f"http://{local_address(host, port)}"
         self.quiet = quiet
         self.server: subprocess.Popen[bytes] | None = None
         self.node_processes: list[subprocess.Popen[bytes]] = []

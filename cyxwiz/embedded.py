@@ -45,6 +45,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def local_address(host: str, port: int) -> str:
+    """``host:port`` as this host reaches a server listening there: a wildcard address (every
+    interface) is reached on loopback; IPv6 hosts are bracketed."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could listen on ``host:port`` now. Sockets of an earlier server still in
     TIME-WAIT do not count (servers set SO_REUSEADDR, as this check does); a live listener does."""
@@ -78,8 +85,7 @@ class EmbeddedValkey:
     @property
     def address(self) -> str:
         """The store's URL without credentials (on loopback when it listens on every address)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
-        return f"redis://{f'[{host}]' if ':' in host else host}:{self.port}/0"
+        return f"redis://{local_address(self.host, self.port)}/0"
 
     @property
     def url(self) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cyxwiz.credentials import private_dir, read_credentials, write_credentials
-from cyxwiz.embedded import EmbeddedValkey, free_port, port_is_free
+from cyxwiz.embedded import EmbeddedValkey, free_port, local_address, port_is_free
 from shared import auth, store_users
 from shared.settings import Settings
 from shared.store import Store
@@ -55,9 +55,7 @@ class ServeOptions:
     @property
     def local_api_url(self) -> str:
         """The URL this process reaches its own gateway at."""
-        scheme = "https" if self.certfile else "http"
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return f"{'https' if self.certfile else 'http'}://{local_address(self.host, self.port)}"
 
 
 def install_credentials_at(redis_url: str, admin_key: str, join_token: str) -> None:

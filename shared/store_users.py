@@ -18,12 +18,12 @@ Scripts cannot run ACL commands, so a node removed inside a script (reaped, drai
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from shared import keys
+from shared.auth import hash_token
 
 ADMIN_USER = "cyxwiz-admin"
 GATEWAY_USER = "cyxwiz-gateway"
@@ -37,8 +37,9 @@ NODE_COMMANDS = ["+xreadgroup", "+xack", "+xdel", "+ping"]
 
 
 def secret_hash(password: str) -> str:
-    """How a password is named in an ACL rule (``#<sha256 hex>``) and stored in a node hash."""
-    return hashlib.sha256(password.encode()).hexdigest()
+    """How a password is named in an ACL rule (``#<sha256 hex>``) and stored in a node hash: the same
+    digest as every token's stored form."""
+    return hash_token(password)
 
 
 def new_password() -> str:
