@@ -30,6 +30,7 @@ class Assignment:
     job_id: str
     attempt: int
     spec: dict[str, Any]
+    memory_limit_mb: int = 0  # the job's memory estimate with its margin (0: none given)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -100,7 +101,7 @@ class AssignmentStream:
             for entry_id, fields in entries:
                 try:
                     found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
-                                            orjson.loads(fields["spec"])))
+                                            orjson.loads(fields["spec"]), int(fields.get("memory_mb") or 0)))
                 except (KeyError, TypeError, ValueError):  # deleted after delivery (XDEL) or malformed
                     found.append(Assignment(stream, group, entry_id, "", 0, {}))  # acknowledged, not run
         return found

@@ -37,6 +37,11 @@ class JobLaunch:
     allow_http: bool
     parent_pid: int
     retry_max_s: float  # longest wait between retries while the API is unreachable
+    memory_limit_mb: int = 0  # the job's memory estimate with its margin; the runtime kills it above this
+    dataset_allow_nets: tuple[str, ...] = ()  # see NodeSettings: private networks dataset urls may reach
+    dataset_timeout_s: float = 600.0
+    dataset_min_rate_bps: float = 16384.0
+    max_dataset_mb: int = 1024
 
 
 def seq_base() -> int:

@@ -83,7 +83,9 @@ class JobAttempt:
         ctx = TrainingContext(
             report=self._progress, should_stop=self._should_stop, save_checkpoint=self._checkpoint,
             initial_checkpoint=checkpoint, data_root=Path(self.launch.data_root) if self.launch.data_root else None,
-            allow_http=self.launch.allow_http, device=self.launch.device, cpu_threads=self.launch.torch_threads)
+            allow_http=self.launch.allow_http, device=self.launch.device, cpu_threads=self.launch.torch_threads,
+            dataset_allow_nets=self.launch.dataset_allow_nets, dataset_timeout_s=self.launch.dataset_timeout_s,
+            dataset_min_rate_bps=self.launch.dataset_min_rate_bps, max_dataset_mb=self.launch.max_dataset_mb)
         started = time.monotonic()
         try:
             result = run_training(self.launch.spec, ctx)

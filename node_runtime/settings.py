@@ -37,6 +37,13 @@ class NodeSettings:
     labels: dict[str, str] = field(default_factory=dict)
     data_root: Path | None = None      # local dataset files are allowed only under this directory
     allow_http: bool = False           # http(s) dataset URLs are refused unless the operator allows them
+    # Dataset downloads never reach loopback, link-local, private or metadata addresses (before and after
+    # redirects) except networks the operator lists here; they must finish within a deadline at a minimum
+    # rate; downloaded and decompressed data is capped in bytes.
+    dataset_allow_nets: tuple[str, ...] = ()
+    dataset_timeout_s: float = 600.0
+    dataset_min_rate_bps: float = 16384.0
+    max_dataset_mb: int = 1024
     device: str = "auto"               # auto: CUDA when the host has it, else CPU
     torch_threads: int | None = None   # per job; None: the host's cores shared among the slots
     drain_timeout_s: float = 120.0     # SIGTERM: how long running jobs get to checkpoint and hand back

@@ -84,7 +84,9 @@ class Supervisor:
             api_url=settings.api_url, ca_file=settings.ca_file, session_token=reg.token,
             device=device_for_slot(self.agent.capabilities, slot), torch_threads=self.torch_threads,
             data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
-            parent_pid=os.getpid(), retry_max_s=settings.retry_max_s)
+            parent_pid=os.getpid(), retry_max_s=settings.retry_max_s, memory_limit_mb=entry.memory_limit_mb,
+            dataset_allow_nets=settings.dataset_allow_nets, dataset_timeout_s=settings.dataset_timeout_s,
+            dataset_min_rate_bps=settings.dataset_min_rate_bps, max_dataset_mb=settings.max_dataset_mb)
         process = JobProcess(launch)
         process.start()
         self.jobs[entry.key] = RunningJob(entry, reg, slot, process)

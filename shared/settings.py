@@ -81,12 +81,25 @@ class Settings:
     reputation_floor: float = 0.3            # below this a node cools off (not scheduled)
     cooloff_s: float = 600.0
     assign_timeout_s: float = 120.0          # an assignment its node has not started by then is requeued
-    rate_limit_per_s: int = 0                # per API key; 0 turns it off
+    rate_limit_per_s: int = 100              # per API key; 0 turns it off
     max_event_streams: int = 200             # open SSE streams per process ...
     max_event_streams_per_tenant: int = 20   # ... and per tenant in it; past either: 429
     node_store_url: str = ""                 # the store address handed to nodes; "" = derived (store_users)
     reap_interval_s: float = 1.0             # each gateway process reaps lapsed nodes this often
     outage_gap_s: float = 5.0                # no script ran for this long: the control plane was down
+    # --- tenants' limits (docs/api.md "Limits") ---
+    max_job_memory_mb: int = 65536           # the most memory any node of this cluster may give one job
+    max_queued_jobs: int = 1000              # per tenant, unless an admin set the tenant's own
+    max_running_jobs: int = 64               # per tenant (assigned + running), unless an admin set the tenant's own
+    retention_days: float = 30.0             # finished jobs, their artifacts and unseen node names then go
+    max_job_duration_s: float = 7 * 86400.0  # training.max_duration_s may not exceed this (and defaults to it)
+    max_artifacts_per_job: int = 32
+    # --- the HTTP edge ---
+    body_timeout_s: float = 10.0             # a request body must arrive within this ...
+    min_body_rate_bps: int = 16384           # ... plus its size at this rate (large uploads on slow links)
+    request_timeout_s: float = 60.0          # a whole request (not streams, uploads or downloads) ends by then
+    max_requests_per_client: int = 256       # requests in flight per client address, per gateway process ...
+    max_requests: int = 4096                 # ... and in all; past either: 503 and the connection closed
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -127,10 +140,21 @@ class Settings:
             reputation_floor=_read_float(env, "CYXWIZ_REPUTATION_FLOOR", 0.3),
             cooloff_s=_read_float(env, "CYXWIZ_COOLOFF_S", 600.0),
             assign_timeout_s=_read_float(env, "CYXWIZ_ASSIGN_TIMEOUT_S", 120.0, minimum=1.0),
-            rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 0),
+            rate_limit_per_s=_read_int(env, "CYXWIZ_RATE_LIMIT_PER_S", 100),
             max_event_streams=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS", 200, minimum=1),
             max_event_streams_per_tenant=_read_int(env, "CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT", 20, minimum=1),
             node_store_url=_read(env, "CYXWIZ_NODE_STORE_URL", ""),
             reap_interval_s=reap_interval,
             outage_gap_s=outage_gap,
+            max_job_memory_mb=_read_int(env, "CYXWIZ_MAX_JOB_MEMORY_MB", 65536, minimum=64),
+            max_queued_jobs=_read_int(env, "CYXWIZ_MAX_QUEUED_JOBS", 1000, minimum=1),
+            max_running_jobs=_read_int(env, "CYXWIZ_MAX_RUNNING_JOBS", 64, minimum=1),
+            retention_days=_read_float(env, "CYXWIZ_RETENTION_DAYS", 30.0, minimum=1e-6),
+            max_job_duration_s=_read_float(env, "CYXWIZ_MAX_JOB_DURATION_S", 7 * 86400.0, minimum=1.0),
+            max_artifacts_per_job=_read_int(env, "CYXWIZ_MAX_ARTIFACTS_PER_JOB", 32, minimum=2),
+            body_timeout_s=_read_float(env, "CYXWIZ_BODY_TIMEOUT_S", 10.0, minimum=0.1),
+            min_body_rate_bps=_read_int(env, "CYXWIZ_MIN_BODY_RATE_BPS", 16384, minimum=1),
+            request_timeout_s=_read_float(env, "CYXWIZ_REQUEST_TIMEOUT_S", 60.0, minimum=1.0),
+            max_requests_per_client=_read_int(env, "CYXWIZ_MAX_REQUESTS_PER_CLIENT", 256, minimum=1),
+            max_requests=_read_int(env, "CYXWIZ_MAX_REQUESTS", 4096, minimum=1),
         )

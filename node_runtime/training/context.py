@@ -26,6 +26,10 @@ class TrainingContext:
     initial_checkpoint: bytes | None = None  # from an earlier attempt: resume from it
     data_root: Path | None = None  # operator-allowed directory for local dataset files; None refuses them
     allow_http: bool = False  # operator allows http(s) dataset urls
+    dataset_allow_nets: tuple[str, ...] = ()  # private networks dataset urls may reach (operator's choice)
+    dataset_timeout_s: float = 600.0  # a dataset download must finish within this ...
+    dataset_min_rate_bps: float = 16384.0  # ... and keep at least this average rate
+    max_dataset_mb: int = 1024  # downloaded, read and decompressed dataset bytes are capped at this
     device: str = "cpu"  # "cpu" or "cuda[:i]"
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: half the cores this process may use
 
