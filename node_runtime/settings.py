@@ -9,6 +9,7 @@ a store user of its own that can only read its assignment stream.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -73,6 +74,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                                             "(default: $CYXWIZ_NODE_DATA_ROOT; none: local files are refused)")
     parser.add_argument("--allow-http", action="store_true", default=None,
                         help="let jobs download http(s) datasets (default: $CYXWIZ_NODE_ALLOW_HTTP or no)")
+    parser.add_argument("--allow-dataset-net", action="append", default=[], metavar="CIDR",
+                        help="a private network dataset downloads may reach; they reach only public addresses "
+                             "otherwise (repeatable; default: $CYXWIZ_NODE_DATASET_ALLOW_NETS, comma-separated)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, help="auto (CUDA when present), cpu or cuda "
                                                                  "(default: $CYXWIZ_NODE_DEVICE or auto)")
     parser.add_argument("--torch-threads", type=int, help="CPU threads per job (default: $CYXWIZ_NODE_TORCH_THREADS, "
@@ -123,6 +127,10 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         labels=_labels(args.label),
         data_root=data_root,
         allow_http=bool(args.allow_http) or _flag(env, "CYXWIZ_NODE_ALLOW_HTTP"),
+        dataset_allow_nets=_networks(args.allow_dataset_net, env),
+        dataset_timeout_s=_float(env, "CYXWIZ_NODE_DATASET_TIMEOUT_S", 600.0),
+        dataset_min_rate_bps=_float(env, "CYXWIZ_NODE_DATASET_MIN_RATE_BPS", 16384.0),
+        max_dataset_mb=_int(None, env, None, "CYXWIZ_NODE_MAX_DATASET_MB", 1024, minimum=1) or 1024,
         device=device,
         torch_threads=threads,
         drain_timeout_s=_float(env, "CYXWIZ_NODE_DRAIN_TIMEOUT_S", 120.0),
@@ -146,7 +154,7 @@ def run_node_from_args(args: argparse.Namespace) -> int:
     return run_node(settings)
 
 
-def _int(flag_value: int | None, env: dict[str, str], flag: str, variable: str, default: int | None,
+def _int(flag_value: int | None, env: dict[str, str], flag: str | None, variable: str, default: int | None,
          *, minimum: int) -> int | None:
     if flag_value is not None:
         value = flag_value
@@ -158,8 +166,21 @@ def _int(flag_value: int | None, env: dict[str, str], flag: str, variable: str, 
     else:
         return default
     if value < minimum:
-        raise SettingsError(f"{flag} / {variable} must be >= {minimum}, got {value}")
+        raise SettingsError(f"{f'{flag} / ' if flag else ''}{variable} must be >= {minimum}, got {value}")
     return value
+
+
+def _networks(flag_values: list[str], env: dict[str, str]) -> tuple[str, ...]:
+    """The networks of ``--allow-dataset-net`` (else the variable's comma-separated list), normalized."""
+    raw = flag_values or [part.strip() for part in env.get("CYXWIZ_NODE_DATASET_ALLOW_NETS", "").split(",")]
+    networks = []
+    for cidr in filter(None, raw):
+        try:
+            networks.append(str(ipaddress.ip_network(cidr, strict=False)))
+        except ValueError:
+            raise SettingsError(f"--allow-dataset-net / CYXWIZ_NODE_DATASET_ALLOW_NETS takes networks such as "
+                                f"10.0.0.0/8 or fd00::/8, got {cidr!r}") from None
+    return tuple(networks)
 
 
 def _host_port(raw: str) -> str:

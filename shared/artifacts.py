@@ -9,6 +9,7 @@ replace it by implementing the same three methods.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -17,18 +18,20 @@ from typing import Protocol
 from shared import errors, keys
 from shared.store import Store
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # with fullmatch: "$" would accept a final newline
 CHUNK_BYTES = 512 * 1024
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise errors.InvalidField("artifact names are 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'", field="name")
 
 
 class ArtifactStore(Protocol):
-    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes]) -> int:
-        """Store a whole artifact for this attempt of the job; return its size."""
+    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes],
+                  declared: int | None = None) -> int:
+        """Store a whole artifact for this attempt of the job (``declared``: its Content-Length, if
+        sent); return its size."""
 
     async def size(self, job_id: str, name: str) -> int | None:
         """The artifact's size, or None if there is none."""
@@ -44,17 +47,26 @@ class RedisArtifactStore:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes]) -> int:
+    async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes],
+                  declared: int | None = None) -> int:
         settings = self.store.settings
-        await self.store.run("CHECK_UPLOAD", [job_id, node_id, attempt])  # refuse before reading the body
-        upload = keys.artifact_upload_key(job_id, name, uuid.uuid4().hex)
+        if declared is not None and declared > settings.max_artifact_bytes:
+            raise errors.PayloadTooLarge(f"an artifact may be at most {settings.max_artifact_bytes} bytes")
+        limit = settings.max_artifact_bytes if declared is None else declared
+        upload_id = uuid.uuid4().hex
+        # refuse before reading the body; reserve its size against the job's cap (one upload per name)
+        await self.store.run("CHECK_UPLOAD", [job_id, node_id, attempt, name, upload_id, limit,
+                                              settings.max_job_artifact_bytes, settings.max_artifacts_per_job,
+                                              keys.UPLOAD_TTL_S * 1000])
+        upload = keys.artifact_upload_key(job_id, name, upload_id)
         buffer = bytearray()
         size = chunks = 0
         try:
             async for piece in body:
                 size += len(piece)
-                if size > settings.max_artifact_bytes:
-                    raise errors.PayloadTooLarge(f"an artifact may be at most {settings.max_artifact_bytes} bytes")
+                if size > limit:
+                    raise errors.PayloadTooLarge(f"the artifact is larger than the {limit} bytes it declared "
+                                                 "or the per-artifact cap")
                 buffer += piece
                 while len(buffer) >= CHUNK_BYTES:
                     await self._write_chunk(upload, chunks, bytes(buffer[:CHUNK_BYTES]))
@@ -65,10 +77,12 @@ class RedisArtifactStore:
                 chunks += 1
             await self.store.raw.hset(upload, mapping={"size": size, "chunk_size": CHUNK_BYTES, "chunks": chunks})
         except BaseException:
-            await self.store.raw.delete(upload)
+            with contextlib.suppress(Exception):  # a store outage: the reservation lapses at its expiry
+                await self.store.raw.delete(upload)
+                await self.store.run("END_UPLOAD", [job_id, name, upload_id])
             raise
         await self.store.run("COMMIT_ARTIFACT", [job_id, node_id, attempt, name, size,
-                                                 settings.max_job_artifact_bytes],
+                                                 settings.max_job_artifact_bytes, upload_id],
                              keys=[upload, keys.artifact_key(job_id, name)])
         return size
 

@@ -19,7 +19,10 @@ import orjson
 from shared import errors, keys
 from shared.store import Store
 
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final newline
+# The node id a session token names: the same form as NodeIdConvertor's in shared/http.py, so a token can
+# never name another key ("n-...:assignments" is a stream) and turn a refusal into a 500.
+NODE_ID_RE = re.compile(r"n-[0-9a-f]{16}")
 ADMIN_TENANT = "admin"
 
 
@@ -94,9 +97,11 @@ def new_session_token(node_id: str) -> str:
 
 
 def session_node_id(token: str) -> str | None:
+    """The node id a session token names, or None when the token is not one (wrong kind, no secret, or
+    anything but a well-formed node id)."""
     kind, _, rest = token.partition(".")
     node_id, _, secret = rest.partition(".")
-    return node_id if kind == "cwn" and node_id and secret else None
+    return node_id if kind == "cwn" and secret and NODE_ID_RE.fullmatch(node_id) else None
 
 
 def session_claim(authorization: str | None) -> tuple[str | None, str]:
@@ -139,7 +144,7 @@ async def create_api_key(store: Store, tenant: str, *, admin: bool = False) -> s
     """Store a new API key for a tenant and return it (the only time it is seen in clear)."""
     if tenant == ADMIN_TENANT and not admin:
         raise errors.InvalidField(f"tenant {ADMIN_TENANT!r} is reserved for the admin key's own jobs", field="tenant")
-    if not TENANT_RE.match(tenant):
+    if not TENANT_RE.fullmatch(tenant):
         raise errors.InvalidField("tenant must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
                                   field="tenant")
     token = new_token("cwk")

@@ -86,6 +86,24 @@ class RateLimited(ApiError):
     code = "rate_limited"
 
 
+class QuotaExceeded(ApiError):
+    """429: the tenant is at one of its limits (queued jobs); the message says which."""
+
+    status = 429
+    code = "quota_exceeded"
+
+
+class InsufficientStorage(ApiError):
+    """507: the state store is full (its maxmemory); nothing was written. Retry once space is freed."""
+
+    status = 507
+    code = "insufficient_storage"
+
+    def __init__(self, message: str = "the state store is full; nothing was stored. Finished jobs expire after "
+                                      "the retention period, or an operator can raise its maxmemory") -> None:
+        super().__init__(message, headers={"Retry-After": "30"})
+
+
 class StoreUnavailable(ApiError):
     """503: Redis is unreachable or too slow; ``Retry-After`` says when to try again."""
 

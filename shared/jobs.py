@@ -6,6 +6,8 @@ Validation happens here, before any state is touched; every change is one Lua sc
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
 from typing import Any
@@ -15,13 +17,22 @@ import orjson
 
 from shared import errors, keys
 from shared.auth import Principal
-from shared.jobspec import parse_job_spec
+from shared import resources
+from shared.jobspec import known_data_info, parse_job_spec
 from shared.store import Store
 from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, TERMINAL
 from shared.validation import convert, is_number
 from shared.views import job_view, rfc3339
 
 MAX_IDEMPOTENCY_KEY = 255
+PRIORITY_SCALE = 10**12  # queue score = priority band * PRIORITY_SCALE + submission sequence
+
+
+MAX_ERROR_CHARS = 4000  # of a failure's error, on the job hash and in its progress event alike
+MAX_PROGRESS_COUNT = 2**53  # epoch, step, total_steps: above this a double (Lua, JavaScript) loses integers
+MAX_METRICS = 64
+METRIC_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]{0,63}")  # with fullmatch: 1-64 characters
+_FRACTION_METRIC_RE = re.compile(r"(?:^|[^a-z])acc(?:uracy)?(?:[^a-z]|$)")  # acc, val_accuracy, top5_acc
 
 
 class ProgressReport(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,11 +54,45 @@ class ProgressReport(msgspec.Struct, forbid_unknown_fields=True):
 REPORT_STATUSES = ("running", "completed", "failed", "queued")
 
 
+def _check_progress(report: ProgressReport) -> None:
+    """Sanity rules for what a report says (422 naming the field): counts are whole and plausible,
+    ``step`` is within ``total_steps`` when that is known, metrics are few, simply named and finite,
+    accuracies are fractions and losses are not negative. None is a metric that could not be measured."""
+    for name in ("epoch", "step", "total_steps"):
+        value = getattr(report, name)
+        if not 0 <= value <= MAX_PROGRESS_COUNT:
+            raise errors.InvalidField(f"{name} must be between 0 and 2**53", field=name)
+    if report.total_steps > 0 and report.step > report.total_steps:
+        raise errors.InvalidField(f"step ({report.step}) is past total_steps ({report.total_steps})", field="step")
+    if len(report.metrics) > MAX_METRICS:
+        raise errors.InvalidField(f"at most {MAX_METRICS} metrics", field="metrics")
+    for name, value in report.metrics.items():
+        if not METRIC_NAME_RE.fullmatch(name):
+            raise errors.InvalidField("metric names are 1-64 of A-Z, a-z, 0-9, '_', '.', '/' and '-', starting "
+                                      "with a letter or '_'", field="metrics")
+        if value is None:
+            continue
+        field = f"metrics.{name}"
+        if not math.isfinite(value):
+            raise errors.InvalidField(f"{field} must be a finite number or null", field=field)
+        if _FRACTION_METRIC_RE.search(name.lower()) and not 0 <= value <= 1:
+            raise errors.InvalidField(f"{field} is an accuracy: it must be between 0 and 1", field=field)
+        if name.lower().endswith("loss") and value < 0:
+            raise errors.InvalidField(f"{field} is a loss: it must be >= 0", field=field)
+
+
 async def submit_job(store: Store, who: Principal, body: Any,
                      idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
     """Create a job and place it on the best node that fits, or queue it. 201, or 200 for a repeat
     of an Idempotency-Key."""
-    spec = parse_job_spec(body)
+    settings = store.settings
+    spec = parse_job_spec(body, max_duration_s=settings.max_job_duration_s)
+    need = resources.estimate(spec, known_data_info(spec["dataset"]))
+    if need.memory_mb > settings.max_job_memory_mb:
+        raise errors.InvalidField(
+            f"the job needs about {need.memory_mb:,} MiB of memory ({need.parts()}, plus a margin), more than "
+            f"any node of this cluster gives one job ({settings.max_job_memory_mb:,} MiB); {need.driver} drives "
+            "it: make it smaller", field=need.driver)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise errors.InvalidField(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
                                   field="Idempotency-Key")
@@ -58,6 +103,7 @@ async def submit_job(store: Store, who: Principal, body: Any,
         PRIORITY_BANDS[spec["priority"]], spec["max_attempts"], orjson.dumps(spec).decode(),
         int(bool(req["gpu"])), req["min_gpu_memory_mb"], req["min_ram_mb"],
         orjson.dumps(req["labels"], option=orjson.OPT_SORT_KEYS).decode(),
+        need.memory_mb, int(spec["training"]["max_duration_s"] * 1000), settings.max_queued_jobs,
     ])
     kind, job_id, status, node_id = reply
     answer = {"job_id": job_id, "status": status, "node_id": node_id or None}
@@ -72,7 +118,45 @@ async def _job_hash(store: Store, who: Principal, job_id: str) -> dict[str, str]
 
 
 async def get_job(store: Store, who: Principal, job_id: str) -> dict[str, Any]:
-    return job_view(await _job_hash(store, who, job_id))
+    found = await _job_hash(store, who, job_id)
+    return job_view(found, await pending_reasons(store, [found]))
+
+
+async def pending_reasons(store: Store, hashes: list[dict[str, str]]) -> dict[str, str]:
+    """Why each queued job of ``hashes`` waits, like Slurm's reason codes: ``no_node_fits`` (parked: no
+    live node could hold it), ``tenant_limit`` (its tenant holds max_running_jobs slots), ``priority``
+    (a job of a higher priority band waits for the same class of node), else ``waiting_for_capacity``."""
+    queued = [h for h in hashes if h.get("status") == "queued"]
+    if not queued:
+        return {}
+    tenants = sorted({h["tenant"] for h in queued})
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for h in queued:
+            pipe.zscore(keys.QUEUE_PARKED, h["job_id"])
+            pipe.zcount(keys.queue_key("gpu" if h.get("req_gpu") == "1" else "cpu"), "-inf",
+                        f"({int(h['band']) * PRIORITY_SCALE}")
+        for tenant in tenants:
+            pipe.zcard(keys.jobs_index_key(tenant, "assigned"))
+            pipe.zcard(keys.jobs_index_key(tenant, "running"))
+            pipe.hget(keys.tenant_key(tenant), "max_running_jobs")
+        answers = await pipe.execute()
+    per_job, per_tenant = answers[:2 * len(queued)], answers[2 * len(queued):]
+    at_limit = {}
+    for index, tenant in enumerate(tenants):
+        assigned, running, limit = per_tenant[3 * index:3 * index + 3]
+        at_limit[tenant] = assigned + running >= int(limit or store.settings.max_running_jobs)
+    reasons = {}
+    for index, h in enumerate(queued):
+        parked, ahead = per_job[2 * index], per_job[2 * index + 1]
+        if parked is not None:
+            reasons[h["job_id"]] = "no_node_fits"
+        elif at_limit[h["tenant"]]:
+            reasons[h["job_id"]] = "tenant_limit"
+        elif ahead:
+            reasons[h["job_id"]] = "priority"
+        else:
+            reasons[h["job_id"]] = "waiting_for_capacity"
+    return reasons
 
 
 async def check_job_visible(store: Store, who: Principal, job_id: str) -> None:
@@ -85,13 +169,13 @@ async def check_job_visible(store: Store, who: Principal, job_id: str) -> None:
 def _list_args(status: str | None, limit: str | None, cursor: str | None) -> tuple[str | None, int, str]:
     if status is not None and status not in JOB_STATUSES:
         raise errors.InvalidField(f"status must be one of {', '.join(JOB_STATUSES)}", field="status")
-    try:
-        count = 50 if limit is None else int(limit)
-    except ValueError:
-        raise errors.InvalidField("limit must be an integer", field="limit") from None
+    if limit is not None and not is_number(limit):
+        raise errors.InvalidField("limit must be an integer", field="limit")
+    count = 50 if limit is None else int(limit) if len(limit) <= 4 else 0  # no int() of 4000 digits
     if not 1 <= count <= 500:
         raise errors.InvalidField("limit must be between 1 and 500", field="limit")
-    if cursor is not None and not is_number(cursor):
+    # a cursor is a job's sequence number (a double in the index): anything past 2**53 was never one
+    if cursor is not None and (not is_number(cursor) or len(cursor) > 16 or int(cursor) > 2**53):
         raise errors.InvalidField("cursor must be a value of next_cursor", field="cursor")
     return status, count, f"({cursor}" if cursor else "+inf"
 
@@ -106,7 +190,9 @@ async def list_jobs(store: Store, who: Principal, status: str | None, limit: str
         for job_id, _ in page:
             pipe.hgetall(keys.job_key(job_id))
         hashes = await pipe.execute()
-    jobs = [job_view(h) for h in hashes if h]
+    found = [h for h in hashes if h]
+    reasons = await pending_reasons(store, found)
+    jobs = [job_view(h, reasons) for h in found]
     next_cursor = str(int(page[-1][1])) if len(page) == count else None
     return {"jobs": jobs, "next_cursor": next_cursor}
 
@@ -131,23 +217,39 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
         raise errors.InvalidField("attempt must be >= 1 and seq >= 0", field="attempt" if report.attempt < 1 else "seq")
     if report.status == "failed" and not report.error:
         raise errors.InvalidField("a failed report needs an error", field="error")
+    _check_progress(report)
+    error = report.error[:MAX_ERROR_CHARS]  # a node's traceback can be long; 300 reports of 1 MB were 288 MiB
     progress = {"epoch": report.epoch, "step": report.step, "total_steps": report.total_steps,
                 "metrics": report.metrics}
     event = {"attempt": report.attempt, "seq": report.seq, "status": report.status, **progress,
              "time": rfc3339(int(time.time() * 1000))}
-    if report.error:
-        event["error"] = report.error
+    if error:
+        event["error"] = error
     reply = await store.run("REPORT_PROGRESS", [
         job_id, node_id, report.attempt, report.seq, report.status,
         orjson.dumps(progress).decode() if report.status != "queued" else "",
-        orjson.dumps(event).decode(), report.error[:4000], report.fault, token_hash,
+        orjson.dumps(event).decode(), error, report.fault, token_hash,
     ])
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
 
 
+PROGRESS_PAGE = 500  # events per GET /v1/jobs/{id}/progress page unless ?limit= says otherwise
+MAX_PROGRESS_PAGE = 2000
+STREAM_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # with fullmatch: a stream entry id, ms-seq
+
+
+def is_stream_id(text: str) -> bool:
+    """A stream entry id Redis accepts (each part below 2**64): what ``next_cursor`` of /progress gives."""
+    found = STREAM_ID_RE.fullmatch(text)
+    return found is not None and all(int(part) < 2**64 for part in found.groups())
+
+
 async def progress_events(store: Store, job_id: str, after: str = "-",
                           count: int = 10000) -> list[tuple[str, dict[str, Any]]]:
-    """The job's progress events after stream id ``after`` (exclusive unless '-'), oldest first."""
+    """The job's progress events after stream id ``after`` (exclusive; '-' from the start), oldest
+    first, at most ``count``. Anything but '-' or a stream id is 422 ``after``."""
+    if after != "-" and not is_stream_id(after):
+        raise errors.InvalidField("after must be a value of next_cursor", field="after")
     start = after if after == "-" else "(" + after
     entries = await store.redis.xrange(keys.job_progress_key(job_id), start, "+", count=count)
     return [(entry_id, orjson.loads(fields["event"])) for entry_id, fields in entries]

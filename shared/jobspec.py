@@ -16,6 +16,7 @@ from shared.model_shapes import ACTIVATIONS, SHAPELESS_LAYERS, TEXT_VOCAB_SIZE, 
 
 MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits outgrow a large GPU
 MAX_WIDTH = 65_536
+DEFAULT_MAX_DURATION_S = 7 * 86400.0  # the platform's default limit on training.max_duration_s
 NORMS = ("none", "layernorm", "rmsnorm")
 BUILTIN_DATASETS = ("digits", "tiny-text", "blobs", "spirals")
 # The contract's example job: the digits MLP that ``cyxwiz demo`` trains (examples/digits-mlp.json).
@@ -106,8 +107,10 @@ class _Fields:
             raise InvalidField(f"unknown field {self.name(unknown[0])}", field=self.name(unknown[0]))
 
 
-def parse_job_spec(raw: object) -> dict[str, Any]:
+def parse_job_spec(raw: object, *, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, Any]:
     """Validate a decoded POST /v1/jobs body; return the normalized spec (plain JSON values).
+
+    ``max_duration_s`` is the platform's limit on ``training.max_duration_s`` (which defaults to it).
 
     Raises ``MalformedBody`` when the body is not a JSON object and ``InvalidField`` naming the
     dotted field for anything else: unknown fields, bad values, shapes that cannot connect.
@@ -118,7 +121,7 @@ def parse_job_spec(raw: object) -> dict[str, Any]:
     dataset = _parse_dataset(top.value("dataset", _REQUIRED))
     info = known_data_info(dataset)
     model = _parse_model(top.child("model", required=True), info)
-    training = _parse_training(_Fields(top.value("training", {}), "training"))
+    training = _parse_training(_Fields(top.value("training", {}), "training"), max_duration_s)
     check_model_fits(model, info)
     if (info or {}).get("task") == "lm" and training["batch_size"] * model["context"] > MAX_TOKENS_PER_STEP:
         raise InvalidField(f"batch_size x context must stay under {MAX_TOKENS_PER_STEP:,} tokens per step",
@@ -270,7 +273,7 @@ def _parse_layer(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]
     return layer
 
 
-def _parse_training(fields: _Fields) -> dict[str, Any]:
+def _parse_training(fields: _Fields, max_duration_s: float) -> dict[str, Any]:
     checkpoint = fields.child("checkpoint")
     training = {
         "epochs": fields.integer("epochs", _REQUIRED, 1, 10_000),
@@ -287,6 +290,8 @@ def _parse_training(fields: _Fields) -> dict[str, Any]:
         "kernels": fields.choice("kernels", "auto", ("auto", "triton", "torch")),
         "progress_every_steps": fields.integer("progress_every_steps", 50, 1, 10_000_000),
         "progress_every_s": fields.number("progress_every_s", 5.0, 0.1, 86_400.0),
+        # wall-clock limit of the whole job, from its first start: then it fails (the job's fault)
+        "max_duration_s": fields.number("max_duration_s", max_duration_s, 1.0, max_duration_s),
         "checkpoint": {"enabled": checkpoint.boolean("enabled", True),
                        # at most one epoch-end checkpoint per interval: tiny epochs would upload constantly
                        "min_interval_s": checkpoint.number("min_interval_s", 60.0, 0.0, 86_400.0)},
@@ -309,9 +314,11 @@ def _parse_requirements(fields: _Fields) -> dict[str, Any]:
     if not isinstance(labels, dict) or len(labels) > 32:
         raise InvalidField("requirements.labels must be an object of at most 32 labels", field="requirements.labels")
     for key, value in labels.items():
-        if not (0 < len(key) <= 63 and isinstance(value, str) and len(value) <= 256):
-            raise InvalidField("labels map names (1-63 characters) to strings (at most 256 characters)",
-                               field=f"requirements.labels.{key}")
+        if not (0 < len(key) <= 63 and isinstance(value, str) and len(value) <= 256
+                and key.isprintable() and value.isprintable()):
+            raise InvalidField("labels map printable names (1-63 characters) to printable strings (at most 256 "
+                               "characters)", field=f"requirements.labels.{key}" if key.isprintable()
+                               else "requirements.labels")
     requirements = {"gpu": fields.boolean("gpu", False),
                     "min_gpu_memory_mb": fields.integer("min_gpu_memory_mb", 0, 0, 100_000_000),
                     "min_ram_mb": fields.integer("min_ram_mb", 0, 0, 100_000_000),

@@ -102,11 +102,47 @@ def artifact_upload_key(job_id: str, name: str, upload_id: str) -> str:
 
 UPLOAD_TTL_S = 3600
 
+
+def job_uploads_key(job_id: str) -> str:
+    """Hash: the job's uploads in flight, artifact name -> ``upload_id|bytes|expiry_ms``. Each reserves
+    its declared size against the job's artifact cap when it starts; one upload per name at a time.
+    An entry past its expiry (a gateway that died mid-upload) no longer counts."""
+    return JOB + job_id + ":uploads"
+
+
 def queue_key(job_class: str) -> str:
-    """ZSET job_id -> priority band * 1e12 + sequence (lowest runs first): the queued jobs of one class,
-    ``cpu`` (any node) or ``gpu`` (GPU nodes only), so GPU jobs a CPU node cannot take never fill
-    the window of the queue it scans."""
+    """ZSET job_id -> priority band * 1e12 + sequence (lowest first): every placeable queued job of one
+    class, ``cpu`` (any node) or ``gpu`` (GPU nodes only). Counts and "is a higher band waiting?"
+    read it; nodes pull from the per-tenant queues below."""
     return PREFIX + "queue:" + job_class
+
+
+def tenant_queue_key(job_class: str, tenant: str) -> str:
+    """ZSET job_id -> the same score: one tenant's placeable queued jobs of one class."""
+    return PREFIX + "queue:" + job_class + ":t:" + tenant
+
+
+def queue_tenants_key(job_class: str) -> str:
+    """ZSET tenant -> score of its best queued job of the class: whose queues a free node looks at."""
+    return PREFIX + "queue:" + job_class + ":tenants"
+
+
+# ZSET job_id -> score: queued jobs that no live node could ever hold (labels, memory, GPU); out of every
+# scan until a node that fits registers. Their pending_reason is no_node_fits.
+QUEUE_PARKED = PREFIX + "queue:parked"
+# HASH node profile (JSON: gpu, gpu_mem, ram, mem, labels) -> live nodes with it: "does any node fit?"
+NODES_PROFILES = PREFIX + "nodes:profiles"
+# ZSET node name -> ms it was last registered or removed; names unseen for the retention period (and not
+# live) are forgotten: reputation, cool-off and identity
+NODES_LAST_SEEN = PREFIX + "nodes:last_seen"
+JOBS_FINISHED = PREFIX + "retention:jobs"  # ZSET job_id -> ms it ended: purged after the retention period
+JOBS_DEADLINE = PREFIX + "deadline:jobs"  # ZSET job_id -> ms by which it must end (training.max_duration_s)
+
+
+def tenant_key(tenant: str) -> str:
+    """Hash: an admin's limits for one tenant (``max_queued_jobs``, ``max_running_jobs``); absent
+    fields take the settings' defaults."""
+    return PREFIX + "tenant:" + tenant
 JOB_SEQ = PREFIX + "seq:jobs"  # STRING counter: creation order; also the listing cursor
 
 
@@ -161,6 +197,16 @@ local COOLOFF = '{COOLOFF}'
 local K_JOB = '{JOB}'
 local function job_key(id) return K_JOB .. id end
 local function job_progress_key(id) return K_JOB .. id .. ':progress' end
+local function job_uploads_key(id) return K_JOB .. id .. ':uploads' end
+local function artifact_key(id, name) return K_JOB .. id .. ':artifact:' .. name end
+local function tenant_queue_key(class, tenant) return '{PREFIX}queue:' .. class .. ':t:' .. tenant end
+local function queue_tenants_key(class) return '{PREFIX}queue:' .. class .. ':tenants' end
+local QUEUE_PARKED = '{QUEUE_PARKED}'
+local NODES_PROFILES = '{NODES_PROFILES}'
+local NODES_LAST_SEEN = '{NODES_LAST_SEEN}'
+local JOBS_FINISHED = '{JOBS_FINISHED}'
+local JOBS_DEADLINE = '{JOBS_DEADLINE}'
+local function tenant_key(tenant) return '{PREFIX}tenant:' .. tenant end
 local PROGRESS_MAXLEN = {PROGRESS_MAXLEN}
 local function queue_key(class) return '{PREFIX}queue:' .. class end
 local function job_class(req_gpu) if req_gpu == '1' then return 'gpu' end return 'cpu' end

@@ -25,6 +25,9 @@ local w_rep, w_av, w_cap, w_up = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local presented_key_hash = ARGV[17]  -- digest of the node_key in the body, '' when none was sent
 local new_key_hash = ARGV[18]        -- digest of a fresh node_key, issued if the name is new
 local stream_secret_hash = ARGV[19]  -- digest of the password of the node's store user
+local mem_job_mb = ARGV[20]    -- the most one job may use here (one GPU's memory, or RAM); 0: not reported
+local mem_total_mb = ARGV[21]  -- what all its jobs together may use
+local profile = ARGV[22]       -- JSON of what placement checks statically (see NODES_PROFILES)
 local now = now_ms()
 reap_expired(now)
 -- The name belongs to the identity that first registered it: only its node_key registers it again.
@@ -62,13 +65,17 @@ redis.call('HSET', nk, 'node_id', node_id, 'name', name, 'status', 'online', 'sl
   'capabilities', capabilities, 'labels', labels, 'token_hash', token_hash, 'ttl_ms', ttl_ms,
   'reputation', rep, 'capability', capability, 'w_rep', w_rep, 'w_av', w_av, 'w_cap', w_cap, 'w_up', w_up,
   'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now, 'health', '',
-  'stream_secret_hash', stream_secret_hash)
+  'stream_secret_hash', stream_secret_hash, 'mem_job_mb', mem_job_mb, 'mem_total_mb', mem_total_mb,
+  'mem_reserved_mb', 0, 'profile', profile)
+redis.call('HINCRBY', NODES_PROFILES, profile, 1)
+redis.call('ZADD', NODES_LAST_SEEN, now, name)
 redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
 redis.call('HSET', NODE_NAMES, node_id, name)
 redis.call('HSET', NODE_BY_NAME, name, node_id)
 -- Group from id 0: entries added before the node first reads are still delivered to it.
 redis.pcall('XGROUP', 'CREATE', node_stream_key(node_id), NODE_GROUP, '0', 'MKSTREAM')
 rescore(node_id, now)
+unpark_for(profile)
 local assigned = pull_queue(node_id, now)
 return {'ok', #assigned, issued}
 """
@@ -134,12 +141,21 @@ local band = tonumber(ARGV[6])
 local max_attempts = ARGV[7]
 local spec = ARGV[8]
 local req_gpu, req_gpu_mem, req_ram, req_labels = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local memory_mb = ARGV[13]        -- the job's estimated peak memory
+local max_duration_ms = ARGV[14]  -- its wall-clock limit from its first start
+local max_queued = tonumber(ARGV[15])  -- the settings' default per-tenant limit
 if idem ~= '' then
   local existing = redis.call('GET', idempotency_key(tenant, idem))
   if existing then
     local j = redis.call('HMGET', job_key(existing), 'status', 'node_id')
     return {'existing', existing, j[1], j[2]}
   end
+end
+local queued = redis.call('ZCARD', jobs_index_key(tenant, 'queued'))
+local limit = tenant_limit(tenant, 'max_queued_jobs', max_queued)
+if queued >= limit then
+  return fail('quota_exceeded', 'tenant ' .. tenant .. ' has ' .. queued .. ' queued jobs, its limit '
+    .. '(max_queued_jobs) is ' .. limit .. ': wait for some to start, or cancel some')
 end
 local now = now_ms()
 reap_expired(now)
@@ -148,16 +164,17 @@ redis.call('HSET', job_key(job_id), 'job_id', job_id, 'name', name, 'tenant', te
   'node_id', '', 'attempt', 1, 'lost_count', 0, 'max_attempts', max_attempts, 'priority', priority,
   'band', band, 'seq', seq, 'spec', spec, 'req_gpu', req_gpu, 'req_gpu_mem', req_gpu_mem,
   'req_ram', req_ram, 'req_labels', req_labels, 'created_ms', now, 'last_seq', -1,
-  'artifacts', '[]', 'artifact_bytes', 0, 'progress', '', 'error', '')
+  'artifacts', '[]', 'artifact_bytes', 0, 'progress', '', 'error', '', 'memory_mb', memory_mb,
+  'max_duration_ms', max_duration_ms, 'handbacks', 0, 'avoid_node', '')
 for _, t in ipairs({tenant, false}) do
   redis.call('ZADD', jobs_index_key(t or nil, nil), seq, job_id)
   redis.call('ZADD', jobs_index_key(t or nil, 'queued'), seq, job_id)
 end
-redis.call('ZADD', queue_key(job_class(req_gpu)), band * 1e12 + seq, job_id)
+enqueue(job_id, job_class(req_gpu), tenant, band * 1e12 + seq)
 if idem ~= '' then
   redis.call('SET', idempotency_key(tenant, idem), job_id, 'EX', IDEMPOTENCY_TTL_S)
 end
-local node_id = place(job_id, now)
+local node_id = place_or_park(job_id, now)
 if node_id then return {'created', job_id, 'assigned', node_id} end
 return {'created', job_id, 'queued', ''}
 """
@@ -174,7 +191,7 @@ if TERMINAL[j[1]] then return {'terminal', j[1]} end
 local now = now_ms()
 set_status(job_id, j[1], 'cancelled', j[2], j[3])
 redis.call('HSET', jk, 'finished_ms', now, 'error', 'cancelled by user')
-redis.call('ZREM', queue_key(job_class(j[5])), job_id)
+dequeue(job_id, job_class(j[5]), j[2])
 if j[4] ~= '' then
   redis.call('SADD', node_cancels_key(j[4]), job_id)
   release(job_id, j[4], now)
@@ -237,6 +254,8 @@ if status == 'running' then
   if j[1] == 'assigned' then
     set_status(job_id, j[1], 'running', j[2], j[3])
     redis.call('HSET', jk, 'started_ms', now)
+    -- the wall-clock limit runs from the job's first start, across attempts
+    redis.call('ZADD', JOBS_DEADLINE, 'NX', now + tonumber(redis.call('HGET', jk, 'max_duration_ms')), job_id)
   end
 elseif status == 'completed' then
   set_status(job_id, j[1], 'completed', j[2], j[3])
@@ -246,8 +265,21 @@ elseif status == 'completed' then
   pull_queue(node_id, now)
 elseif status == 'failed' and fault == 'node' then
   release(job_id, node_id, now)
-  adjust_reputation(node_id, name, 'node_fault', now)
-  if requeue(job_id, now, true, error_text) == 'queued' then place(job_id, now) end
+  -- The same failure on a second node is the job's: it fails, and the first node's charge is taken back.
+  -- Failures compare with ids and numbers blanked out.
+  local signature = string.lower(string.sub(error_text, 1, 300)):gsub('[nj]%-%x+', '?'):gsub('%d+', '#')
+  local before = redis.call('HMGET', jk, 'fault_signature', 'fault_node', 'fault_node_id')
+  if before[1] == signature and name and before[2] ~= name then
+    set_status(job_id, j[1], 'failed', j[2], j[3])
+    redis.call('HSET', jk, 'finished_ms', now, 'error', error_text .. ' (the same failure on two nodes, '
+      .. before[2] .. ' and ' .. name .. ': the job\'s fault; no node is charged)')
+    adjust_reputation(before[3], before[2], 'refund', now)
+  else
+    redis.call('HSET', jk, 'fault_signature', signature, 'fault_node', name or '', 'fault_node_id', node_id)
+    avoid(job_id, node_id, now)
+    adjust_reputation(node_id, name, 'node_fault', now)
+    if requeue(job_id, now, true, error_text) == 'queued' then place_or_park(job_id, now) end
+  end
   pull_queue(node_id, now)
 elseif status == 'failed' then
   set_status(job_id, j[1], 'failed', j[2], j[3])
@@ -255,9 +287,12 @@ elseif status == 'failed' then
   release(job_id, node_id, now)
   pull_queue(node_id, now)
 elseif status == 'queued' then
+  -- A hand-back: never straight back onto the same node, and past MAX_HANDBACKS each one costs an attempt.
   release(job_id, node_id, now)
-  requeue(job_id, now, false, 'handed back')
-  place(job_id, now)
+  local handbacks = redis.call('HINCRBY', jk, 'handbacks', 1)
+  avoid(job_id, node_id, now)
+  local reason = 'handed back ' .. handbacks .. ' times (more than ' .. MAX_HANDBACKS .. ' count as lost attempts)'
+  if requeue(job_id, now, handbacks > MAX_HANDBACKS, reason) == 'queued' then place_or_park(job_id, now) end
 end
 return {'ok', redis.call('HGET', jk, 'status')}
 """
@@ -271,6 +306,11 @@ local attempt = ARGV[3]
 local name = ARGV[4]
 local size = tonumber(ARGV[5])
 local max_job_bytes = tonumber(ARGV[6])
+local upload_id = ARGV[7]
+local entry = redis.call('HGET', job_uploads_key(job_id), name)
+if entry and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|' then
+  redis.call('HDEL', job_uploads_key(job_id), name)
+end
 local refused = fence(job_id, node_id, attempt)
 if refused then
   redis.call('DEL', upload_key)
@@ -298,15 +338,65 @@ redis.call('HSET', jk, 'artifacts', cjson.encode(names), 'artifact_bytes', total
 return {'ok'}
 """
 
-# Before an upload streams its body: the same fence as COMMIT_ARTIFACT, so a node cannot park up to
-# max_artifact_bytes in Redis for a job it does not hold. COMMIT_ARTIFACT checks again at the end.
+# Before an upload streams its body: the same fence as COMMIT_ARTIFACT (a node cannot park bytes in Redis
+# for a job it does not hold), one upload per (job, name) at a time, a cap on artifacts per job, and
+# the upload's declared size reserved against the job's cap, so parallel uploads cannot overshoot it.
+# A reservation lapses at its expiry (a gateway that died mid-upload) or when COMMIT_ARTIFACT or
+# END_UPLOAD drops it.
 CHECK_UPLOAD = _FENCE + r"""
 local job_id = ARGV[1]
 local node_id = ARGV[2]
 local attempt = ARGV[3]
+local name = ARGV[4]
+local upload_id = ARGV[5]
+local size = tonumber(ARGV[6])           -- declared (Content-Length), else the per-artifact cap
+local max_job_bytes = tonumber(ARGV[7])
+local max_artifacts = tonumber(ARGV[8])
+local ttl_ms = tonumber(ARGV[9])
 local refused = fence(job_id, node_id, attempt)
 if refused then return refused end
-local status = redis.call('HGET', job_key(job_id), 'status')
-if TERMINAL[status] then return terminal_conflict(job_id, status) end
+local jk = job_key(job_id)
+local j = redis.call('HMGET', jk, 'status', 'artifacts', 'artifact_bytes')
+if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
+local now = now_ms()
+local uk = job_uploads_key(job_id)
+local names = {}
+for _, n in ipairs(cjson.decode(j[2])) do names[n] = true end
+local count, reserved = #cjson.decode(j[2]), 0
+local entries = redis.call('HGETALL', uk)
+for i = 1, #entries, 2 do
+  local _, bytes, expiry = string.match(entries[i + 1], '^([^|]*)|(%d+)|(%d+)$')
+  if not expiry or tonumber(expiry) < now then
+    redis.call('HDEL', uk, entries[i])
+  elseif entries[i] == name then
+    return fail('upload_in_progress', 'an upload of ' .. name .. ' for job ' .. job_id .. ' is in progress; '
+      .. 'retry once it ends')
+  else
+    reserved = reserved + tonumber(bytes)
+    if not names[entries[i]] then count = count + 1 end
+  end
+end
+if not names[name] and count >= max_artifacts then
+  return fail('payload_too_large', 'job ' .. job_id .. ' may have at most ' .. max_artifacts .. ' artifacts')
+end
+local old = tonumber(redis.call('HGET', artifact_key(job_id, name), 'size') or '0')
+if tonumber(j[3]) - old + reserved + size > max_job_bytes then
+  return fail('payload_too_large', 'artifacts of job ' .. job_id .. ' would exceed ' .. max_job_bytes
+    .. ' bytes (with the uploads in progress)')
+end
+redis.call('HSET', uk, name, upload_id .. '|' .. string.format('%d', size) .. '|' .. string.format('%d', now + ttl_ms))
+redis.call('PEXPIRE', uk, ttl_ms)
+return {'ok'}
+"""
+
+# An upload that failed: drop its reservation (only its own: a later upload of the name keeps its).
+END_UPLOAD = r"""
+local job_id = ARGV[1]
+local name = ARGV[2]
+local upload_id = ARGV[3]
+local entry = redis.call('HGET', job_uploads_key(job_id), name)
+if entry and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|' then
+  redis.call('HDEL', job_uploads_key(job_id), name)
+end
 return {'ok'}
 """

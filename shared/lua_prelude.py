@@ -38,7 +38,8 @@ end
 
 local SESSION_UNKNOWN = "unknown node session token (if the node's heartbeat lapsed, register again)"
 
--- Move a job between statuses: the only place a status changes. Keeps the listing indexes in step.
+-- Move a job between statuses: the only place a status changes. Keeps the listing indexes in step,
+-- and the retention and wall-clock bookkeeping of jobs that end.
 local function set_status(job_id, from, to, tenant, seq)
   if not TRANSITIONS[from] or not TRANSITIONS[from][to] then
     -- stop the script here (callers change a status before anything else they write)
@@ -49,6 +50,49 @@ local function set_status(job_id, from, to, tenant, seq)
   redis.call('ZREM', jobs_index_key(nil, from), job_id)
   redis.call('ZADD', jobs_index_key(tenant, to), seq, job_id)
   redis.call('ZADD', jobs_index_key(nil, to), seq, job_id)
+  if TERMINAL[to] then
+    redis.call('ZADD', JOBS_FINISHED, now_ms(), job_id)
+    redis.call('ZREM', JOBS_DEADLINE, job_id)
+    redis.call('ZREM', QUEUE_PARKED, job_id)
+  end
+end
+
+-- --- tenants -------------------------------------------------------------------------------
+local function tenant_limit(tenant, field, default)
+  return tonumber(redis.call('HGET', tenant_key(tenant), field) or default)
+end
+
+-- jobs of the tenant holding a node slot (assigned or running)
+local function tenant_running(tenant)
+  return redis.call('ZCARD', jobs_index_key(tenant, 'assigned')) + redis.call('ZCARD', jobs_index_key(tenant, 'running'))
+end
+
+local function tenant_at_running_limit(tenant)
+  return tenant_running(tenant) >= tenant_limit(tenant, 'max_running_jobs', MAX_RUNNING_JOBS)
+end
+
+-- --- queues: one per class for counts, one per (class, tenant) that nodes pull from, and the parked set
+local function refresh_tenant_head(class, tenant)
+  local head = redis.call('ZRANGE', tenant_queue_key(class, tenant), 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', queue_tenants_key(class), tenant)
+  else
+    redis.call('ZADD', queue_tenants_key(class), head[2], tenant)
+  end
+end
+
+local function enqueue(job_id, class, tenant, score)
+  redis.call('ZREM', QUEUE_PARKED, job_id)
+  redis.call('ZADD', queue_key(class), score, job_id)
+  redis.call('ZADD', tenant_queue_key(class, tenant), score, job_id)
+  refresh_tenant_head(class, tenant)
+end
+
+-- Out of the queues (placed, cancelled, failed or parked).
+local function dequeue(job_id, class, tenant)
+  redis.call('ZREM', queue_key(class), job_id)
+  if redis.call('ZREM', tenant_queue_key(class, tenant), job_id) == 1 then refresh_tenant_head(class, tenant) end
+  redis.call('ZREM', QUEUE_PARKED, job_id)
 end
 
 -- Recompute a node's availability, uptime and score, and its place on the boards.
@@ -80,61 +124,100 @@ local function adjust_reputation(node_id, name, outcome, now)
   local rep = tonumber(redis.call('HGET', REPUTATION, name) or REPUTATION_START)
   if outcome == 'success' then rep = rep + 0.05 * (1 - rep)
   elseif outcome == 'node_fault' then rep = rep * 0.8
-  elseif outcome == 'lapsed' then rep = rep * 0.95 end
+  elseif outcome == 'lapsed' then rep = rep * 0.95
+  elseif outcome == 'refund' then rep = math.min(1, rep / 0.8) end  -- a node_fault charge taken back
   redis.call('HSET', REPUTATION, name, tostring(rep))
-  if rep < REPUTATION_FLOOR then redis.call('HSET', COOLOFF, name, now + COOLOFF_MS) end
+  if rep < REPUTATION_FLOOR then
+    redis.call('HSET', COOLOFF, name, now + COOLOFF_MS)
+  elseif outcome == 'refund' then
+    redis.call('HDEL', COOLOFF, name)
+  end
   if redis.call('EXISTS', node_key(node_id)) == 1 then
     redis.call('HSET', node_key(node_id), 'reputation', tostring(rep))
     rescore(node_id, now)
   end
 end
 
--- Can this node take this job now? r = {req_gpu, req_gpu_mem, req_ram, req_labels}.
+-- A job's needs: {req_gpu, req_gpu_mem, req_ram, req_labels, memory_mb, avoid_node, avoid_until_ms}.
+local function job_requirements(job_id)
+  return redis.call('HMGET', job_key(job_id), 'req_gpu', 'req_gpu_mem', 'req_ram', 'req_labels', 'memory_mb',
+    'avoid_node', 'avoid_until_ms')
+end
+
+-- The node that last failed or handed back a job does not get it again for AVOID_MS: another node first
+-- (and a one-node cluster still runs it after that).
+local function avoid(job_id, node_id, now)
+  redis.call('HSET', job_key(job_id), 'avoid_node', node_id, 'avoid_until_ms', now + AVOID_MS)
+end
+
+local function labels_match(want_json, have_json)
+  if want_json == '{}' then return true end
+  local want, have = cjson.decode(want_json), cjson.decode(have_json)
+  for k, v in pairs(want) do
+    if have[k] ~= v then return false end
+  end
+  return true
+end
+
+-- Could a node of this profile ever hold the job (free or not)? p: decoded profile; mem 0 = not reported.
+local function fits_profile(r, p)
+  if r[1] == '1' and p.gpu ~= 1 then return false end
+  if tonumber(r[2]) > p.gpu_mem or tonumber(r[3]) > p.ram then return false end
+  if p.mem > 0 and tonumber(r[5] or '0') > p.mem then return false end
+  return labels_match(r[4], cjson.encode(p.labels))
+end
+
+-- Does any live node fit the job? (one check per distinct node profile, not per node)
+local function fits_some_node(r)
+  for _, raw in ipairs(redis.call('HKEYS', NODES_PROFILES)) do
+    if fits_profile(r, cjson.decode(raw)) then return true end
+  end
+  return false
+end
+
+-- Can this node take this job now?
 local function node_can_take(node_id, r, now)
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'gpu', 'gpu_memory_mb',
-    'ram_mb', 'labels', 'name', 'class', 'health')
+    'ram_mb', 'labels', 'name', 'class', 'health', 'mem_job_mb', 'mem_total_mb', 'mem_reserved_mb')
   if not n[1] then
     for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
     return false
   end
   if n[1] ~= 'online' or (n[10] or '') ~= '' or tonumber(n[3]) >= tonumber(n[2]) then return false end
+  if r[6] == node_id and tonumber(r[7] or '0') > now then return false end  -- see avoid()
   -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
   if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
   if tonumber(redis.call('HGET', COOLOFF, n[8]) or '0') > now then return false end
   if r[1] == '1' and n[4] ~= '1' then return false end
   if tonumber(r[2]) > tonumber(n[5]) then return false end
   if tonumber(r[3]) > tonumber(n[6]) then return false end
-  if r[4] ~= '{}' then
-    local want, have = cjson.decode(r[4]), cjson.decode(n[7])
-    for k, v in pairs(want) do
-      if have[k] ~= v then return false end
-    end
+  local memory, per_job = tonumber(r[5] or '0'), tonumber(n[11] or '0')
+  if memory > 0 and per_job > 0 then
+    if memory > per_job or tonumber(n[13] or '0') + memory > tonumber(n[12]) then return false end
   end
-  return true
+  return labels_match(r[4], n[7])
 end
 
-local function job_requirements(job_id)
-  return redis.call('HMGET', job_key(job_id), 'req_gpu', 'req_gpu_mem', 'req_ram', 'req_labels')
-end
-
--- Give a queued job to a node: status, slot, the node's job set, and the node's stream entry.
+-- Give a queued job to a node: status, slot, memory, the node's job set, and the node's stream entry.
 local function assign(job_id, node_id, now)
   local jk = job_key(job_id)
-  local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq', 'req_gpu')
+  local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq', 'req_gpu', 'memory_mb')
   set_status(job_id, j[1], 'assigned', j[4], j[5])
   redis.call('HSET', jk, 'node_id', node_id, 'assigned_ms', now, 'node:' .. j[2], node_id, 'last_seq', -1)
-  redis.call('ZREM', queue_key(job_class(j[6])), job_id)
+  dequeue(job_id, job_class(j[6]), j[4])
   redis.call('HINCRBY', node_key(node_id), 'running', 1)
+  redis.call('HINCRBY', node_key(node_id), 'mem_reserved_mb', tonumber(j[7] or '0'))
   redis.call('SADD', node_jobs_key(node_id), job_id)
   redis.call('XADD', node_stream_key(node_id), 'MAXLEN', '~', NODE_STREAM_MAXLEN, '*',
-    'job_id', job_id, 'attempt', j[2], 'spec', j[3])
+    'job_id', job_id, 'attempt', j[2], 'spec', j[3], 'memory_mb', j[7] or '0')
   rescore(node_id, now)
 end
 
 -- Best node for a job: the top SCHEDULE_SCAN free nodes of each class it may use, best score first.
--- CPU jobs try CPU nodes first so GPUs stay free for GPU work.
+-- CPU jobs try CPU nodes first so GPUs stay free for GPU work. A tenant at its running limit waits.
 local function place(job_id, now)
   local r = job_requirements(job_id)
+  if tenant_at_running_limit(redis.call('HGET', job_key(job_id), 'tenant')) then return false end
   local classes = NODE_CLASSES
   if r[1] == '1' then classes = {'gpu'} end
   for _, class in ipairs(classes) do
@@ -149,32 +232,95 @@ local function place(job_id, now)
   return false
 end
 
--- Capacity appeared on a node: take the best queued jobs that fit it (priority, then FIFO; jobs
--- that do not fit are skipped, so a big job never blocks small ones behind it).
+-- Place a queued job, or park it when no live node could ever hold it (its pending_reason is then
+-- no_node_fits; it comes back when a node that fits registers).
+local function place_or_park(job_id, now)
+  local node_id = place(job_id, now)
+  if node_id then return node_id end
+  if not fits_some_node(job_requirements(job_id)) then
+    local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
+    dequeue(job_id, job_class(j[1]), j[2])
+    redis.call('ZADD', QUEUE_PARKED, tonumber(j[3]) * 1e12 + tonumber(j[4]), job_id)
+  end
+  return false
+end
+
+-- A node registered: parked jobs its profile fits go back to their queues (PARK_SCAN at most, in
+-- priority then submission order).
+local function unpark_for(profile)
+  local p = cjson.decode(profile)
+  local moved = 0
+  for _, job_id in ipairs(redis.call('ZRANGE', QUEUE_PARKED, 0, PARK_SCAN - 1)) do
+    if fits_profile(job_requirements(job_id), p) then
+      local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
+      enqueue(job_id, job_class(j[1]), j[2], tonumber(j[3]) * 1e12 + tonumber(j[4]))
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+
+-- Capacity appeared on a node: hand it queued jobs, fairly. Each tenant with queued work offers its
+-- first job this node can take (its best band, then FIFO, within QUEUE_SCAN of its queue); the node
+-- takes the best band on offer and, within a band, the tenant with the fewest jobs holding slots
+-- (fair share), then the oldest. Parked jobs are not looked at; tenants at their running limit wait.
 local function pull_queue(node_id, now)
   local assigned = {}
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')
   if not n[1] or n[1] ~= 'online' then return assigned end
   local free = tonumber(n[2]) - tonumber(n[3])
   if free <= 0 then return assigned end
-  -- a CPU node scans the CPU queue; a GPU node both, merged in queue order
-  local candidates = {}
   local classes = {'cpu'}
-  if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end
+  if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end  -- a GPU node serves both
+  local order, seen = {}, {}
   for _, class in ipairs(classes) do
-    local window = redis.call('ZRANGE', queue_key(class), 0, QUEUE_SCAN - 1, 'WITHSCORES')
-    for i = 1, #window, 2 do table.insert(candidates, {window[i], tonumber(window[i + 1])}) end
+    for _, tenant in ipairs(redis.call('ZRANGE', queue_tenants_key(class), 0, QUEUE_TENANTS - 1)) do
+      if not seen[tenant] then
+        seen[tenant] = true
+        table.insert(order, tenant)
+      end
+    end
   end
-  if #candidates == 0 then return assigned end
-  table.sort(candidates, function(a, b) return a[2] < b[2] end)
-  for _, candidate in ipairs(candidates) do
-    local job_id = candidate[1]
-    if node_can_take(node_id, job_requirements(job_id), now) then
+  if #order == 0 then return assigned end
+  local function offer(tenant)
+    if tenant_at_running_limit(tenant) then return nil end
+    local best = nil
+    for _, class in ipairs(classes) do
+      local window = redis.call('ZRANGE', tenant_queue_key(class, tenant), 0, QUEUE_SCAN - 1, 'WITHSCORES')
+      for i = 1, #window, 2 do
+        local score = tonumber(window[i + 1])
+        if best and score >= best[2] then break end
+        if node_can_take(node_id, job_requirements(window[i]), now) then
+          best = {window[i], score}
+          break
+        end
+      end
+    end
+    return best
+  end
+  local offers = {}
+  for _, tenant in ipairs(order) do offers[tenant] = offer(tenant) end
+  while free > 0 do
+    local pick, pick_band, pick_held, pick_score = nil, 0, 0, 0
+    for _, tenant in ipairs(order) do
+      local o = offers[tenant]
+      if o then
+        local band, held = math.floor(o[2] / 1e12), tenant_running(tenant)
+        if not pick or band < pick_band or (band == pick_band and (held < pick_held
+            or (held == pick_held and o[2] < pick_score))) then
+          pick, pick_band, pick_held, pick_score = tenant, band, held, o[2]
+        end
+      end
+    end
+    if not pick then break end
+    local job_id = offers[pick][1]
+    -- an earlier pick may have used the memory or slot this offer counted on: ask again
+    if node_can_take(node_id, job_requirements(job_id), now) and not tenant_at_running_limit(pick) then
       assign(job_id, node_id, now)
       table.insert(assigned, job_id)
       free = free - 1
-      if free <= 0 then break end
     end
+    offers[pick] = offer(pick)
   end
   return assigned
 end
@@ -184,10 +330,15 @@ local remove_node  -- defined below; a draining node that runs its last job out 
 
 local function release(job_id, node_id, now)
   if not node_id or node_id == '' then return end
-  redis.call('SREM', node_jobs_key(node_id), job_id)
+  if redis.call('SREM', node_jobs_key(node_id), job_id) == 0 then return end  -- released already
   local nk = node_key(node_id)
   if redis.call('EXISTS', nk) == 1 then
     if tonumber(redis.call('HGET', nk, 'running')) > 0 then redis.call('HINCRBY', nk, 'running', -1) end
+    local memory = tonumber(redis.call('HGET', job_key(job_id), 'memory_mb') or '0')
+    if memory > 0 then
+      local left = tonumber(redis.call('HINCRBY', nk, 'mem_reserved_mb', -memory))
+      if left < 0 then redis.call('HSET', nk, 'mem_reserved_mb', 0) end
+    end
     if redis.call('HGET', nk, 'status') == 'draining' and tonumber(redis.call('HGET', nk, 'running')) == 0 then
       remove_node(node_id, now, false)
     else
@@ -212,7 +363,7 @@ local function requeue(job_id, now, lost, reason)
     return 'failed'
   end
   set_status(job_id, j[1], 'queued', j[2], j[3])
-  redis.call('ZADD', queue_key(job_class(j[8])), tonumber(j[7]) * 1e12 + tonumber(j[3]), job_id)
+  enqueue(job_id, job_class(j[8]), j[2], tonumber(j[7]) * 1e12 + tonumber(j[3]))
   return 'queued'
 end
 
@@ -220,13 +371,19 @@ end
 -- at once where a free node fits). lost = the heartbeat lapsed (the node's fault).
 remove_node = function(node_id, now, lost)
   local name = redis.call('HGET', NODE_NAMES, node_id)
+  -- out of the profiles first, so its jobs are parked if no other node could hold them
+  local profile = redis.call('HGET', node_key(node_id), 'profile')
+  if profile and tonumber(redis.call('HINCRBY', NODES_PROFILES, profile, -1)) <= 0 then
+    redis.call('HDEL', NODES_PROFILES, profile)
+  end
+  redis.call('HDEL', node_key(node_id), 'profile')
   local moved = 0
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
     local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id')
     if (j[1] == 'assigned' or j[1] == 'running') and j[2] == node_id then
       moved = moved + 1
       if requeue(job_id, now, lost, 'heartbeat of node ' .. node_id .. ' lapsed') == 'queued' then
-        place(job_id, now)
+        place_or_park(job_id, now)
       end
     end
   end
@@ -235,6 +392,7 @@ remove_node = function(node_id, now, lost)
   for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
   redis.call('DEL', node_key(node_id), node_jobs_key(node_id), node_cancels_key(node_id), node_stream_key(node_id))
   redis.call('HDEL', NODE_NAMES, node_id)
+  if name then redis.call('ZADD', NODES_LAST_SEEN, now, name) end
   if name and redis.call('HGET', NODE_BY_NAME, name) == node_id then redis.call('HDEL', NODE_BY_NAME, name) end
   redis.call('SADD', NODE_USERS_TO_DELETE, node_id)  -- its store user goes too (scripts cannot run ACL)
   if lost then
@@ -262,7 +420,7 @@ local function expire_stale_assignments(node_id, now)
         local reason = 'node ' .. node_id .. ' did not start it within ' .. (ASSIGN_TIMEOUT_MS / 1000)
           .. ' s of its assignment (it could not read its assignment stream?)'
         adjust_reputation(node_id, redis.call('HGET', NODE_NAMES, node_id), 'node_fault', now)
-        if requeue(job_id, now, true, reason) == 'queued' then place(job_id, now) end
+        if requeue(job_id, now, true, reason) == 'queued' then place_or_park(job_id, now) end
       end
     end
   end
@@ -284,10 +442,59 @@ local function plane_pulse(now)
   end
 end
 
+-- Jobs past their wall-clock limit (training.max_duration_s from their first start) fail, the job's
+-- fault; their node hears of it as a cancel and stops them.
+local function expire_job_deadlines(now)
+  for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', JOBS_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
+    redis.call('ZREM', JOBS_DEADLINE, job_id)
+    local jk = job_key(job_id)
+    local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id', 'req_gpu', 'max_duration_ms')
+    if j[1] and not TERMINAL[j[1]] then
+      set_status(job_id, j[1], 'failed', j[2], j[3])
+      redis.call('HSET', jk, 'finished_ms', now, 'error', 'the job ran past its wall-clock limit, '
+        .. 'training.max_duration_s = ' .. math.floor(tonumber(j[6]) / 1000) .. ' s (the job\'s fault)')
+      dequeue(job_id, job_class(j[5]), j[2])
+      if j[4] ~= '' then
+        redis.call('SADD', node_cancels_key(j[4]), job_id)
+        release(job_id, j[4], now)
+      end
+    end
+  end
+end
+
+-- Retention: jobs that ended RETENTION_MS ago go with their progress, artifacts and index entries;
+-- node names unseen for as long (and not registered now) lose their reputation, cool-off and identity.
+local function purge_expired(now)
+  local before = now - RETENTION_MS
+  for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', JOBS_FINISHED, '-inf', before, 'LIMIT', 0, REAP_BATCH)) do
+    local jk = job_key(job_id)
+    local j = redis.call('HMGET', jk, 'tenant', 'status', 'artifacts')
+    if j[1] then
+      for _, name in ipairs(cjson.decode(j[3] or '[]')) do redis.call('DEL', artifact_key(job_id, name)) end
+      for _, t in ipairs({j[1], false}) do
+        redis.call('ZREM', jobs_index_key(t or nil, nil), job_id)
+        redis.call('ZREM', jobs_index_key(t or nil, j[2]), job_id)
+      end
+    end
+    redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id))
+    redis.call('ZREM', JOBS_FINISHED, job_id)
+  end
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', NODES_LAST_SEEN, '-inf', before, 'LIMIT', 0, REAP_BATCH)) do
+    if redis.call('HEXISTS', NODE_BY_NAME, name) == 0 then
+      redis.call('HDEL', REPUTATION, name)
+      redis.call('HDEL', COOLOFF, name)
+      redis.call('HDEL', NODE_IDENTITIES, name)
+    end
+    redis.call('ZREM', NODES_LAST_SEEN, name)
+  end
+end
+
 -- Reaping: nodes whose deadline passed, REAP_BATCH at most per call (every gateway also runs REAP on
 -- a timer, so a quiet fleet is reaped too).
 local function reap_expired(now)
   plane_pulse(now)
+  expire_job_deadlines(now)
+  purge_expired(now)
   local reaped = {}
   for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
     remove_node(node_id, now, true)
@@ -296,6 +503,12 @@ local function reap_expired(now)
   return reaped
 end
 """
+
+
+QUEUE_TENANTS = 64  # tenants with queued work a free node looks at (best queued job first)
+PARK_SCAN = 1000  # parked jobs a registering node looks at
+MAX_HANDBACKS = 10  # hand-backs beyond this count as lost attempts
+AVOID_MS = 60_000  # a node that failed or handed back a job does not get it again for this long
 
 
 def build_prelude(settings: Settings) -> str:
@@ -310,6 +523,12 @@ def build_prelude(settings: Settings) -> str:
         f"local COOLOFF_MS = {int(settings.cooloff_s * 1000)}\n"
         f"local ASSIGN_TIMEOUT_MS = {int(settings.assign_timeout_s * 1000)}\n"
         f"local OUTAGE_GAP_MS = {int(settings.outage_gap_s * 1000)}\n"
+        f"local MAX_RUNNING_JOBS = {settings.max_running_jobs}\n"
+        f"local QUEUE_TENANTS = {QUEUE_TENANTS}\n"
+        f"local PARK_SCAN = {PARK_SCAN}\n"
+        f"local MAX_HANDBACKS = {MAX_HANDBACKS}\n"
+        f"local AVOID_MS = {AVOID_MS}\n"
+        f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
     )
     return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS

@@ -55,6 +55,14 @@ class HeartbeatBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 MAX_STREAM_ERROR = 300  # characters of a node's stream error kept on its hash
+# Registration caps: every node listing carries each node's name, labels and capabilities (a 300 KB
+# capabilities blob made a 1000-node listing 85 MiB). Eight GPUs with versions take about 1 KB.
+MAX_NODE_NAME = 128
+MAX_CAPABILITIES_BYTES = 8 * 1024  # the JSON-encoded capabilities object, extra fields included
+MAX_GPUS = 64
+MAX_GPU_NAME = 128
+MAX_COMPUTE_CAPABILITY = 16
+MAX_VERSION = 64  # cuda_version, torch_version and device
 
 
 def capability_score(caps: Capabilities) -> float:
@@ -75,21 +83,54 @@ def _cc(raw: str) -> float:
         return 0.0
 
 
-def _validate(reg: Registration) -> None:
-    if not 1 <= len(reg.name) <= 128:
-        raise errors.InvalidField("name must be 1-128 characters", field="name")
+def _check_text(value: str | None, max_length: int, field: str) -> None:
+    """A string shown to people (listings, the CLI): printable (no control characters, no escape
+    sequences), at most ``max_length`` characters."""
+    if value is not None and (len(value) > max_length or not value.isprintable()):
+        raise errors.InvalidField(f"{field} must be printable and at most {max_length} characters", field=field)
+
+
+def _validate(reg: Registration, body: Any = None) -> None:
+    """Refuse what the store should never hold; ``body`` is the decoded request (its capabilities are
+    stored as sent, extra fields included, so their size is checked there)."""
+    if not 1 <= len(reg.name) <= MAX_NODE_NAME or not reg.name.isprintable() or reg.name != reg.name.strip():
+        raise errors.InvalidField(f"name must be 1-{MAX_NODE_NAME} printable characters, without leading or "
+                                  "trailing whitespace", field="name")
     if not 1 <= reg.slots <= 256:
         raise errors.InvalidField("slots must be between 1 and 256", field="slots")
-    if reg.capabilities.cpu_cores < 0 or reg.capabilities.ram_mb < 0:
+    caps = reg.capabilities
+    if caps.cpu_cores < 0 or caps.ram_mb < 0:
         raise errors.InvalidField("cpu_cores and ram_mb must be >= 0", field="capabilities")
-    for i, gpu in enumerate(reg.capabilities.gpus):
+    if len(caps.gpus) > MAX_GPUS:
+        raise errors.InvalidField(f"at most {MAX_GPUS} gpus", field="capabilities.gpus")
+    for i, gpu in enumerate(caps.gpus):
         if gpu.memory_mb < 0:
             raise errors.InvalidField("memory_mb must be >= 0", field=f"capabilities.gpus.{i}.memory_mb")
-    if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 for k, v in reg.labels.items()):
-        raise errors.InvalidField("at most 64 labels, keys up to 64 and values up to 256 characters",
+        _check_text(gpu.name, MAX_GPU_NAME, f"capabilities.gpus.{i}.name")
+        _check_text(gpu.compute_capability, MAX_COMPUTE_CAPABILITY, f"capabilities.gpus.{i}.compute_capability")
+    for name in ("device", "cuda_version", "torch_version"):
+        _check_text(getattr(caps, name), MAX_VERSION, f"capabilities.{name}")
+    if isinstance(body, dict) and len(orjson.dumps(body.get("capabilities", {}))) > MAX_CAPABILITIES_BYTES:
+        raise errors.InvalidField(f"capabilities may be at most {MAX_CAPABILITIES_BYTES} bytes of JSON",
+                                  field="capabilities")
+    if len(reg.labels) > 64 or any(len(k) > 64 or len(v) > 256 or not k.isprintable() or not v.isprintable()
+                                   for k, v in reg.labels.items()):
+        raise errors.InvalidField("at most 64 labels, printable keys up to 64 and values up to 256 characters",
                                   field="labels")
     if reg.node_key is not None and not 16 <= len(reg.node_key) <= 256:
         raise errors.InvalidField("node_key must be the key a first registration returned", field="node_key")
+
+
+def _memory(caps: Capabilities, labels: dict[str, str]) -> tuple[int, int, str]:
+    """(the most one job may use, what all jobs together may use, the node's placement profile).
+
+    Jobs on a GPU node train on its GPUs (one per slot), so their memory is GPU memory; on a CPU node,
+    RAM. 0 means not reported: such a node is not checked for memory."""
+    gpu_memory = [g.memory_mb for g in caps.gpus]
+    per_job, total = (max(gpu_memory), sum(gpu_memory)) if gpu_memory else (caps.ram_mb, caps.ram_mb)
+    profile = {"gpu": int(bool(gpu_memory)), "gpu_mem": max(gpu_memory, default=0), "ram": caps.ram_mb,
+               "mem": per_job, "labels": labels}
+    return per_job, total, orjson.dumps(profile, option=orjson.OPT_SORT_KEYS).decode()
 
 
 async def register_node(store: Store, body: Any, request_host: str | None = None) -> dict[str, Any]:
@@ -98,7 +139,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
     Its store user is created first (so it exists before the node can learn of it) and deleted again
     if the registration is refused: a refused registration changes nothing."""
     reg = convert(body, Registration)
-    _validate(reg)
+    _validate(reg, body)
     settings = store.settings
     node_id = "n-" + uuid.uuid4().hex[:16]
     token = auth.new_session_token(node_id)
@@ -117,6 +158,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
             auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
             w.reputation, w.availability, w.capability, w.uptime,
             auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
+            *_memory(caps, reg.labels),
         ])
     except BaseException:
         with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless

@@ -4,10 +4,12 @@ the status changes; the stream closes once the job is terminal and every event h
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from shared import errors, keys
 from shared.store import Store
@@ -34,10 +36,37 @@ def admit_stream(store: Store, tenant: str) -> None:
     store.open_streams[tenant] += 1
 
 
-async def release_stream(store: Store, tenant: str) -> None:
-    """Count a stream out: the response's background task, which runs when the stream ends or its
-    client leaves (also when the stream never got to start)."""
+def release_stream(store: Store, tenant: str) -> None:
+    """Count a stream out (:class:`CountedEventStream` does, once)."""
     store.open_streams[tenant] -= 1
+
+
+class CountedEventStream(StreamingResponse):
+    """An SSE response that counts its stream out exactly once, however it ends: the stream finished,
+    its client left, the store failed mid-stream, or the response was never sent. (A background task
+    is skipped when the stream raises: a store stall used to leave a tenant's slots taken until the
+    process restarted.) Create it right after :func:`admit_stream` succeeded."""
+
+    def __init__(self, store: Store, tenant: str, content: AsyncIterator[bytes],
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release: tuple[Store, str] | None = (store, tenant)
+
+    def release(self) -> None:
+        """Count the stream out, once; later calls do nothing."""
+        if self._release is not None:
+            store, tenant = self._release
+            self._release = None
+            release_stream(store, tenant)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+    def __del__(self) -> None:
+        self.release()  # never sent (a middleware answered instead): the slot still comes back
 
 
 async def job_event_stream(store: Store, job_id: str) -> AsyncIterator[bytes]:

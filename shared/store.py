@@ -23,7 +23,7 @@ from shared.settings import Settings
 
 # Script names, as ``Store.run`` takes them.
 SCRIPTS = ("REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB",
-           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT")
+           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD")
 
 _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "unauthorized": errors.Unauthorized,
@@ -34,6 +34,8 @@ _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "job_terminal": errors.Conflict,
     "missing_artifact": errors.Conflict,
     "payload_too_large": errors.PayloadTooLarge,
+    "upload_in_progress": errors.Conflict,
+    "quota_exceeded": errors.QuotaExceeded,
 }
 
 

@@ -49,8 +49,9 @@ def node_view(h: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def job_view(h: dict[str, str]) -> dict[str, Any]:
-    """A job hash as the contract's job object."""
+def job_view(h: dict[str, str], pending_reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """A job hash as the contract's job object; ``pending_reasons`` (job id -> reason) from
+    :func:`shared.jobs.pending_reasons` for queued jobs."""
     progress = orjson.loads(h["progress"]) if h.get("progress") else None
     return {
         "job_id": h["job_id"],
@@ -69,4 +70,7 @@ def job_view(h: dict[str, str]) -> dict[str, Any]:
         "progress": progress,
         "error": h.get("error") or None,
         "artifacts": orjson.loads(h.get("artifacts") or "[]"),
+        "pending_reason": (pending_reasons or {}).get(h["job_id"]) if h["status"] == "queued" else None,
+        "resources": {"estimated_memory_mb": int(h.get("memory_mb") or 0)},
+        "handbacks": int(h.get("handbacks") or 0),
     }

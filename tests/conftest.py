@@ -124,10 +124,11 @@ def submit(http: httpx.Client, api_key: str, spec: dict[str, Any] | None = None,
 
 def keyspace(client: redis.Redis) -> dict[str, Any]:
     """Every key with its type and full value: compared before and after a rejected request. The
-    control plane's pulse (``cyxwiz:plane:*``) is left out: every script and reaper tick marks it."""
+    control plane's pulse (``cyxwiz:plane:*``) is left out: every script and reaper tick marks it; so
+    are the API keys' rate counters (``cyxwiz:rate:*``), which count refused requests too."""
     state: dict[str, Any] = {}
     for key in sorted(client.keys("*")):
-        if key.startswith("cyxwiz:plane:"):
+        if key.startswith(("cyxwiz:plane:", "cyxwiz:rate:")):
             continue
         kind = client.type(key)
         if kind == "string":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -18,7 +17,8 @@ from starlette.routing import Route
 from shared import auth, errors, jobs
 from shared.artifacts import RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
 from shared.http import JSONResponse, make_app, read_json, store_of
-from shared.sse import admit_stream, job_event_stream, release_stream
+from shared.sse import CountedEventStream, admit_stream, job_event_stream
+from shared.validation import is_number
 
 ATTEMPT_HEADER = "x-cyxwiz-attempt"  # fences uploads; without it the job's current attempt is meant
 
@@ -51,11 +51,22 @@ async def attempt(request: Request) -> Response:
 
 
 async def list_progress(request: Request) -> Response:
+    """One page of the job's progress events, oldest first: ``?limit=`` (default 500, at most 2000) and
+    ``?after=`` the previous page's ``next_cursor``, which is null on the last page."""
     store = store_of(request)
     who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
     job_id = request.path_params["job_id"]
+    raw_limit, after = request.query_params.get("limit", str(jobs.PROGRESS_PAGE)), request.query_params.get("after")
+    if not is_number(raw_limit) or len(raw_limit) > 4 or not 1 <= int(raw_limit) <= jobs.MAX_PROGRESS_PAGE:
+        raise errors.InvalidField(f"limit must be an integer between 1 and {jobs.MAX_PROGRESS_PAGE}", field="limit")
+    if after is not None and not jobs.is_stream_id(after):
+        raise errors.InvalidField("after must be a value of next_cursor", field="after")
     await jobs.check_job_visible(store, who, job_id)
-    return JSONResponse({"events": [event for _, event in await jobs.progress_events(store, job_id)]})
+    limit = int(raw_limit)
+    found = await jobs.progress_events(store, job_id, after or "-", limit + 1)  # one more: is there a next page?
+    page = found[:limit]
+    next_cursor = page[-1][0] if len(found) > limit else None
+    return JSONResponse({"events": [event for _, event in page], "next_cursor": next_cursor})
 
 
 async def events(request: Request) -> Response:
@@ -63,10 +74,9 @@ async def events(request: Request) -> Response:
     who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
     job_id = request.path_params["job_id"]
     await jobs.check_job_visible(store, who, job_id)
-    admit_stream(store, who.tenant)
-    return StreamingResponse(job_event_stream(store, job_id), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                             background=BackgroundTask(release_stream, store, who.tenant))
+    admit_stream(store, who.tenant)  # counted out by the response, however the stream ends
+    return CountedEventStream(store, who.tenant, job_event_stream(store, job_id),
+                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def upload(request: Request) -> Response:
@@ -75,7 +85,9 @@ async def upload(request: Request) -> Response:
     job_id, name = request.path_params["job_id"], request.path_params["name"]
     check_name(name)
     attempt = await jobs.upload_attempt(store, job_id, request.headers.get(ATTEMPT_HEADER))
-    size = await RedisArtifactStore(store).put(job_id, name, node_id, attempt, request.stream())
+    declared = request.headers.get("content-length")
+    size = await RedisArtifactStore(store).put(job_id, name, node_id, attempt, request.stream(),
+                                               int(declared) if declared and is_number(declared) else None)
     return JSONResponse({"name": name, "size": size}, status_code=201)
 
 

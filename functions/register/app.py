@@ -31,12 +31,16 @@ async def list_nodes(request: Request) -> Response:
     return JSONResponse({"nodes": page, "next_cursor": None if next_offset is None else str(next_offset)})
 
 
+MAX_NODE_CURSOR = 10**9  # an offset into the node ranking; beyond it Redis's int64 range overflows (a 500)
+
+
 def _page(request: Request) -> tuple[int, int]:
     raw_limit = request.query_params.get("limit", "100")
     raw_cursor = request.query_params.get("cursor", "0")
-    if not is_number(raw_limit) or not 1 <= int(raw_limit) <= 1000:
+    # length first: int() of thousands of digits is slow, and refused anyway
+    if not is_number(raw_limit) or len(raw_limit) > 4 or not 1 <= int(raw_limit) <= 1000:
         raise errors.InvalidField("limit must be an integer between 1 and 1000", field="limit")
-    if not is_number(raw_cursor):
+    if not is_number(raw_cursor) or len(raw_cursor) > 10 or int(raw_cursor) > MAX_NODE_CURSOR:
         raise errors.InvalidField("cursor must be a value of next_cursor", field="cursor")
     return int(raw_limit), int(raw_cursor)
 

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from node_runtime.training.context import JobError
-from node_runtime.training.user_data import parse_arrays, prepare_arrays, read_dataset_bytes
+from node_runtime.training.user_data import (
+    DEFAULT_LIMITS,
+    DatasetLimits,
+    parse_arrays,
+    prepare_arrays,
+    read_dataset_bytes,
+)
 from shared.jobspec import data_info
 from shared.model_shapes import TEXT_VOCAB_SIZE
 
@@ -94,15 +100,16 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
 
 
-def load_dataset(spec: dict[str, Any], data_root: Path | None = None, allow_http: bool = False) -> Dataset:
+def load_dataset(spec: dict[str, Any], data_root: Path | None = None, allow_http: bool = False,
+                 limits: DatasetLimits = DEFAULT_LIMITS) -> Dataset:
     """Load and split the dataset of a normalized spec; raises ``JobError`` when it cannot be used."""
     dataset, seed = spec["dataset"], spec["training"]["seed"]
     fraction = dataset["val_fraction"]
     if dataset["name"] == "tiny-text" and "url" not in dataset:
         return _split_text((DATA_DIR / "tiny_text.txt").read_bytes(), fraction, spec["model"].get("context", 64))
     if "url" in dataset:
-        raw = read_dataset_bytes(dataset["url"], data_root, allow_http)
-        x, y, info = prepare_arrays(*parse_arrays(raw, dataset["format"]), task=dataset["task"])
+        raw = read_dataset_bytes(dataset["url"], data_root, allow_http, limits)
+        x, y, info = prepare_arrays(*parse_arrays(raw, dataset["format"], limits.max_bytes), task=dataset["task"])
         info = data_info(**info)
     elif dataset["name"] == "digits":
         with gzip.open(DATA_DIR / "digits.csv.gz", "rt") as handle:

@@ -21,6 +21,7 @@ from node_runtime.training.checkpoints import Position, encode_checkpoint, encod
 from node_runtime.training.context import JobError, TrainingContext, TrainingResult
 from node_runtime.training.datasets import Dataset, load_dataset
 from node_runtime.training.models import build_model
+from node_runtime.training.user_data import DatasetLimits
 from shared.errors import ApiError
 from shared.jobspec import parse_job_spec
 
@@ -45,7 +46,7 @@ def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
     training = spec["training"]
     torch.manual_seed(training["seed"])  # seeds CUDA too; dropout is the only consumer of these generators
     use_kernels = layers.use_triton_kernels(training["kernels"], device)
-    data = load_dataset(spec, ctx.data_root, ctx.allow_http)
+    data = load_dataset(spec, ctx.data_root, ctx.allow_http, DatasetLimits.of(ctx))
     model = build_model(spec, data.info, use_kernels=use_kernels).to(device)
     optimizer = layers.make_optimizer(model.parameters(), training, use_kernels)
     return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()

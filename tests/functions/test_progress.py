@@ -274,3 +274,145 @@ def test_missing_artifact_is_404_for_user_and_node(http: httpx.Client, creds: di
     for token in (creds["api_key"], reg["session_token"]):
         resp = http.get(f"/v1/jobs/{job_id}/artifacts/checkpoint.safetensors", headers=bearer(token))
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def test_event_stream_slots_come_back_when_the_store_fails_mid_stream(redis_url: str, creds: dict[str, str],
+                                                                      r: redis.Redis) -> None:
+    """A stream that dies of a store error mid-stream is counted out like one that ends: the tenant can
+    open its full quota again afterwards (the slot used to leak until the gateway restarted)."""
+    import asyncio
+    import contextlib
+
+    from shared import keys
+    from tests.conftest import start_gateway
+
+    proc, url = start_gateway(redis_url, {"CYXWIZ_MAX_EVENT_STREAMS_PER_TENANT": "2"})
+    auth = bearer(creds["api_key"])
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            job_id = (await client.post("/v1/jobs", json=DIGITS_SPEC, headers=auth)).json()["job_id"]
+            path = f"/v1/jobs/{job_id}/events"
+            streams = [client.stream("GET", path, headers=auth) for _ in range(2)]
+            answers = [await stream.__aenter__() for stream in streams]
+            assert [a.status_code for a in answers] == [200, 200]
+            async with client.stream("GET", path, headers=auth) as third:
+                assert third.status_code == 429  # the quota is full
+            r.set(keys.job_progress_key(job_id), "not a stream")  # every stream's next XREAD: WRONGTYPE
+            for answer in answers:
+                with contextlib.suppress(httpx.HTTPError):
+                    async for _ in answer.aiter_bytes():
+                        pass
+            for stream in streams:
+                await stream.__aexit__(None, None, None)
+            r.delete(keys.job_progress_key(job_id))
+            await asyncio.sleep(0.3)
+            again = [client.stream("GET", path, headers=auth) for _ in range(2)]
+            statuses = [(await stream.__aenter__()).status_code for stream in again]
+            for stream in again:
+                await stream.__aexit__(None, None, None)
+            assert statuses == [200, 200]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_artifact_names_are_matched_whole(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    before = keyspace(r)
+    for name in ("model.safetensors%0A", "model.safetensors%0D%0A", "%0Amodel.safetensors", "model%1B.safetensors"):
+        resp = upload(http, reg["session_token"], job_id, b"w", name=name)
+        assert resp.status_code in (404, 422), (name, resp.text)
+    assert keyspace(r) == before
+
+
+def test_insane_progress_is_refused_and_changes_nothing(http: httpx.Client, creds: dict[str, str],
+                                                        r: redis.Redis) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    base = {"attempt": 1, "seq": 1, "status": "running"}
+    before = keyspace(r)
+    for extra, field in (
+        ({"epoch": -1}, "epoch"), ({"step": -1}, "step"), ({"total_steps": -1}, "total_steps"),
+        ({"step": 11, "total_steps": 10}, "step"), ({"step": 2**53 + 1}, "step"), ({"epoch": 2**53 + 1}, "epoch"),
+        ({"step": 2**60, "total_steps": 2**61}, "step"), ({"total_steps": 2**53 + 1}, "total_steps"),
+        ({"metrics": {"accuracy": 1.5}}, "metrics.accuracy"),
+        ({"metrics": {"val_accuracy": -0.1}}, "metrics.val_accuracy"),
+        ({"metrics": {"top5_acc": 2}}, "metrics.top5_acc"), ({"metrics": {"loss": -0.5}}, "metrics.loss"),
+        ({"metrics": {"val_loss": -1}}, "metrics.val_loss"), ({"metrics": {"loss": True}}, "metrics"),
+        ({"metrics": {"loss": "nan"}}, "metrics"),
+        ({"metrics": {f"m{i}": 1.0 for i in range(65)}}, "metrics"), ({"metrics": {"x" * 65: 1.0}}, "metrics"),
+        ({"metrics": {"bad name": 1.0}}, "metrics"), ({"metrics": {"loss\x1b[31m": 1.0}}, "metrics"),
+        ({"metrics": {"": 1.0}}, "metrics"), ({"metrics": {"loss\n": 1.0}}, "metrics"),
+    ):
+        resp = report(http, reg["session_token"], job_id, **base, **extra)
+        assert resp.status_code == 422, (extra, resp.text)
+        assert resp.json()["error"]["field"] == field, (extra, resp.text)
+    assert keyspace(r) == before
+
+
+def test_what_real_nodes_report_is_accepted(http: httpx.Client, creds: dict[str, str]) -> None:
+    """The metrics the node runtime's training loop and job process send (node_runtime/training/loop.py,
+    node_runtime/job_process.py) all pass the sanity rules, including None for a non-finite value."""
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    metrics = {"loss": 0.42, "accuracy": 0.9, "val_loss": None, "val_accuracy": 1.0, "samples_per_s": 5120.5,
+               "tokens_per_s": 0.0, "gpu_memory_mb": 80123, "resumed_from_step": 0, "checkpoint_step": 1200,
+               "perplexity": 1e6, "lr": 3e-4, "grad_norm": 0.0}
+    for seq, body in enumerate(({"epoch": 0, "step": 0, "total_steps": 0, "metrics": {}},
+                                {"epoch": 1, "step": 5, "total_steps": 0, "metrics": metrics},
+                                {"epoch": 3, "step": 2**40, "total_steps": 2**40, "metrics": metrics}), start=1):
+        resp = report(http, reg["session_token"], job_id, attempt=1, seq=seq, status="running", **body)
+        assert resp.status_code == 200, resp.text
+
+
+def test_progress_event_error_is_truncated(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    from shared import keys
+    from shared.jobs import MAX_ERROR_CHARS
+
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    error = "E" * 200_000
+    resp = report(http, reg["session_token"], job_id, attempt=1, seq=1, status="failed", error=error, fault="job")
+    assert resp.status_code == 200, resp.text
+    events = http.get(f"/v1/jobs/{job_id}/progress", headers=bearer(creds["api_key"])).json()["events"]
+    assert events[-1]["error"] == "E" * MAX_ERROR_CHARS == error[:4000]
+    assert http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()["error"] == error[:MAX_ERROR_CHARS]
+    assert max(len(fields["event"]) for _, fields in r.xrange(keys.job_progress_key(job_id))) < 5000
+
+
+def test_progress_is_paged(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"])
+    job_id = submit(http, creds["api_key"])["job_id"]
+    for seq in range(1, 6):
+        report(http, reg["session_token"], job_id, attempt=1, seq=seq, status="running", step=seq, total_steps=10)
+    key, url = bearer(creds["api_key"]), f"/v1/jobs/{job_id}/progress"
+    everything = http.get(url, headers=key).json()
+    assert [e["seq"] for e in everything["events"]] == [1, 2, 3, 4, 5] and everything["next_cursor"] is None
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = {"limit": 2} | ({"after": cursor} if cursor else {})
+        page = http.get(url, params=query, headers=key).json()
+        seen += [e["seq"] for e in page["events"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [1, 2, 3, 4, 5] and pages == 3
+    exact = http.get(url, params={"limit": 5}, headers=key).json()
+    assert len(exact["events"]) == 5 and exact["next_cursor"] is None  # no empty page at the end
+    last = http.get(url, params={"limit": 4}, headers=key).json()
+    assert http.get(url, params={"after": last["next_cursor"]}, headers=key).json() == {
+        "events": [everything["events"][-1]], "next_cursor": None}
+    for query, field in (({"limit": 0}, "limit"), ({"limit": 2001}, "limit"), ({"limit": "x"}, "limit"),
+                         ({"limit": -1}, "limit"), ({"limit": "9" * 30}, "limit"), ({"after": "abc"}, "after"),
+                         ({"after": "1-"}, "after"), ({"after": "-"}, "after"), ({"after": "1-2-3"}, "after"),
+                         ({"after": "1-2\n"}, "after"), ({"after": "+"}, "after"), ({"after": "1"}, "after"),
+                         ({"after": "99999999999999999999999-0"}, "after"), ({"after": "١-٢"}, "after")):
+        resp = http.get(url, params=query, headers=key)
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == field, (query, resp.text)
+    assert http.get(url, params={"limit": 2000}, headers=key).status_code == 200

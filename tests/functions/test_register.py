@@ -172,3 +172,75 @@ def test_early_refusal_keeps_the_connection_usable(api_url: str, creds: dict[str
         assert response(sock).startswith(b"HTTP/1.1 401")
         sock.sendall(head + body)
         assert response(sock).startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize("query", ["cursor=9223372036854775807", "cursor=99999999999999999999999999",
+                                   "cursor=-1", "cursor=1e3", "cursor=%200", "limit=9223372036854775807",
+                                   "limit=-5", "limit=1001"])
+def test_node_page_bounds_are_client_errors(http: httpx.Client, creds: dict[str, str], query: str) -> None:
+    register(http, creds["join_token"])
+    resp = http.get(f"/v1/nodes?{query}", headers=bearer(creds["api_key"]))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == query.split("=")[0]
+
+
+def test_a_cursor_past_the_end_is_an_empty_page(http: httpx.Client, creds: dict[str, str]) -> None:
+    register(http, creds["join_token"])
+    resp = http.get("/v1/nodes?cursor=1000000", headers=bearer(creds["api_key"]))
+    assert resp.status_code == 200 and resp.json() == {"nodes": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"name": "evil\x1b[31mred"}, "name"),
+    ({"name": "two\nlines"}, "name"),
+    ({"name": "carriage\rreturn"}, "name"),
+    ({"name": "tab\there"}, "name"),
+    ({"name": "del\x7f"}, "name"),
+    ({"name": "c1\x9bcontrol"}, "name"),
+    ({"name": " leading"}, "name"),
+    ({"name": "trailing "}, "name"),
+    ({"name": "ok", "labels": {"re\x1bgion": "eu"}}, "labels"),
+    ({"name": "ok", "labels": {"region": "eu\n"}}, "labels"),
+    ({"name": "ok", "capabilities": {"gpus": [{"name": "H200\x1b[2J"}]}}, "capabilities.gpus.0.name"),
+    ({"name": "ok", "capabilities": {"torch_version": "2.5\r"}}, "capabilities.torch_version"),
+])
+def test_control_characters_in_names_are_refused(http: httpx.Client, creds: dict[str, str], r: redis.Redis,
+                                                 body: dict[str, object], field: str) -> None:
+    before = keyspace(r)
+    resp = http.post("/v1/nodes", json=body, headers=bearer(creds["join_token"]))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == field
+    assert keyspace(r) == before
+
+
+def test_unicode_names_and_labels_are_fine(http: httpx.Client, creds: dict[str, str]) -> None:
+    reg = register(http, creds["join_token"], "rechner-münchen 1", labels={"région": "île-de-france"})
+    node = http.get(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()
+    assert node["name"] == "rechner-münchen 1" and node["labels"] == {"région": "île-de-france"}
+
+
+@pytest.mark.parametrize(("capabilities", "field"), [
+    ({**CPU_CAPS, "blob": "x" * 300_000}, "capabilities"),
+    ({**CPU_CAPS, "notes": "x" * 8200}, "capabilities"),
+    ({**GPU_CAPS, "gpus": GPU_CAPS["gpus"] * 65}, "capabilities.gpus"),
+    ({"gpus": [{"name": "g" * 129}]}, "capabilities.gpus.0.name"),
+    ({"gpus": [{"name": "gpu", "compute_capability": "9" * 17}]}, "capabilities.gpus.0.compute_capability"),
+    ({"cuda_version": "1" * 65}, "capabilities.cuda_version"),
+    ({"torch_version": "2" * 65}, "capabilities.torch_version"),
+    ({"device": "d" * 65}, "capabilities.device"),
+])
+def test_capabilities_are_capped(http: httpx.Client, creds: dict[str, str], r: redis.Redis,
+                                 capabilities: dict[str, object], field: str) -> None:
+    before = keyspace(r)
+    resp = http.post("/v1/nodes", json={"name": "big", "capabilities": capabilities},
+                     headers=bearer(creds["join_token"]))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == field
+    assert keyspace(r) == before
+
+
+def test_an_eight_gpu_node_registers(http: httpx.Client, creds: dict[str, str]) -> None:
+    caps = {**GPU_CAPS, "gpus": GPU_CAPS["gpus"] * 8, "cuda_version": "12.4", "torch_version": "2.5.1+cu124"}
+    reg = register(http, creds["join_token"], capabilities=caps)
+    node = http.get(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()
+    assert len(node["capabilities"]["gpus"]) == 8

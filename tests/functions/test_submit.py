@@ -253,3 +253,23 @@ def test_gpu_jobs_never_hide_cpu_work_from_cpu_nodes(redis_url: str, creds: dict
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_tenant_names_are_matched_whole(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    """``$`` matches before a final newline: "admin\\n" must not pass as a tenant name (nor get around the
+    reserved "admin")."""
+    before = keyspace(r)
+    for tenant in ("admin\n", "acme\n", "acme\r\n", "\nacme", "ac\nme", "acme\x1b", "acme\x00"):
+        resp = http.post("/v1/keys", json={"tenant": tenant}, headers=bearer(creds["api_key"]))
+        assert resp.status_code == 422 and resp.json()["error"]["field"] == "tenant", repr(tenant)
+    assert keyspace(r) == before
+
+
+@pytest.mark.parametrize("query", ["cursor=9223372036854775807", "cursor=" + "9" * 400, "cursor=-5",
+                                   "cursor=1.5", "cursor=1e9", "cursor=inf", "limit=-1",
+                                   "limit=" + "9" * 30, "limit=501"])
+def test_job_page_bounds_are_client_errors(http: httpx.Client, creds: dict[str, str], query: str) -> None:
+    submit(http, creds["api_key"])
+    resp = http.get(f"/v1/jobs?{query}", headers=bearer(creds["api_key"]))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == query.split("=")[0]

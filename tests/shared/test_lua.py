@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import orjson
 import pytest
 import redis
 
@@ -37,17 +38,24 @@ async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
 
 
 async def register(store: Store, node_id: str, slots: int = 1, gpu: int = 0, ttl_ms: int = 60000,
-                   name: str | None = None, node_key_hash: str = "") -> list[str]:
+                   name: str | None = None, node_key_hash: str = "", memory_mb: int = 0,
+                   labels: str = "{}") -> list[str]:
     """REGISTER_NODE as register_node calls it; the name is the node id unless given, and a new name's
-    issued key digest is ``key-<name>``."""
+    issued key digest is ``key-<name>``. ``memory_mb`` 0: memory not reported."""
     name = name or node_id
+    profile = orjson.dumps({"gpu": gpu, "gpu_mem": 0, "labels": orjson.loads(labels), "mem": memory_mb,
+                            "ram": 1000}, option=orjson.OPT_SORT_KEYS).decode()
     return await store.run("REGISTER_NODE", [node_id, name, slots, "gpu" if gpu else "cpu", gpu, 0, 1000,
-                                             "{}", "{}", "hash", ttl_ms, 0.1, *W, node_key_hash, f"key-{name}",
-                                             "stream-digest"])
+                                             "{}", labels, "hash", ttl_ms, 0.1, *W, node_key_hash, f"key-{name}",
+                                             "stream-digest", memory_mb, memory_mb * slots, profile])
 
 
-async def submit(store: Store, job_id: str, idem: str = "", gpu: int = 0) -> list[str]:
-    return await store.run("SUBMIT_JOB", [job_id, "t", idem, "job", "normal", 1, 3, "{}", gpu, 0, 0, "{}"])
+async def submit(store: Store, job_id: str, idem: str = "", gpu: int = 0, tenant: str = "t", memory_mb: int = 0,
+                 priority: str = "normal", labels: str = "{}", max_queued: int = 1000,
+                 max_duration_ms: int = 3_600_000) -> list[str]:
+    band = {"high": 0, "normal": 1, "low": 2}[priority]
+    return await store.run("SUBMIT_JOB", [job_id, tenant, idem, "job", priority, band, 3, "{}", gpu, 0, 0, labels,
+                                          memory_mb, max_duration_ms, max_queued])
 
 
 def state(r: redis.Redis) -> dict[str, bytes]:
@@ -57,7 +65,7 @@ def state(r: redis.Redis) -> dict[str, bytes]:
 
 def test_every_script_is_tested() -> None:
     tested = {"REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB", "REPORT_PROGRESS",
-              "CHECK_UPLOAD", "COMMIT_ARTIFACT"}
+              "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD"}
     assert set(SCRIPTS) == tested
 
 
@@ -154,7 +162,7 @@ async def test_completion_twice(store: Store, r: redis.Redis) -> None:
     await register(store, "n1")
     await submit(store, "j1")
     r.hset("cyxwiz:job:j1:upload:model.safetensors:u", mapping={"size": 1, "0": "x"})
-    await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100],
+    await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100, "u"],
                     keys=["cyxwiz:job:j1:upload:model.safetensors:u", keys.artifact_key("j1", "model.safetensors")])
     args = ["j1", "n1", 1, 2, "completed", "{}", "{}", "", "job"]
     assert await store.run("REPORT_PROGRESS", args) == ["ok", "completed"]
@@ -170,9 +178,9 @@ async def test_commit_artifact_twice_without_upload_fails_cleanly(store: Store, 
     upload = "cyxwiz:job:j1:upload:a:u"
     target = keys.artifact_key("j1", "a")
     r.hset(upload, mapping={"size": 3, "0": "abc"})
-    assert await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100], keys=[upload, target]) == ["ok"]
+    assert await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100, "u"], keys=[upload, target]) == ["ok"]
     with pytest.raises(redis.exceptions.ResponseError):  # the upload key is gone: nothing to rename
-        await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100], keys=[upload, target])
+        await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100, "u"], keys=[upload, target])
     assert r.hget(keys.job_key("j1"), "artifacts") == '["a"]'
 
 
@@ -211,18 +219,153 @@ async def test_node_scripts_check_the_session_digest_before_any_change(store: St
     assert (await store.run("HEARTBEAT", ["n1", "", "hash"]))[0] == "ok"
 
 
+def upload_args(job: str, node: str, name: str = "a", upload: str = "u1", size: int = 10,
+                cap: int = 100, max_artifacts: int = 3) -> list[object]:
+    return [job, node, 1, name, upload, size, cap, max_artifacts, 60_000]
+
+
 async def test_check_upload_twice(store: Store, r: redis.Redis) -> None:
     await register(store, "n1")
     await register(store, "n2")
     await submit(store, "j1")
     holder = r.hget(keys.job_key("j1"), "node_id")
     other = "n2" if holder == "n1" else "n1"
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", holder)) == ["ok"]
     before = state(r)
-    for _ in range(2):
-        assert await store.run("CHECK_UPLOAD", ["j1", holder, 1]) == ["ok"]
+    for _ in range(2):  # one upload per (job, name) at a time; another node's is refused
+        with pytest.raises(errors.Conflict, match="in progress"):
+            await store.run("CHECK_UPLOAD", upload_args("j1", holder, upload="u2"))
         with pytest.raises(errors.Forbidden):
-            await store.run("CHECK_UPLOAD", ["j1", other, 1])
+            await store.run("CHECK_UPLOAD", upload_args("j1", other, name="b"))
     assert state(r) == before
+    for _ in range(2):  # the failed upload's reservation goes; a later upload's is kept
+        assert await store.run("END_UPLOAD", ["j1", "a", "u1"]) == ["ok"]
+    assert not r.exists(keys.job_uploads_key("j1"))
     await store.run("CANCEL_JOB", ["j1", ""])
     with pytest.raises(errors.Conflict):
-        await store.run("CHECK_UPLOAD", ["j1", holder, 1])
+        await store.run("CHECK_UPLOAD", upload_args("j1", holder))
+
+
+async def test_uploads_reserve_their_size_and_count_against_the_job_caps(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "a", "u1", size=60)) == ["ok"]
+    with pytest.raises(errors.PayloadTooLarge, match="uploads in progress"):  # 60 + 50 > 100 before any commit
+        await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "b", "u2", size=50))
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "b", "u2", size=40)) == ["ok"]
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "c", "u3", size=0)) == ["ok"]
+    with pytest.raises(errors.PayloadTooLarge, match="at most 3 artifacts"):
+        await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "d", "u4", size=0))
+    r.hset(keys.job_uploads_key("j1"), "a", "u1|60|1")  # a reservation past its expiry (its gateway died)
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "d", "u4", size=50)) == ["ok"]
+    assert r.hkeys(keys.job_uploads_key("j1")) == ["b", "c", "d"]
+
+
+async def test_a_tenant_over_its_queued_limit_is_refused_and_nothing_changes(store: Store, r: redis.Redis) -> None:
+    await submit(store, "j1", max_queued=2)
+    await submit(store, "j2", max_queued=2)
+    before = state(r)
+    for _ in range(2):
+        with pytest.raises(errors.QuotaExceeded, match="max_queued_jobs"):
+            await submit(store, "j3", max_queued=2)
+    assert state(r) == before
+    r.hset(keys.tenant_key("t"), "max_queued_jobs", 3)  # an admin's own limit for the tenant wins
+    assert (await submit(store, "j3", max_queued=2))[0] == "created"
+    assert (await submit(store, "j4", tenant="other", max_queued=2))[0] == "created"
+
+
+async def test_jobs_no_node_fits_are_parked_and_come_back_for_a_node_that_fits(store: Store, r: redis.Redis) -> None:
+    await register(store, "small", memory_mb=1000)
+    assert (await submit(store, "big", memory_mb=5000))[2] == "queued"
+    assert (await submit(store, "gpu", gpu=1))[2] == "queued"
+    assert (await submit(store, "labelled", labels='{"zone": "b"}'))[2] == "queued"
+    assert r.zrange(keys.QUEUE_PARKED, 0, -1) == ["big", "gpu", "labelled"]
+    assert r.zcard(keys.queue_key("cpu")) == 0 and r.zcard(keys.queue_tenants_key("cpu")) == 0
+    assert (await submit(store, "fits", memory_mb=800))[2] == "assigned"
+    assert r.hget(keys.node_key("small"), "mem_reserved_mb") == "800"
+    assert (await submit(store, "waits", memory_mb=800))[2] == "queued"  # fits the node, not beside the first
+    assert r.zrange(keys.queue_key("cpu"), 0, -1) == ["waits"]
+    await register(store, "large", memory_mb=8000)  # fits "big" (and takes it): the others stay parked
+    assert r.hget(keys.job_key("big"), "node_id") == "large"
+    assert r.zrange(keys.QUEUE_PARKED, 0, -1) == ["gpu", "labelled"]
+    await register(store, "zone-b", labels='{"zone": "b"}')
+    assert r.hget(keys.job_key("labelled"), "node_id") == "zone-b"
+    await store.run("DRAIN_NODE", ["zone-b"])  # the profile goes with the last node that had it
+    assert '{"gpu":0,"gpu_mem":0,"labels":{"zone":"b"},"mem":0,"ram":1000}' in r.hkeys(keys.NODES_PROFILES)
+
+
+async def test_a_free_node_is_shared_between_tenants_and_never_idle_behind_others(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1", slots=2)
+    await submit(store, "a0", tenant="a")  # tenant a holds both slots
+    await submit(store, "a9", tenant="a")
+    for i in range(1, 6):
+        await submit(store, f"a{i}", tenant="a", priority="high", labels='{"gpu-model": "none"}')
+    for i in range(6, 9):
+        await submit(store, f"a{i}", tenant="a")
+    await submit(store, "b1", tenant="b")
+    assert r.zcard(keys.QUEUE_PARKED) == 5  # unplaceable, out of every scan
+    args = ["a0", "n1", 1, 1, "completed", "{}", "{}", "", "job"]
+    r.hset(keys.job_key("a0"), "artifacts", '["model.safetensors"]')
+    await store.run("REPORT_PROGRESS", args)
+    # the freed slot: same band, tenant b holds no slot and tenant a still holds one, so b goes first
+    # (though a's jobs are older), and the five high-priority jobs that fit no node never got in the way
+    assert r.hget(keys.job_key("b1"), "status") == "assigned"
+    assert r.hget(keys.job_key("a6"), "status") == "queued"
+
+
+async def test_a_hand_back_never_lands_on_the_same_node_and_is_counted(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "queued", "", "{}", "", "job"])
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "queued" and job["handbacks"] == "1" and job["avoid_node"] == "n1"
+    await store.run("HEARTBEAT", ["n1", ""])
+    assert r.hget(keys.job_key("j1"), "status") == "queued"  # not straight back onto n1
+    await register(store, "n2")
+    assert r.hget(keys.job_key("j1"), "node_id") == "n2"
+
+
+async def test_the_same_failure_on_two_nodes_is_the_jobs_fault(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1")
+    error = "the job process was killed by signal SIGKILL (out of memory?) after 12 s"
+    await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "failed", "", "{}", error, "node"])
+    assert float(r.hget(keys.REPUTATION, "n1")) < 0.75  # charged: for now it looks like the node's fault
+    await register(store, "n2")
+    assert r.hget(keys.job_key("j1"), "node_id") == "n2"
+    await store.run("REPORT_PROGRESS", ["j1", "n2", 2, 1, "failed", "", "{}", error.replace("12", "40"), "node"])
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "failed" and "the job's fault" in job["error"]
+    assert r.hget(keys.REPUTATION, "n1") == "0.75" and r.hget(keys.REPUTATION, "n2") == "0.75"
+
+
+async def test_retention_purges_finished_jobs_and_forgotten_names(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "old")
+    await store.run("CANCEL_JOB", ["old", ""])
+    r.hset(keys.artifact_key("old", "a"), "size", 1)
+    r.hset(keys.job_key("old"), "artifacts", '["a"]')
+    await store.run("DRAIN_NODE", ["n1"])  # the name is no longer registered
+    await submit(store, "young")
+    long_ago = int(r.time()[0]) * 1000 - 31 * 86_400_000
+    r.zadd(keys.JOBS_FINISHED, {"old": long_ago})
+    r.zadd(keys.NODES_LAST_SEEN, {"n1": long_ago})
+    for _ in range(2):
+        await store.run("REAP", [])
+    assert not r.exists(keys.job_key("old"), keys.artifact_key("old", "a"), keys.job_progress_key("old"))
+    assert r.zrange(keys.jobs_index_key(None, None), 0, -1) == ["young"]
+    assert not r.hexists(keys.REPUTATION, "n1") and not r.hexists(keys.NODE_IDENTITIES, "n1")
+
+
+async def test_a_job_past_its_wall_clock_limit_fails_and_its_node_hears_of_it(store: Store, r: redis.Redis) -> None:
+    await register(store, "n1")
+    await submit(store, "j1", max_duration_ms=60_000)
+    await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "running", "", "{}", "", "job"])
+    deadline = r.zscore(keys.JOBS_DEADLINE, "j1")
+    assert deadline is not None
+    r.zadd(keys.JOBS_DEADLINE, {"j1": deadline - 61_000})
+    for _ in range(2):
+        await store.run("REAP", [])
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "failed" and "max_duration_s = 60 s" in job["error"]
+    assert r.smembers(keys.node_cancels_key("n1")) == {"j1"} and r.hget(keys.node_key("n1"), "running") == "0"

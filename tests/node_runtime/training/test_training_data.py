@@ -108,12 +108,13 @@ class _OneFile(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def http_dataset() -> Iterator[str]:
+    """A dataset server on 127.0.0.2: loopback, so only reachable where the operator allows ``127.0.0.2/32``."""
     x, y = separable()
     _OneFile.body = npz_bytes(x=x, y=y)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneFile)
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _OneFile)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/data.npz"
+    yield f"http://127.0.0.2:{server.server_address[1]}/data.npz"
     server.shutdown()
     server.server_close()
     thread.join()
@@ -124,7 +125,21 @@ def test_http_urls_only_when_the_operator_allows(recorder: Callable[..., Recorde
     spec = spec_for(MLP, {"url": http_dataset})
     with pytest.raises(JobError, match="does not allow http"):
         run_training(spec, recorder().context())
-    assert run_training(spec, recorder().context(allow_http=True)).status == "completed"
+    with pytest.raises(JobError, match="resolves to a loopback address"):  # http allowed, but not internal hosts
+        run_training(spec, recorder().context(allow_http=True))
+    allowed = recorder().context(allow_http=True, dataset_allow_nets=("127.0.0.2/32",))
+    assert run_training(spec, allowed).status == "completed"
+
+
+def test_the_node_limits_reach_the_download(recorder: Callable[..., Recorder], spec_for: SpecFor,
+                                            http_dataset: str, data_root: Path) -> None:
+    spec = spec_for(MLP, {"url": http_dataset})
+    with pytest.raises(JobError, match="larger than 0 MiB"):  # the context's cap is the download's cap
+        run_training(spec, recorder().context(allow_http=True, dataset_allow_nets=("127.0.0.2/32",),
+                                              max_dataset_mb=0))
+    (data_root / "table.csv").write_bytes(b"1,0\n" * 300_000)  # 1.2 MiB: read up to the cap, not past it
+    with pytest.raises(JobError, match="larger than 1 MiB"):
+        run_training(spec_for(MLP, {"url": "table.csv"}), recorder().context(data_root=data_root, max_dataset_mb=1))
 
 
 @pytest.mark.parametrize(("make", "url", "message"), [
@@ -138,7 +153,7 @@ def test_http_urls_only_when_the_operator_allows(recorder: Callable[..., Recorde
     (npz_bytes(x=np.zeros((4, 2)), y=np.zeros(3, dtype=np.int64)), "lengths.npz", "x has 4 samples but y has 3"),
     (npz_bytes(x=np.full((4, 2), np.nan), y=np.zeros(4, dtype=np.int64)), "nan.npz", "NaN"),
     (npz_bytes(x=np.zeros((4, 2)), y=np.array([0, 1, -1, 0])), "negative.npz", "non-negative integer class"),
-    (b"a,b\n1,x\n2,y\n", "words.csv", "only numbers"),
+    (b"a,b\n1,x\n2,y\n", "words.csv", "csv data row 1, column 2 is not a number"),
     (b"a,b,c\n1,2,3\n4,5\n", "ragged.csv", "row 2 has 2 columns"),
     # the data loads, but the model cannot fit it: the spec's field is named
     (npz_bytes(x=np.zeros((8, 3)), y=np.arange(8) % 2), "flat.npz", "model.type: a cnn needs image-shaped data"),
