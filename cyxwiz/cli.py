@@ -30,8 +30,25 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(api_url, api_key)
 
 
+def printable(text: object, *, multiline: bool = False) -> str:
+    """``text`` safe to print on a terminal: every character that is not printable (C0 and C1 controls
+    such as ESC, CR and DEL, line and paragraph separators, format characters) becomes a visible escape
+    like ``\\x1b``, so a name or an error from the server cannot move the cursor, recolour or clear the
+    screen, or forge lines. ``multiline`` keeps newlines and tabs, for output meant to span lines."""
+    out = []
+    for char in str(text):
+        if char.isprintable() or (multiline and char in "\n\t"):
+            out.append(char)
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    # json.dumps escapes C0 controls and (ensure_ascii) everything beyond ASCII; DEL is the one
+    # control character it leaves raw
+    print(json.dumps(obj, indent=2).replace("\x7f", "\\u007f"))
 
 
 def progress_line(job: dict[str, Any]) -> str:
@@ -43,7 +60,8 @@ def progress_line(job: dict[str, Any]) -> str:
     bar = "#" * int(done * 30) + "-" * (30 - int(done * 30))
     epochs = (job.get("spec") or {}).get("training", {}).get("epochs", "?")
     metrics = progress.get("metrics") or {}
-    parts = [f"[{bar}] {done * 100:5.1f}%", f"{job['status']:<9}", f"epoch {progress.get('epoch', 0)}/{epochs}"]
+    parts = [f"[{bar}] {done * 100:5.1f}%", f"{printable(job['status']):<9}",
+             f"epoch {printable(progress.get('epoch', 0))}/{printable(epochs)}"]
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
         if metrics.get(name) is not None:
             parts.append(f"{name} {metrics[name]:.4f}")
@@ -107,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     job = watch_job(_client(args), args.job)
     if job.get("error"):
-        print(f"error: {job['error']}")
+        print(f"error: {printable(job['error'], multiline=True)}")  # a traceback keeps its lines
     return 0 if job["status"] == "completed" else 1
 
 
@@ -120,14 +138,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
     page = _client(args).request("GET", "/v1/jobs" + query)
     for job in page["jobs"]:
-        print(f"{job['job_id']}  {job['status']:<9}  {job['priority']:<6}  {job['node_id'] or '-':<20}  {job['name']}")
+        print(f"{printable(job['job_id'])}  {printable(job['status']):<9}  {printable(job['priority']):<6}  "
+              f"{printable(job['node_id'] or '-'):<20}  {printable(job['name'])}")
     return 0
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     for node in _client(args).request("GET", "/v1/nodes")["nodes"]:
-        print(f"{node['node_id']}  {node['status']:<8}  {node['running_jobs']}/{node['slots']}  "
-              f"score {node['score']:.3f}  {node['name']}")
+        print(f"{printable(node['node_id'])}  {printable(node['status']):<8}  {node['running_jobs']}/{node['slots']}  "
+              f"score {node['score']:.3f}  {printable(node['name'])}")
     return 0
 
 
@@ -235,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except ApiError as exc:
-        print(f"cyxwiz: {exc}", file=sys.stderr)
+        print(f"cyxwiz: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

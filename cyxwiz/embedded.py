@@ -12,6 +12,7 @@ Everything it writes is private to its owner (umask 077, a 0700 directory).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -64,6 +65,18 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def default_maxmemory_mb(env: dict[str, str] | None = None) -> int:
+    """``$CYXWIZ_STORE_MAXMEMORY_MB``, else a quarter of this host's memory (at least 256 MiB)."""
+    raw = (os.environ if env is None else env).get("CYXWIZ_STORE_MAXMEMORY_MB")
+    if raw:
+        return max(16, int(raw))
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1024
+    return max(256, total // 4 >> 20)
+
+
 class EmbeddedValkey:
     """One valkey-server child process, authenticated by ACL users (the default user is off).
 
@@ -72,7 +85,7 @@ class EmbeddedValkey:
 
     def __init__(self, data_dir: Path, port: int | None = None, *, persist: bool = True,
                  fsync: str = "always", host: str = "127.0.0.1", admin_password: str | None = None,
-                 gateway_password: str | None = None) -> None:
+                 gateway_password: str | None = None, maxmemory_mb: int | None = None) -> None:
         self.dir = data_dir / "valkey"
         self.host = host
         self.port = port or free_port()
@@ -80,6 +93,7 @@ class EmbeddedValkey:
         self.fsync = fsync
         self.admin_password = admin_password or new_password()
         self.gateway_password = gateway_password or new_password()
+        self.maxmemory_mb = maxmemory_mb or default_maxmemory_mb()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +123,9 @@ class EmbeddedValkey:
         args = [valkey_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.dir),
                 "--save", "", "--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning",
                 "--logfile", str(self.dir / "valkey.log"), "--maxclients", "10000",
-                "--aclfile", str(self.dir / "users.acl")]
+                "--aclfile", str(self.dir / "users.acl"),
+                # full is full: writes are refused (the gateway answers 507) and nothing is ever evicted
+                "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", self.fsync]
         else:

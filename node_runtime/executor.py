@@ -29,6 +29,7 @@ class JobProcess:
         self.started_at = 0.0
         self.stop_requested_at: float | None = None
         self.killed_for: str | None = None  # why the runtime killed it, when it did
+        self.killed_fault = "node"  # whose fault that kill was: "job" past its memory or wall-clock limit
 
     @property
     def pid(self) -> int | None:
@@ -61,11 +62,24 @@ class JobProcess:
         """None while it runs."""
         return self.process.exitcode
 
-    def kill(self, why: str) -> None:
-        """SIGKILL: for a job that ignores a stop request or hangs."""
+    def kill(self, why: str, fault: str = "node") -> None:
+        """SIGKILL: for a job that ignores a stop request, hangs (the node's problem, as far as anyone
+        can tell) or outgrows its limits (``fault`` "job")."""
         if self.process.exitcode is None:
             self.killed_for = why
+            self.killed_fault = fault
             self.process.kill()
+
+    def rss_mb(self) -> int | None:
+        """The process's resident memory in MiB (Linux /proc), or None when it cannot be read."""
+        try:
+            with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) // 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
     def reap(self) -> None:
         """Release the process's resources once it has exited."""

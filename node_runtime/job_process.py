@@ -26,6 +26,14 @@ log = logging.getLogger("cyxwiz.node.job")
 MODEL_ARTIFACT = "model.safetensors"
 EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the node's TTL lapses
 EXIT_UNSETTLED = 71  # ended with no outcome in the control plane's hands: the runtime reports a node fault
+EARLY_STEPS = 3  # out of memory before this many steps: loading the data or the first batches did it
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA) or its CPU allocator's refusal."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
 
 
 def job_process_main(launch: JobLaunch, control: JobControl) -> None:
@@ -66,6 +74,7 @@ class JobAttempt:
         self.job = f"job {launch.job_id} attempt {launch.attempt}"
         self.resumed_from_step = 0  # where this attempt started: the chaos run checks it never goes back
         self.settled = False  # True once the outcome (completed, failed, handed back) was accepted
+        self.steps = 0  # training steps this attempt has taken (an out-of-memory before EARLY_STEPS is the job's)
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
@@ -86,6 +95,7 @@ class JobAttempt:
             allow_http=self.launch.allow_http, device=self.launch.device, cpu_threads=self.launch.torch_threads,
             dataset_allow_nets=self.launch.dataset_allow_nets, dataset_timeout_s=self.launch.dataset_timeout_s,
             dataset_min_rate_bps=self.launch.dataset_min_rate_bps, max_dataset_mb=self.launch.max_dataset_mb)
+        _cap_gpu_memory(self.launch)
         started = time.monotonic()
         try:
             result = run_training(self.launch.spec, ctx)
@@ -93,6 +103,12 @@ class JobAttempt:
             log.info("%s failed: %s", self.job, error)
             return self._final({"status": "failed", "error": str(error), "fault": "job"})
         except Exception as error:  # out of memory, a driver error: another node may well succeed
+            if is_out_of_memory(error) and self.steps < EARLY_STEPS:
+                # the job asked for more than it said it needed, before it could even train: its fault
+                log.info("%s ran out of memory after %d steps: %s", self.job, self.steps, error)
+                return self._final({"status": "failed", "fault": "job",
+                                    "error": f"out of memory while loading data or in its first steps "
+                                             f"({type(error).__name__}): make the job smaller"})
             log.exception("%s crashed", self.job)
             return self._final({"status": "failed", "error": f"{type(error).__name__}: {error}", "fault": "node"})
         if result.status == "stopped":
@@ -131,6 +147,7 @@ class JobAttempt:
         self.sender.send_report({"status": "running", **progress, "metrics": metrics})
 
     def _should_stop(self) -> bool:
+        self.steps += 1
         self.control.mark_step()
         return self.control.stop_reason != StopReason.NONE
 
@@ -178,6 +195,22 @@ class JobAttempt:
             return
         if self.control.request_stop(reason):
             log.info("%s stops: %s", self.job, refusal.message)
+
+
+def _cap_gpu_memory(launch: JobLaunch) -> None:
+    """On a GPU, hold the job to its memory estimate (with room for the allocator's caching and the
+    libraries' workspaces): past it, torch raises OutOfMemoryError instead of starving a neighbour."""
+    if not launch.memory_limit_mb or not launch.device.startswith("cuda"):
+        return
+    import torch
+
+    try:
+        index = torch.device(launch.device).index or 0
+        total = torch.cuda.get_device_properties(index).total_memory
+        allowed = max(launch.memory_limit_mb * 1.5, launch.memory_limit_mb + 1024) * 2**20
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / total), index)
+    except Exception:  # noqa: BLE001 - a cap that cannot be set must not stop the job
+        log.warning("job %s: could not cap its GPU memory", launch.job_id, exc_info=True)
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, float | int | None]:

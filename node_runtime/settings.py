@@ -45,6 +45,7 @@ class NodeSettings:
     dataset_timeout_s: float = 600.0
     dataset_min_rate_bps: float = 16384.0
     max_dataset_mb: int = 1024
+    job_base_memory_mb: int = 0        # memory a job process may use beyond its estimate; 0: per device kind
     device: str = "auto"               # auto: CUDA when the host has it, else CPU
     torch_threads: int | None = None   # per job; None: the host's cores shared among the slots
     drain_timeout_s: float = 120.0     # SIGTERM: how long running jobs get to checkpoint and hand back
@@ -138,6 +139,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 600.0),
         startup_timeout_s=_float(env, "CYXWIZ_NODE_STARTUP_TIMEOUT_S", 1800.0),
         retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
+        job_base_memory_mb=int(_float(env, "CYXWIZ_NODE_JOB_BASE_MEMORY_MB", 0.0)),
         state_dir=data_dir / "nodes",
     )
 

@@ -24,8 +24,18 @@ from node_runtime.job_control import JobLaunch, StopReason
 
 if TYPE_CHECKING:
     from node_runtime.agent import NodeAgent, Registration
+    from node_runtime.settings import NodeSettings
 
 log = logging.getLogger("cyxwiz.node")
+# What a job process holds beyond its own estimate (torch, CUDA libraries and context), per device kind;
+# CYXWIZ_NODE_JOB_BASE_MEMORY_MB replaces both.
+BASE_MEMORY_MB = {"cpu": 1536, "cuda": 4096}
+
+
+def job_base_memory_mb(settings: NodeSettings, device: str) -> int:
+    if settings.job_base_memory_mb:
+        return settings.job_base_memory_mb
+    return BASE_MEMORY_MB["cuda" if device.startswith("cuda") else "cpu"]
 WATCH_EVERY_S = 0.1
 ACK_ATTEMPTS = 20  # an ack that still fails is healed later: the pending entry's job is over when re-read
 
@@ -150,6 +160,8 @@ class Supervisor:
             if process.seconds_since_stop_request() > settings.cancel_grace_s:
                 process.kill(f"it did not stop within {settings.cancel_grace_s:.0f} s of being asked to")
             return
+        if self._over_limits(job):
+            return
         since_step = process.seconds_since_step()
         if since_step is None and process.seconds_since_start() > settings.startup_timeout_s:
             why = f"it took no first training step within {settings.startup_timeout_s:.0f} s"
@@ -159,6 +171,27 @@ class Supervisor:
             return
         log.warning("%s: killing it: %s", job.name, why)
         process.kill(why)
+
+    def _over_limits(self, job: RunningJob) -> bool:
+        """Kill a job that outgrew its memory estimate or its wall-clock limit: the job's fault."""
+        process = job.process
+        limit = job.entry.memory_limit_mb
+        if limit:
+            base = job_base_memory_mb(self.agent.settings, process.launch.device)
+            rss = process.rss_mb()
+            if rss is not None and rss > limit + base:
+                why = (f"it used {rss} MiB of memory, more than its estimate allows ({limit} MiB, plus {base} MiB "
+                       "for the framework); make the job smaller (batch_size, model or dataset)")
+                log.warning("%s: killing it: %s", job.name, why)
+                process.kill(why, fault="job")
+                return True
+        max_duration = job.entry.spec.get("training", {}).get("max_duration_s")
+        if max_duration and process.seconds_since_start() > max_duration:
+            why = f"it ran past its wall-clock limit, training.max_duration_s = {max_duration:.0f} s"
+            log.warning("%s: killing it: %s", job.name, why)
+            process.kill(why, fault="job")
+            return True
+        return False
 
     async def _finish(self, job: RunningJob) -> None:
         """Report what the process could not, then acknowledge its entry and free its slot."""
@@ -172,7 +205,8 @@ class Supervisor:
                     await self.agent.report(job.registration, job.entry, process.next_seq(), {"status": "queued"})
                 elif reason == StopReason.NONE:
                     await self.agent.report(job.registration, job.entry, process.next_seq(),
-                                            {"status": "failed", "fault": "node", "error": process.describe_exit()})
+                                            {"status": "failed", "fault": process.killed_fault,
+                                             "error": process.describe_exit()})
             await self._ack(job)
         finally:
             process.reap()

@@ -135,11 +135,12 @@ class _Exchange:
 
     async def run(self) -> None:
         due = None if self.deadline is Deadline.NONE else self.start + self.settings.request_timeout_s
+        timer = self.timer = asyncio.timeout_at(due)
         try:
-            async with asyncio.timeout_at(due) as self.timer:
+            async with timer:
                 await self.app(self.scope, self.receive, self.send)
         except TimeoutError:
-            if not self.timer.expired():
+            if not timer.expired():
                 raise  # not ours
             if not self.response_started:
                 await send_error(self._send, errors.DeadlineExceeded(
@@ -190,7 +191,7 @@ class _Exchange:
                 message = {**message, "headers": _with_close(message.get("headers", []))}
             self.response_started = True
             if self.deadline is Deadline.UNTIL_RESPONSE and self.timer is not None:
-                self.timer.reschedule(None)
+                self.timer.reschedule(None)  # the stream itself may run for hours
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             if self.timer is not None:
                 self.timer.reschedule(None)  # background tasks after the response are not cut

@@ -113,3 +113,37 @@ class StoreUnavailable(ApiError):
     def __init__(self, message: str = "the state store is unreachable; try again shortly",
                  retry_after_s: int = 2) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class UnsupportedMediaType(ApiError):
+    """415: a body was sent with a Content-Type that is not JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(ApiError):
+    """408: the request body did not arrive in time (shared/edge.py); the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class DeadlineExceeded(ApiError):
+    """503 ``request_timeout``: the server could not answer within its request deadline; retry later."""
+
+    status = 503
+    code = "request_timeout"
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(ApiError):
+    """503 ``overloaded``: too many requests in flight from this address or in all; retry later."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str = "too many requests in flight; retry shortly", retry_after_s: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})

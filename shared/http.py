@@ -3,6 +3,8 @@
 A function module lists its routes and calls :func:`make_app`; the gateway joins the route lists of
 all four. Handlers raise :class:`shared.errors.ApiError`; the table below turns those, store outages
 and Starlette's own 404/405 into the contract's error shape. Client input never reaches a 500.
+Every app runs behind :class:`shared.edge.EdgeLimits` (in-flight caps, body and request deadlines,
+and the drain of a body left unread by an early answer).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import orjson
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from shared import errors
+from shared.edge import EdgeLimits, body_timeout_error
 from shared.nodes import reap_forever
 from shared.settings import Settings
-from shared.store import RedisError, Store, is_unavailable
+from shared.store import RedisError, Store, is_full, is_unavailable
 from shared.validation import is_number
 
 log = logging.getLogger("cyxwiz.http")
@@ -67,12 +71,27 @@ def store_of(request: Request) -> Store:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
+JSON_TYPES = ("application/json",)  # and any application/*+json
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_json(request: Request, *, optional: bool = False) -> Any:
-    """The request's JSON body, capped at max_body_bytes (413); not JSON: 400."""
+    """The request's JSON body, capped at max_body_bytes (413); not JSON: 400. A body sent as another
+    media type is refused (415) before it is read; one sent without a Content-Type is taken as JSON
+    (curl ``--data-binary``, scripts), as it was before the check existed."""
     limit = store_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
+    has_body = bool(declared and declared != "0") or "transfer-encoding" in request.headers
+    content_type = request.headers.get("content-type", "").strip()
+    if has_body and content_type and not _is_json(content_type):
+        raise errors.UnsupportedMediaType(f"the body must be JSON (Content-Type: application/json), "
+                                          f"not {content_type.split(';', 1)[0].strip()!r}")
     if declared and is_number(declared) and int(declared) > limit:
-        raise errors.PayloadTooLarge(f"the body may be at most {limit} bytes")
+        raise errors.PayloadTooLarge(f"the body may be at most {limit} bytes")  # the edge drains it first
     body = bytearray()
     async for piece in request.stream():
         body += piece
@@ -92,22 +111,9 @@ def error_response(exc: errors.ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def _drained(request: Request, response: Response) -> Response:
-    """Read what is left of the request body before answering early (a refused token, an unknown
-    route). Otherwise the server must drop the connection, and a keep-alive client that sends its next
-    request on it sees "server disconnected". A body too large to read is not read: the answer then
-    says ``Connection: close`` instead."""
-    limit = store_of(request).settings.max_body_bytes if hasattr(request.app.state, "store") else 1 << 20
-    read = 0
-    try:
-        async for piece in request.stream():
-            read += len(piece)
-            if read > limit:
-                response.headers["Connection"] = "close"
-                break
-    except (RuntimeError, ClientDisconnect):  # already consumed, or the client left
-        pass
-    return response
+# An answer given before the body was read (a refused token, an unknown route, a 413 from
+# Content-Length) needs nothing here: the edge reads and discards the rest of the body first, so a
+# keep-alive client keeps its connection and one that sends its whole body before reading sees it.
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -115,15 +121,22 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     response = error_response(exc)
     if isinstance(exc, errors.PayloadTooLarge):
         response.headers["Connection"] = "close"
-        return response
-    return await _drained(request, response)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     body = {"error": {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}}
-    return await _drained(request, JSONResponse(body, status_code=exc.status_code, headers=exc.headers))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The body stopped (the edge's body deadline, or the client left): 408, and the connection closes."""
+    settings = store_of(request).settings if hasattr(request.app.state, "store") else Settings()
+    response = error_response(body_timeout_error(settings))
+    response.headers["Connection"] = "close"
+    return response
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:
@@ -131,6 +144,8 @@ async def _store_error(request: Request, exc: Exception) -> Response:
     no traceback is logged for an outage). Any other store error is a bug: logged, then a JSON 500."""
     if is_unavailable(exc):
         return error_response(errors.StoreUnavailable())
+    if is_full(exc):
+        return error_response(errors.InsufficientStorage())
     log.error("unexpected state-store error on %s %s", request.method, request.url.path, exc_info=exc)
     return _internal_error()
 
@@ -147,6 +162,7 @@ def _internal_error() -> JSONResponse:
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     errors.ApiError: _api_error,
     HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
     RedisError: _store_error,
     OSError: _store_error,  # includes TimeoutError
     Exception: _unexpected,  # Starlette logs these itself
@@ -165,11 +181,13 @@ async def healthz(request: Request) -> Response:
 
 
 def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> Starlette:
-    """An app with the store opened at start-up and closed at shut-down, plus /healthz."""
+    """An app behind the edge's limits, with the store opened at start-up and closed at shut-down,
+    plus /healthz. Settings are read here, once: the edge needs them before the store exists."""
+    settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = Store(settings or Settings.from_env())
+        app.state.store = Store(settings)
         reaper = asyncio.create_task(reap_forever(app.state.store), name="reaper")
         try:
             yield
@@ -179,4 +197,5 @@ def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> S
             await app.state.store.close()
 
     all_routes = [*routes, Route("/healthz", healthz, methods=["GET"])]
-    return Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
+                     middleware=[Middleware(EdgeLimits, settings=settings)])

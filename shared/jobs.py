@@ -15,9 +15,8 @@ from typing import Any
 import msgspec
 import orjson
 
-from shared import errors, keys
+from shared import errors, keys, resources
 from shared.auth import Principal
-from shared import resources
 from shared.jobspec import known_data_info, parse_job_spec
 from shared.store import Store
 from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, TERMINAL

@@ -64,7 +64,8 @@ end
 
 -- jobs of the tenant holding a node slot (assigned or running)
 local function tenant_running(tenant)
-  return redis.call('ZCARD', jobs_index_key(tenant, 'assigned')) + redis.call('ZCARD', jobs_index_key(tenant, 'running'))
+  return redis.call('ZCARD', jobs_index_key(tenant, 'assigned'))
+    + redis.call('ZCARD', jobs_index_key(tenant, 'running'))
 end
 
 local function tenant_at_running_limit(tenant)

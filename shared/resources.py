@@ -98,7 +98,7 @@ def _cnn_activations(model: dict[str, Any], info: dict[str, Any] | None, outputs
         if model["pool"]:
             height, width = height // 2, width // 2
             total += out_channels * height * width
-    return total + 2 * sum(model["hidden"]) + 3 * outputs
+    return int(total + 2 * sum(model["hidden"]) + 3 * outputs)
 
 
 def _outputs(info: dict[str, Any] | None) -> int:

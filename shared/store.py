@@ -49,6 +49,11 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def is_full(exc: BaseException) -> bool:
+    """True when the store refused a write because it is at its maxmemory (noeviction): a 507."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+
+
 def make_client(settings: Settings, *, decode: bool, max_connections: int = 256) -> aioredis.Redis:
     """A pooled asyncio client that fails fast instead of retrying."""
     return aioredis.Redis.from_url(
@@ -89,4 +94,4 @@ class Store:
         await self.events.aclose()
 
 
-__all__ = ["Store", "is_unavailable", "make_client", "RedisError", "SCRIPTS"]
+__all__ = ["Store", "is_full", "is_unavailable", "make_client", "RedisError", "SCRIPTS"]

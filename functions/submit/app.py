@@ -1,7 +1,7 @@
 """Submit function: users create, list, read and cancel jobs; admins create API keys.
 
 POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}/cancel (API key);
-POST /v1/keys (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
+POST /v1/keys, GET and PUT /v1/tenants/{tenant} (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shared import auth, errors, jobs
+from shared import auth, errors, jobs, tenants
 from shared.http import JSONResponse, make_app, read_json, store_of
+from shared.store import Store
 
 
 async def submit(request: Request) -> Response:
@@ -59,11 +60,31 @@ async def create_key(request: Request) -> Response:
     return JSONResponse({"api_key": key, "tenant": tenant}, status_code=201)
 
 
+async def get_tenant(request: Request) -> Response:
+    store = store_of(request)
+    await _admin(store, request)
+    return JSONResponse(await tenants.get_tenant(store, request.path_params["tenant"]))
+
+
+async def set_tenant_limits(request: Request) -> Response:
+    store = store_of(request)
+    await _admin(store, request)
+    return JSONResponse(await tenants.set_limits(store, request.path_params["tenant"], await read_json(request)))
+
+
+async def _admin(store: Store, request: Request) -> None:
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    if not who.admin:
+        raise errors.Forbidden("only an admin API key may read or change tenants' limits")
+
+
 routes = [
     Route("/v1/jobs", submit, methods=["POST"]),
     Route("/v1/jobs", list_jobs, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/cancel", cancel_job, methods=["POST"]),
     Route("/v1/keys", create_key, methods=["POST"]),
+    Route("/v1/tenants/{tenant}", get_tenant, methods=["GET"]),
+    Route("/v1/tenants/{tenant}", set_tenant_limits, methods=["PUT"]),
 ]
 app = make_app(routes)

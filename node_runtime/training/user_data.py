@@ -102,12 +102,12 @@ class _Target:
     def parse(cls, url: str, redirected: bool) -> _Target:
         parts = urllib.parse.urlsplit(url)
         what = "the dataset url redirects to a url that" if redirected else "the dataset url"
-        if parts.scheme.lower() not in ("http", "https"):
+        if parts.scheme not in ("http", "https"):  # urlsplit lowercases the scheme
             raise JobError(f"{what} is not http(s)")
         if parts.username is not None or parts.password is not None:
             raise JobError(f"{what} carries a user name or password; nodes send no credentials")
         try:
-            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
             host = (parts.hostname or "").encode("idna").decode("ascii")
         except (ValueError, UnicodeError):
             raise JobError(f"{what} has a bad host or port") from None
@@ -116,7 +116,7 @@ class _Target:
         netloc = f"[{host}]" if ":" in host else host
         path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~")
         query = urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=~?")
-        return cls(parts.scheme.lower(), host, port, netloc if parts.port is None else f"{netloc}:{port}",
+        return cls(parts.scheme, host, port, netloc if parts.port is None else f"{netloc}:{port}",
                    path + (f"?{query}" if query else ""))
 
 
@@ -142,7 +142,7 @@ def _download(url: str, limits: DatasetLimits) -> bytes:
                 raise JobError(f"the dataset server {target.host!r} answered HTTP {response.status}")
             return _read_body(response, target.host, limits)
         except (OSError, http.client.HTTPException) as error:
-            meter.check()  # a limit that ran out names itself
+            meter.next_limit()  # a limit that ran out names itself
             raise JobError(f"cannot download the dataset from {target.host!r}: {_describe(error)}") from error
         finally:
             connection.release()
@@ -205,21 +205,18 @@ class _Meter:
         self.grace_s = min(RATE_GRACE_S, limits.timeout_s / 4)
 
     def next_limit(self) -> tuple[float, str]:
-        """Seconds until the next limit breaks if nothing arrives meanwhile, and the error it breaks with."""
+        """Seconds a wait may last before a limit breaks, and that limit's error; raises the error of a
+        limit already broken."""
         elapsed = time.monotonic() - self.started
         where, limits = f"the dataset download from {self.host!r}", self.limits
-        return min(
+        seconds, broken = min(
             (limits.timeout_s - elapsed, f"{where} took longer than the node's limit of {limits.timeout_s:g} s"),
             (max(self.grace_s, self.received / limits.min_rate_bps) - elapsed,
              f"{where} was slower than the node's minimum of {limits.min_rate_bps:g} bytes/s"),
             (READ_TIMEOUT_S, f"{where} stalled: nothing arrived for {READ_TIMEOUT_S:g} s"))
-
-    def check(self) -> float:
-        """Seconds the next wait may last; raises the ``JobError`` of a limit already broken."""
-        seconds, broken = self.next_limit()
         if seconds <= 0:
             raise JobError(broken)
-        return seconds
+        return seconds, broken
 
 
 class _MeteredReader(io.RawIOBase):
@@ -234,8 +231,6 @@ class _MeteredReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         seconds, broken = self._meter.next_limit()
-        if seconds <= 0:
-            raise JobError(broken)
         self._sock.settimeout(seconds)
         try:
             count = self._sock.recv_into(buffer)
@@ -278,14 +273,14 @@ class _PinnedConnection(http.client.HTTPConnection):
         failure = OSError("no address")
         for address in self._addresses:  # all were checked: the first that answers serves
             try:
-                sock = socket.create_connection((address, self._target.port), timeout=self._meter.check())
+                sock = socket.create_connection((address, self._target.port), timeout=self._meter.next_limit()[0])
             except OSError as error:
                 failure = error
                 continue
             if self._target.scheme != "https":
                 return sock
             try:
-                sock.settimeout(self._meter.check())  # for the handshake as a whole
+                sock.settimeout(self._meter.next_limit()[0])  # for the handshake as a whole
                 return ssl.create_default_context().wrap_socket(sock, server_hostname=self._target.host)
             except BaseException:
                 sock.close()

@@ -77,3 +77,42 @@ def test_bad_input_is_reported(served: dict, tmp_path: Path) -> None:
     out = cli(served, "submit", str(bad))
     assert out.returncode == 1 and "invalid_field" in out.stderr and "training.epochs" in out.stderr
     assert cli(served, "status", "j-nope").returncode == 1
+
+
+def test_server_strings_cannot_drive_the_terminal(served: dict, tmp_path: Path) -> None:
+    """Names and errors come from the server (a node, a tenant, another user): the CLI shows control
+    characters as visible escapes, never raw (an ESC sequence could recolour, clear or forge output)."""
+    import redis
+
+    from cyxwiz.cli import printable
+    from shared import keys
+    from tests.conftest import DIGITS_SPEC
+
+    api, admin = served["api_url"], bearer(served["api_key"])
+    labels = {"cli-test": "escapes"}  # the job goes to this node, whatever else the module left queued
+    reg = httpx.post(f"{api}/v1/nodes", json={"name": "cli-escapes", "labels": labels, "slots": 4},
+                     headers=bearer(served["join_token"])).json()
+    spec = {**DIGITS_SPEC, "requirements": {"labels": labels}}
+    job_id = httpx.post(f"{api}/v1/jobs", json=spec, headers=admin).json()["job_id"]
+    error = "boom \x1b[31mred\x1b[0m\r\nTraceback line 2\x7f\x9b2J\u202e"
+    resp = httpx.post(f"{api}/v1/jobs/{job_id}/progress", headers=bearer(reg["session_token"]),
+                      json={"attempt": 1, "seq": 1, "status": "failed", "error": error, "fault": "job"})
+    assert resp.status_code == 200, resp.text
+    store = redis.Redis.from_url(served["redis_url"], decode_responses=True)  # a name stored by an older server
+    store.hset(keys.node_key(reg["node_id"]), "name", "evil\x1b]0;pwned\x07node")
+    store.close()
+    bad_spec = tmp_path / "bad.json"
+    bad_spec.write_text(json.dumps({**DIGITS_SPEC, "\x1b[2Jfield": 1}))
+    raw = ("\x1b", "\x7f", "\x9b", "\x07", "\r", "\u202e")
+    outputs = {args: cli(served, *args) for args in (("status", job_id), ("jobs",), ("watch", job_id), ("nodes",),
+                                                      ("submit", str(bad_spec)))}
+    for args, out in outputs.items():
+        assert not any(c in out.stdout + out.stderr for c in raw), (args, out.stdout, out.stderr)
+    assert json.loads(outputs[("status", job_id)].stdout)["error"] == error  # still the exact JSON
+    watched = outputs[("watch", job_id)]
+    assert "boom \\x1b[31mred\\x1b[0m\\x0d\nTraceback line 2\\x7f\\x9b2J\\u202e" in watched.stdout
+    assert "evil\\x1b]0;pwned\\x07node" in outputs[("nodes",)].stdout
+    assert "\\x1b[2Jfield" in outputs[("submit", str(bad_spec))].stderr
+    assert printable("tab\there\nnew", multiline=True) == "tab\there\nnew"
+    assert printable("tab\there\nnew") == "tab\\x09here\\x0anew"
+    assert printable("münchen \U0001f600") == "münchen \U0001f600"

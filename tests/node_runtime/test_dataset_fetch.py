@@ -100,7 +100,10 @@ def fetch(url: str, **limits: Any) -> bytes:
 
 def npz_bytes(compressed: bool = False, **arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)  # type: ignore[operator]
+    if compressed:
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    else:
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
 
 

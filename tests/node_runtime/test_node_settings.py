@@ -49,11 +49,30 @@ def test_flags_beat_environment_beats_the_credentials_file(tmp_path: Path) -> No
     (("--join-token", "t", "--data-root", "/no/such/dir"), {}, "--data-root"),
     (("--join-token", "t", "--ca-file", "/no/such/ca.pem"), {}, "CYXWIZ_CA_FILE"),
     (("--join-token", "t"), {"CYXWIZ_NODE_ALLOW_HTTP": "maybe"}, "ALLOW_HTTP"),
+    (("--join-token", "t", "--allow-dataset-net", "10.0.0.0/33"), {}, "--allow-dataset-net"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_DATASET_ALLOW_NETS": "10.0.0.0/8,intranet"}, "DATASET_ALLOW_NETS"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_DATASET_TIMEOUT_S": "0"}, "CYXWIZ_NODE_DATASET_TIMEOUT_S"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_DATASET_MIN_RATE_BPS": "fast"}, "CYXWIZ_NODE_DATASET_MIN_RATE_BPS"),
+    (("--join-token", "t"), {"CYXWIZ_NODE_MAX_DATASET_MB": "0"}, "CYXWIZ_NODE_MAX_DATASET_MB must be >= 1"),
 ])
 def test_a_missing_or_bad_setting_fails_fast_naming_it(tmp_path: Path, argv: tuple[str, ...],
                                                        env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         settings_from_args(_parse("--data-dir", str(tmp_path), *argv), env=env)
+
+
+def test_dataset_limits_come_from_flags_and_environment(tmp_path: Path) -> None:
+    defaults = settings_from_args(_parse("--data-dir", str(tmp_path), "--join-token", "t"), env={})
+    assert defaults.dataset_allow_nets == () and defaults.dataset_timeout_s == 600.0
+    assert defaults.dataset_min_rate_bps == 16384.0 and defaults.max_dataset_mb == 1024
+    env = {"CYXWIZ_NODE_DATASET_ALLOW_NETS": " 10.1.2.3/8, fd00::/8 ,", "CYXWIZ_NODE_DATASET_TIMEOUT_S": "30",
+           "CYXWIZ_NODE_DATASET_MIN_RATE_BPS": "1000", "CYXWIZ_NODE_MAX_DATASET_MB": "64"}
+    from_env = settings_from_args(_parse("--data-dir", str(tmp_path), "--join-token", "t"), env=env)
+    assert from_env.dataset_allow_nets == ("10.0.0.0/8", "fd00::/8")  # normalized
+    assert (from_env.dataset_timeout_s, from_env.dataset_min_rate_bps, from_env.max_dataset_mb) == (30.0, 1000.0, 64)
+    flagged = settings_from_args(_parse("--data-dir", str(tmp_path), "--join-token", "t", "--allow-dataset-net",
+                                        "192.168.7.0/24", "--allow-dataset-net", "127.0.0.2"), env=env)
+    assert flagged.dataset_allow_nets == ("192.168.7.0/24", "127.0.0.2/32")  # the flags replace the variable
 
 
 @pytest.mark.parametrize(("given", "host"), [
