@@ -49,8 +49,8 @@ class CountedEventStream(StreamingResponse):
 
     def __init__(self, store: Store, tenant: str, content: AsyncIterator[bytes],
                  headers: Mapping[str, str] | None = None) -> None:
+        self._release: tuple[Store, str] | None = (store, tenant)  # first: __del__ relies on it
         super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._release: tuple[Store, str] | None = (store, tenant)
 
     def release(self) -> None:
         """Count the stream out, once; later calls do nothing."""

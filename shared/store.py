@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import errors, lua
@@ -51,7 +51,7 @@ def is_unavailable(exc: BaseException) -> bool:
 
 def is_full(exc: BaseException) -> bool:
     """True when the store refused a write because it is at its maxmemory (noeviction): a 507."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM"))
 
 
 def make_client(settings: Settings, *, decode: bool, max_connections: int = 256) -> aioredis.Redis:

@@ -27,7 +27,9 @@ from shared.jobspec import DIGITS_MLP_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[1]
 # Short liveness settings for the whole test session (production: 10 s and 30 s).
-TEST_ENV = {"CYXWIZ_HEARTBEAT_INTERVAL_S": "0.5", "CYXWIZ_TTL_S": "2", "CYXWIZ_COOLOFF_S": "5"}
+# The per-key rate limit is raised: tests submit bursts of hundreds of jobs with one key.
+TEST_ENV = {"CYXWIZ_HEARTBEAT_INTERVAL_S": "0.5", "CYXWIZ_TTL_S": "2", "CYXWIZ_COOLOFF_S": "5",
+            "CYXWIZ_RATE_LIMIT_PER_S": "2000"}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -79,7 +80,7 @@ def test_bad_input_is_reported(served: dict, tmp_path: Path) -> None:
     assert cli(served, "status", "j-nope").returncode == 1
 
 
-def test_server_strings_cannot_drive_the_terminal(served: dict, tmp_path: Path) -> None:
+def test_server_strings_cannot_drive_the_terminal(served: dict[str, Any], tmp_path: Path) -> None:
     """Names and errors come from the server (a node, a tenant, another user): the CLI shows control
     characters as visible escapes, never raw (an ESC sequence could recolour, clear or forge output)."""
     import redis
