@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
+from redis.exceptions import ExecAbortError, OutOfMemoryError
 
 from shared import errors, keys
 from shared.store import Store
@@ -74,10 +75,13 @@ async def authenticate_api_key(store: Store, authorization: str | None) -> Princ
 async def _check_rate(store: Store, key_hash: str, limit: int) -> None:
     """A fixed one-second window per API key; over the limit: 429 with Retry-After."""
     second = int(time.time())
-    async with store.redis.pipeline(transaction=True) as pipe:
-        pipe.incr(keys.rate_key(key_hash, second))
-        pipe.expire(keys.rate_key(key_hash, second), 2)
-        count, _ = await pipe.execute()
+    try:
+        async with store.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(keys.rate_key(key_hash, second))
+            pipe.expire(keys.rate_key(key_hash, second), 2)
+            count, _ = await pipe.execute()
+    except (OutOfMemoryError, ExecAbortError):  # ExecAbortError: the MULTI was refused for the same reason
+        return  # a full store (maxmemory): reads must still work, and writes get their 507 where they write
     if count > limit:
         raise errors.RateLimited(f"more than {limit} requests per second with this API key",
                                  headers={"Retry-After": "1"})

@@ -145,8 +145,8 @@ local function job_requirements(job_id)
     'avoid_node', 'avoid_until_ms')
 end
 
--- The node that last failed or handed back a job does not get it again for AVOID_MS: another node first
--- (and a one-node cluster still runs it after that).
+-- The node that last failed or handed back a job does not get it again for AVOID_MS while another live
+-- node could hold it: another node first.
 local function avoid(job_id, node_id, now)
   redis.call('HSET', job_key(job_id), 'avoid_node', node_id, 'avoid_until_ms', now + AVOID_MS)
 end
@@ -168,12 +168,20 @@ local function fits_profile(r, p)
   return labels_match(r[4], cjson.encode(p.labels))
 end
 
--- Does any live node fit the job? (one check per distinct node profile, not per node)
-local function fits_some_node(r)
-  for _, raw in ipairs(redis.call('HKEYS', NODES_PROFILES)) do
-    if fits_profile(r, cjson.decode(raw)) then return true end
+-- How many live nodes could hold the job (one check per distinct node profile, not per node)?
+local function fitting_nodes(r, enough)
+  local profiles, count = redis.call('HGETALL', NODES_PROFILES), 0
+  for i = 1, #profiles, 2 do
+    if fits_profile(r, cjson.decode(profiles[i])) then
+      count = count + tonumber(profiles[i + 1])
+      if count >= enough then return count end
+    end
   end
-  return false
+  return count
+end
+
+local function fits_some_node(r)
+  return fitting_nodes(r, 1) >= 1
 end
 
 -- Can this node take this job now?
@@ -185,7 +193,8 @@ local function node_can_take(node_id, r, now)
     return false
   end
   if n[1] ~= 'online' or (n[10] or '') ~= '' or tonumber(n[3]) >= tonumber(n[2]) then return false end
-  if r[6] == node_id and tonumber(r[7] or '0') > now then return false end  -- see avoid()
+  -- see avoid(): another node first, unless this is the only one that could hold the job
+  if r[6] == node_id and tonumber(r[7] or '0') > now and fitting_nodes(r, 2) >= 2 then return false end
   -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
   if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
   if tonumber(redis.call('HGET', COOLOFF, n[8]) or '0') > now then return false end

@@ -35,7 +35,9 @@ def test_submit_assigns_to_best_node_and_streams_it(http: httpx.Client, creds: d
 def test_submit_without_nodes_queues(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
     answer = submit(http, creds["api_key"])
     assert answer == {"job_id": answer["job_id"], "status": "queued", "node_id": None}
-    assert r.zscore("cyxwiz:queue:cpu", answer["job_id"]) is not None
+    assert r.zscore("cyxwiz:queue:parked", answer["job_id"]) is not None  # no node at all: parked
+    job = http.get(f"/v1/jobs/{answer['job_id']}", headers=bearer(creds["api_key"])).json()
+    assert job["pending_reason"] == "no_node_fits"
 
 
 def test_registration_pulls_queued_jobs(http: httpx.Client, creds: dict[str, str]) -> None:

@@ -315,25 +315,35 @@ async def test_a_free_node_is_shared_between_tenants_and_never_idle_behind_other
 
 async def test_a_hand_back_never_lands_on_the_same_node_and_is_counted(store: Store, r: redis.Redis) -> None:
     await register(store, "n1")
-    await submit(store, "j1")
-    await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "queued", "", "{}", "", "job"])
-    job = r.hgetall(keys.job_key("j1"))
-    assert job["status"] == "queued" and job["handbacks"] == "1" and job["avoid_node"] == "n1"
-    await store.run("HEARTBEAT", ["n1", ""])
-    assert r.hget(keys.job_key("j1"), "status") == "queued"  # not straight back onto n1
     await register(store, "n2")
-    assert r.hget(keys.job_key("j1"), "node_id") == "n2"
+    await submit(store, "j1")
+    await submit(store, "j2")  # both nodes busy
+    holder, other = r.hget(keys.job_key("j1"), "node_id"), r.hget(keys.job_key("j2"), "node_id")
+    await store.run("REPORT_PROGRESS", ["j1", holder, 1, 1, "queued", "", "{}", "", "job"])
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "queued" and job["handbacks"] == "1" and job["avoid_node"] == holder
+    await store.run("HEARTBEAT", [holder, ""])
+    assert r.hget(keys.job_key("j1"), "status") == "queued"  # not straight back: another node could hold it
+    r.hset(keys.job_key("j2"), "artifacts", '["model.safetensors"]')
+    await store.run("REPORT_PROGRESS", ["j2", other, 1, 1, "completed", "{}", "{}", "", "job"])
+    assert r.hget(keys.job_key("j1"), "node_id") == other
+    await store.run("DRAIN_NODE", [other])  # the only node that fits may take a job it handed back
+    await store.run("REPORT_PROGRESS", ["j1", other, 2, 1, "queued", "", "{}", "", "job"])
+    await store.run("HEARTBEAT", [holder, ""])
+    assert r.hget(keys.job_key("j1"), "node_id") == holder
 
 
 async def test_the_same_failure_on_two_nodes_is_the_jobs_fault(store: Store, r: redis.Redis) -> None:
     await register(store, "n1")
-    await submit(store, "j1")
-    error = "the job process was killed by signal SIGKILL (out of memory?) after 12 s"
-    await store.run("REPORT_PROGRESS", ["j1", "n1", 1, 1, "failed", "", "{}", error, "node"])
-    assert float(r.hget(keys.REPUTATION, "n1")) < 0.75  # charged: for now it looks like the node's fault
     await register(store, "n2")
-    assert r.hget(keys.job_key("j1"), "node_id") == "n2"
-    await store.run("REPORT_PROGRESS", ["j1", "n2", 2, 1, "failed", "", "{}", error.replace("12", "40"), "node"])
+    await submit(store, "j1")
+    first = r.hget(keys.job_key("j1"), "node_id")
+    error = "the job process was killed by signal SIGKILL (out of memory?) after 12 s"
+    await store.run("REPORT_PROGRESS", ["j1", first, 1, 1, "failed", "", "{}", error, "node"])
+    assert float(r.hget(keys.REPUTATION, first)) < 0.75  # charged: for now it looks like the node's fault
+    second = r.hget(keys.job_key("j1"), "node_id")
+    assert second not in (first, "")  # the retry goes to the other node
+    await store.run("REPORT_PROGRESS", ["j1", second, 2, 1, "failed", "", "{}", error.replace("12", "40"), "node"])
     job = r.hgetall(keys.job_key("j1"))
     assert job["status"] == "failed" and "the job's fault" in job["error"]
     assert r.hget(keys.REPUTATION, "n1") == "0.75" and r.hget(keys.REPUTATION, "n2") == "0.75"
