@@ -38,6 +38,7 @@ import redis
 
 from cyxwiz.embedded import EmbeddedValkey, free_port
 from cyxwiz.server import install_credentials_at, kill_group, wait_healthy
+from load_tests import servers
 from load_tests.netns import HostPair, host_pair, unavailable_reason
 from shared import auth, keys
 
@@ -76,7 +77,7 @@ class Stack:
         self.api = f"http://{self.host}:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | {
             "CYXWIZ_HEARTBEAT_INTERVAL_S": str(interval_s), "CYXWIZ_TTL_S": str(ttl_s),
-            "CYXWIZ_DATA_DIR": str(workdir / "home"), "PYTHONUNBUFFERED": "1"}
+            "CYXWIZ_DATA_DIR": str(workdir / "home"), "PYTHONUNBUFFERED": "1"} | servers.BENCH_LIMITS
         self.gateway: subprocess.Popen[bytes] | None = None
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.admin_key = auth.new_token("cwk")
@@ -286,7 +287,7 @@ def check(http: httpx.Client, stack: Stack, job_ids: list[str], kills: list[Kill
         reassignments += job["attempt"] - 1
         if job["status"] != "completed":
             problems.append(f"{job_id}: ended {job['status']} ({job['error']})")
-        events = http.get(f"/v1/jobs/{job_id}/progress", headers=auth_header).json()["events"]
+        events = all_events(http, auth_header, job_id)
         completions = [e for e in events if e["status"] == "completed"]
         if job["status"] == "completed" and len(completions) != 1:
             problems.append(f"{job_id}: {len(completions)} completions")
@@ -334,6 +335,18 @@ def download_weights(http: httpx.Client, auth_header: dict[str, str], job_id: st
 def _stats(values: list[float]) -> dict[str, float | int | None]:
     return {"count": len(values), "max": max(values, default=None),
             "mean": round(sum(values) / len(values), 2) if values else None}
+
+
+def all_events(http: httpx.Client, auth_header: dict[str, str], job_id: str) -> list[dict[str, Any]]:
+    """Every progress event of a job, page by page (``GET /progress`` answers at most 2,000 at a time)."""
+    events: list[dict[str, Any]] = []
+    params = {"limit": "2000"}
+    while True:
+        page = http.get(f"/v1/jobs/{job_id}/progress", params=params, headers=auth_header).json()
+        events.extend(page["events"])
+        if not page.get("next_cursor"):
+            return events
+        params = {"limit": "2000", "after": page["next_cursor"]}
 
 
 def resume_problems(job_id: str, events: list[dict[str, Any]]) -> list[str]:

@@ -137,9 +137,18 @@ class Api:
         return resp.json()  # type: ignore[no-any-return]
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        resp = self.http.get(f"/v1/jobs/{job_id}/progress", headers=self.headers)
-        assert resp.status_code == 200, resp.text
-        return resp.json()["events"]  # type: ignore[no-any-return]
+        """Every progress event of the job, page by page."""
+        events: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": "2000", **({"after": cursor} if cursor else {})}
+            resp = self.http.get(f"/v1/jobs/{job_id}/progress", params=params, headers=self.headers)
+            assert resp.status_code == 200, resp.text
+            page = resp.json()
+            events.extend(page["events"])
+            cursor = page["next_cursor"]
+            if not cursor:
+                return events
 
     def nodes(self) -> list[dict[str, Any]]:
         return self.http.get("/v1/nodes", headers=self.headers).json()["nodes"]  # type: ignore[no-any-return]
