@@ -60,7 +60,8 @@ def progress_line(job: dict[str, Any]) -> str:
     bar = "#" * int(done * 30) + "-" * (30 - int(done * 30))
     epochs = (job.get("spec") or {}).get("training", {}).get("epochs", "?")
     metrics = progress.get("metrics") or {}
-    parts = [f"[{bar}] {done * 100:5.1f}%", f"{printable(job['status']):<9}",
+    status = job["status"] + (f" ({job['pending_reason']})" if job.get("pending_reason") else "")
+    parts = [f"[{bar}] {done * 100:5.1f}%", f"{printable(status):<9}",
              f"epoch {printable(progress.get('epoch', 0))}/{printable(epochs)}"]
     for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
         if metrics.get(name) is not None:
@@ -138,9 +139,30 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
     page = _client(args).request("GET", "/v1/jobs" + query)
     for job in page["jobs"]:
+        where = job["node_id"] or (f"({job['pending_reason']})" if job.get("pending_reason") else "-")
         print(f"{printable(job['job_id'])}  {printable(job['status']):<9}  {printable(job['priority']):<6}  "
-              f"{printable(job['node_id'] or '-'):<20}  {printable(job['name'])}")
+              f"{printable(where):<22}  {printable(job['name'])}")
     return 0
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    """``tenants show T`` and ``tenants set T --max-queued N --max-running N`` (admin)."""
+    client = _client(args)
+    path = f"/v1/tenants/{args.tenant}"
+    if args.tenants_command == "set":
+        limits = {"max_queued_jobs": _limit(args.max_queued), "max_running_jobs": _limit(args.max_running)}
+        body = {name: value for name, value in limits.items() if value != "unset"}
+        _print(client.request("PUT", path, body))
+    else:
+        _print(client.request("GET", path))
+    return 0
+
+
+def _limit(raw: str | None) -> int | str | None:
+    """A limit flag: absent (leave it), ``default`` (back to the settings' default), or an integer."""
+    if raw is None:
+        return "unset"
+    return None if raw == "default" else int(raw)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -221,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--api", "--api-key", "--data-dir"):
         p.add_argument(flag)
     p.set_defaults(handler=cmd_keys)
+
+    tenants_parser = sub.add_parser("tenants", help="tenants' limits and usage (admin)")
+    tenants_sub = tenants_parser.add_subparsers(dest="tenants_command", required=True)
+    for name, text in (("show", "a tenant's limits and what it uses"), ("set", "set a tenant's own limits")):
+        p = tenants_sub.add_parser(name, help=text)
+        p.add_argument("tenant")
+        for flag in ("--api", "--api-key", "--data-dir"):
+            p.add_argument(flag)
+        if name == "set":
+            p.add_argument("--max-queued", help="queued jobs at most (an integer, or 'default')")
+            p.add_argument("--max-running", help="jobs holding node slots at most (an integer, or 'default')")
+        p.set_defaults(handler=cmd_tenants)
 
     p = client_command("submit", cmd_submit, "submit a job spec (JSON file)")
     p.add_argument("file")

@@ -14,8 +14,11 @@ Secrets go to the gateway through its environment and to disk only in 0600 files
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import math
 import os
+import resource
 import signal
 import ssl
 import subprocess
@@ -109,12 +112,23 @@ def _check_port(host: str, port: int, what: str) -> None:
 
 
 def _start_gateway(opts: ServeOptions, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # --read-timeout: a socket that sends nothing at all for this long while its request is being read
+    # is closed (Hypercorn does not read while a handler answers, so streams are not affected); the
+    # edge middleware's body deadline handles a body that trickles.
+    read_timeout = max(1, math.ceil(Settings.from_env(env).body_timeout_s))
     command = [sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind", _bind(opts.host, opts.port),
-               "--workers", str(opts.workers), "--graceful-timeout", "5"]
+               "--workers", str(opts.workers), "--graceful-timeout", "5", "--read-timeout", str(read_timeout)]
     if opts.certfile and opts.keyfile:
         command += ["--certfile", opts.certfile, "--keyfile", opts.keyfile]
     if _has_uvloop():
         command += ["--worker-class", "uvloop"]
+    # Every connection is a descriptor: the gateway may hold as many as the hard limit allows (the
+    # soft one is often 1,024), or a few thousand idle sockets would stop it accepting a node's.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # set here, not in a preexec_fn (unsafe with threads)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))  # the gateway inherits it
     # Its own process group: if the gateway dies, its leftover workers are killed with the group.
     return subprocess.Popen(command, env=env, start_new_session=True)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import re
 from typing import Any
 
@@ -39,10 +40,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shared import errors
 from shared.settings import Settings
 
+log = logging.getLogger("cyxwiz.edge")
+
 DRAIN_LIMIT_BYTES = 32 << 20  # read at most this much of a refused body before answering
+DISCARD_WAIT_S = 60.0         # the server reports a closed connection at once; this only bounds a surprise
 OVERLOAD_RETRY_AFTER_S = 2
 _ARTIFACT = re.compile(r"^/v1/jobs/[^/]+/artifacts/[^/]+$")
 _STREAM = re.compile(r"^/v1/jobs/[^/]+/(events|logs)$")  # SSE; the contract's `logs?follow=1`
+
+
+_DISCARDING: dict[_Exchange, asyncio.Task[None]] = {}  # discards outlive their request: keep them referenced
 
 
 class Deadline(enum.Enum):
@@ -104,11 +111,12 @@ class EdgeLimits:
             await self.app(scope, receive, send)
             return
         client = scope["client"][0] if scope.get("client") else ""
+        exchange = _Exchange(self.app, self.settings, scope, receive, send)
         if not self.in_flight.admit(client):
-            await send_error(send, errors.Overloaded(retry_after_s=OVERLOAD_RETRY_AFTER_S))
+            await exchange.refuse(errors.Overloaded(retry_after_s=OVERLOAD_RETRY_AFTER_S))
             return
         try:
-            await _Exchange(self.app, self.settings, scope, receive, send).run()
+            await exchange.run()
         finally:
             self.in_flight.release(client)
 
@@ -119,35 +127,49 @@ class _Exchange:
     def __init__(self, app: ASGIApp, settings: Settings, scope: Scope, receive: Receive, send: Send) -> None:
         self.app, self.settings, self.scope = app, settings, scope
         self._receive, self._send = receive, send
-        self.loop = asyncio.get_running_loop()
-        self.start = self.loop.time()
+        self.start = asyncio.get_running_loop().time()
         self.deadline = request_deadline(scope["method"], scope["path"])
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"").strip()
         self.declared = int(declared) if declared.isdigit() else None
         self.body_done = b"transfer-encoding" not in headers and not self.declared  # no body to wait for
         self.received = 0
-        self.disconnected = False
+        self.disconnected = False  # what the app is told: the client left, or its body ran out of time
+        self.gone = False          # what the server said: the connection is closed
         self.body_expired = False
+        self.may_drain = True
         self.response_started = False
         self.lock = asyncio.Lock()  # a streaming response listens for the disconnect while the edge drains
         self.timer: asyncio.Timeout | None = None
+        self.timing = False  # inside the timer (the edge's own answers come after it)
+
+    async def refuse(self, exc: errors.ApiError) -> None:
+        """Answer at once, the body unread."""
+        self.may_drain = False
+        await send_error(self.send, exc)
 
     async def run(self) -> None:
         due = None if self.deadline is Deadline.NONE else self.start + self.settings.request_timeout_s
         timer = self.timer = asyncio.timeout_at(due)
         try:
             async with timer:
-                await self.app(self.scope, self.receive, self.send)
+                self.timing = True
+                try:
+                    await self.app(self.scope, self.receive, self.send)
+                finally:
+                    self.timing = False
         except TimeoutError:
             if not timer.expired():
                 raise  # not ours
             if not self.response_started:
-                await send_error(self._send, errors.DeadlineExceeded(
+                self.may_drain = False
+                await send_error(self.send, errors.DeadlineExceeded(
                     f"the request was not answered within {self.settings.request_timeout_s:g} s"))
             return  # a started response is cut off: the server closes the connection
+        finally:
+            self._discard_rest()
         if self.body_expired and not self.response_started:
-            await send_error(self._send, body_timeout_error(self.settings))
+            await send_error(self.send, body_timeout_error(self.settings))
 
     async def receive(self) -> Message:
         async with self.lock:
@@ -170,17 +192,39 @@ class _Exchange:
             self.received += len(message.get("body", b""))
             self.body_done = not message.get("more_body", False)
         elif message["type"] == "http.disconnect":
-            self.disconnected = True
+            self.disconnected = self.gone = True
+            if self in _DISCARDING:
+                _DISCARDING[self].cancel()  # the app heard it first: nothing more will come
         return message
 
     async def _drain(self) -> bool:
         """Read and discard the rest of the body (bounded); whether all of it was read."""
-        if self.declared is not None and self.declared > DRAIN_LIMIT_BYTES:
-            return False  # not worth reading: the connection closes instead
+        if not self.may_drain or (self.declared is not None and self.declared > DRAIN_LIMIT_BYTES):
+            return False  # refused unread, or not worth reading: the connection closes instead
         async with self.lock:
             while not self.body_done and not self.disconnected and self.received <= DRAIN_LIMIT_BYTES:
                 await self._next()
         return self.body_done and not self.disconnected
+
+    def _discard_rest(self) -> None:
+        """Answered with the body unread: take what the server still queues for this request until it
+        reports the connection closed. Hypercorn waits for room in that (10-message) queue to say
+        so, and would otherwise hold the connection forever, even after its client left."""
+        if self.body_done or self.gone or self in _DISCARDING:
+            return
+        _DISCARDING[self] = asyncio.create_task(self._consume_until_closed())
+
+    async def _consume_until_closed(self) -> None:
+        try:
+            async with asyncio.timeout(DISCARD_WAIT_S):
+                while (await self._receive())["type"] != "http.disconnect":
+                    pass
+        except TimeoutError:
+            log.warning("no disconnect from the server %g s after answering %s %s", DISCARD_WAIT_S,
+                        self.scope["method"], self.scope["path"])
+        finally:
+            self.gone = True
+            _DISCARDING.pop(self, None)
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
@@ -190,12 +234,17 @@ class _Exchange:
             if close or self.received > self.settings.max_body_bytes:
                 message = {**message, "headers": _with_close(message.get("headers", []))}
             self.response_started = True
-            if self.deadline is Deadline.UNTIL_RESPONSE and self.timer is not None:
-                self.timer.reschedule(None)  # the stream itself may run for hours
+            if not self.body_done:
+                self._discard_rest()  # before the answer: its last piece is when the server needs room
+            if self.deadline is Deadline.UNTIL_RESPONSE:
+                self._stop_timer()  # the stream itself may run for hours
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
-            if self.timer is not None:
-                self.timer.reschedule(None)  # background tasks after the response are not cut
+            self._stop_timer()  # background tasks after the response are not cut
         await self._send(message)
+
+    def _stop_timer(self) -> None:
+        if self.timing and self.timer is not None and not self.timer.expired():
+            self.timer.reschedule(None)
 
 
 def _with_close(headers: Any) -> list[tuple[bytes, bytes]]:

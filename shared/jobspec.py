@@ -8,7 +8,9 @@ cannot disagree. Every error names the dotted field at fault (``model.layers.2.t
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import urllib.parse
 from typing import Any
 
 from shared.errors import InvalidField, MalformedBody
@@ -170,6 +172,8 @@ def _parse_url_dataset(fields: _Fields) -> dict[str, Any]:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in ("", "file", "http", "https"):
         raise InvalidField("dataset.url must be a file path, a file:// url or an http(s) url", field="dataset.url")
+    if scheme in ("http", "https"):
+        _check_url_host(url)
     path = url.split("?", 1)[0].rstrip("/")
     basename = path.rsplit("/", 1)[-1]
     guessed = "npz" if basename.endswith(".npz") else "csv" if basename.endswith((".csv", ".csv.gz")) else _REQUIRED
@@ -181,6 +185,31 @@ def _parse_url_dataset(fields: _Fields) -> dict[str, Any]:
         # auto: integer targets mean classification, float targets regression
         "task": fields.choice("task", "auto", ("auto", "classification", "regression")),
     }
+
+
+# Never a dataset source, whatever a node allows: cloud metadata services (they hand out credentials) and
+# link-local addresses. Nodes check every address again after resolving and after each redirect.
+METADATA_HOSTS = ("metadata.google.internal", "metadata", "instance-data", "instance-data.ec2.internal")
+
+
+def _check_url_host(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        raise InvalidField("dataset.url is not a valid url", field="dataset.url") from None
+    if parts.username is not None or parts.password is not None:
+        raise InvalidField("dataset.url may not carry a user name or password", field="dataset.url")
+    host = (parts.hostname or "").rstrip(".").lower()
+    if not host:
+        raise InvalidField("dataset.url has no host", field="dataset.url")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if host in METADATA_HOSTS or (address is not None and (address.is_link_local or address.is_unspecified
+                                                              or address.is_multicast)):
+        raise InvalidField("dataset.url may not point at a link-local, metadata, multicast or unspecified "
+                           "address", field="dataset.url")
 
 
 def known_data_info(dataset: dict[str, Any]) -> dict[str, Any] | None:

@@ -117,3 +117,21 @@ def test_server_strings_cannot_drive_the_terminal(served: dict[str, Any], tmp_pa
     assert printable("tab\there\nnew", multiline=True) == "tab\there\nnew"
     assert printable("tab\there\nnew") == "tab\\x09here\\x0anew"
     assert printable("münchen \U0001f600") == "münchen \U0001f600"
+
+
+def test_tenants_limits_and_pending_reasons(served: dict[str, Any]) -> None:
+    assert cli(served, "keys", "create", "--tenant", "limited").returncode == 0
+    shown = cli(served, "tenants", "set", "limited", "--max-queued", "5", "--max-running", "default")
+    assert shown.returncode == 0, shown.stderr
+    limits = json.loads(shown.stdout)
+    assert limits["max_queued_jobs"] == 5 and limits["custom_limits"] == ["max_queued_jobs"]
+    assert json.loads(cli(served, "tenants", "show", "limited").stdout)["max_queued_jobs"] == 5
+    assert cli(served, "tenants", "show", "nobody").returncode == 1
+    gpu_job = Path(served["data_dir"]) / "gpu-job.json"
+    spec = json.loads((REPO / "examples" / "digits-mlp.json").read_text())
+    gpu_job.write_text(json.dumps({**spec, "requirements": {"gpu": True}}))
+    job_id = json.loads(cli(served, "submit", str(gpu_job)).stdout)["job_id"]
+    assert json.loads(cli(served, "status", job_id).stdout)["pending_reason"] == "no_node_fits"
+    line = next(row for row in cli(served, "jobs").stdout.splitlines() if row.startswith(job_id))
+    assert "(no_node_fits)" in line
+    cli(served, "cancel", job_id)

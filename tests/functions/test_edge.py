@@ -164,6 +164,30 @@ def test_flood_from_one_address_is_capped_and_a_node_keeps_beating(
             sock.close()
 
 
+def test_a_refusal_with_its_body_unread_still_closes_the_connection(edge_gateway: str) -> None:
+    """A body too large to drain (40 MiB declared), sent fast after a bad token: the server answers
+    without reading it and then closes the connection; it must not wait on the unread body for ever
+    (Hypercorn did, holding the socket even after its client left)."""
+    parts = urlsplit(edge_gateway)
+    assert parts.hostname and parts.port
+    for _ in range(3):
+        with socket.create_connection((parts.hostname, parts.port), timeout=15) as sock:
+            sock.sendall(f"POST /v1/nodes HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer cwj_wrong\r\n"
+                         f"Content-Length: {40 << 20}\r\n\r\n".encode())
+            sock.setblocking(False)
+            sent, until = 0, time.monotonic() + 5
+            while sent < (4 << 20) and time.monotonic() < until:
+                try:
+                    sent += sock.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.01)
+                except OSError:
+                    break
+            sock.setblocking(True)
+            _, closed = drip_until_answered(sock, limit_s=15, every_s=1.0)
+            assert closed
+
+
 @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/nodes"])
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
 def test_non_json_media_types_are_415_and_change_nothing(http: httpx.Client, creds: dict[str, str],

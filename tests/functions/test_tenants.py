@@ -265,6 +265,10 @@ def test_parallel_uploads_cannot_overshoot_the_job_cap(valkey: EmbeddedValkey, c
             thread = threading.Thread(target=first_upload)
             thread.start()
             assert started.wait(20)
+            deadline = time.monotonic() + 20  # the gateway has read the headers and reserved the upload
+            while not r.hexists(keys.job_uploads_key(job_id), "a.bin"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             # 700 KB reserved in flight: another 700 KB would overshoot 1 MiB, and the same name is taken
             second = http.put(f"/v1/jobs/{job_id}/artifacts/b.bin", content=b"y" * 700_000, headers=headers)
             same = http.put(f"/v1/jobs/{job_id}/artifacts/a.bin", content=b"z", headers=headers)

@@ -234,3 +234,12 @@ def test_shipped_example_is_the_contract_example() -> None:
 
     shipped = json.loads((Path(__file__).resolve().parents[2] / "examples" / "digits-mlp.json").read_text())
     assert parse_job_spec(shipped) == parse_job_spec(DIGITS_MLP_EXAMPLE) == parse_job_spec(API_EXAMPLE)
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data.csv", "http://[fe80::1]/a.csv",
+                                 "https://user:secret@data.example/a.csv", "http://metadata.google.internal/a.csv",
+                                 "http://0.0.0.0/a.csv", "http://[::1/a.csv", "http:///a.csv"])
+def test_dataset_urls_that_can_never_be_a_source_are_refused(url: str) -> None:
+    with pytest.raises(InvalidField) as refused:
+        parse_job_spec({"model": {"type": "mlp"}, "dataset": {"url": url}, "training": {"epochs": 1}})
+    assert refused.value.field == "dataset.url"
