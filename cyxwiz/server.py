@@ -114,10 +114,13 @@ def _check_port(host: str, port: int, what: str) -> None:
 def _start_gateway(opts: ServeOptions, env: dict[str, str]) -> subprocess.Popen[bytes]:
     # --read-timeout: a socket that sends nothing at all for this long while its request is being read
     # is closed (Hypercorn does not read while a handler answers, so streams are not affected); the
-    # edge middleware's body deadline handles a body that trickles.
+    # edge middleware's body deadline handles a body that trickles. --backlog: Hypercorn's 100 pending
+    # connections overflow under a connection flood, and a node's heartbeat then waits 1-7 s in SYN
+    # retransmits. 4096: Linux's default net.core.somaxconn, which caps it anyway.
     read_timeout = max(1, math.ceil(Settings.from_env(env).body_timeout_s))
     command = [sys.executable, "-m", "hypercorn", "functions.gateway:app", "--bind", _bind(opts.host, opts.port),
-               "--workers", str(opts.workers), "--graceful-timeout", "5", "--read-timeout", str(read_timeout)]
+               "--workers", str(opts.workers), "--graceful-timeout", "5", "--read-timeout", str(read_timeout),
+               "--backlog", "4096"]
     if opts.certfile and opts.keyfile:
         command += ["--certfile", opts.certfile, "--keyfile", opts.keyfile]
     if _has_uvloop():

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drip-s", type=float, default=3.0, help="one body byte per connection this often (default 3)")
     p.add_argument("--reconnect-s", type=float, default=3.0,
                    help="an attacking connection that was answered or closed comes back after this long (default 3)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="attacking processes (default: one per 8,000 connections; each has its own descriptors)")
     p.add_argument("--heartbeat-every-s", type=float, default=0.2, help="the measuring node's heartbeat period")
     p.add_argument("--out", default="load_tests/results", help="results directory (default load_tests/results)")
     return p.parse_args(argv)
@@ -211,28 +213,42 @@ def node_online(api_url: str, api_key: str, node_id: str) -> bool:
 def run_phase(name: str, stack: LocalStack, prober: Prober, sources: list[str], args: argparse.Namespace,
               cpus: str | None) -> dict[str, Any]:
     phase: dict[str, Any] = {"name": name, "sources": sources}
-    proc = None
+    procs: list[Any] = []
     results: Any = None
     if sources:
         ramp_s = 1.0 + args.connections / CONNECT_RATE_PER_S
         stop_at = time.time() + ramp_s + args.duration + 1.0
         context = multiprocessing.get_context("spawn")
         results = context.Queue()
-        proc = context.Process(target=attack, args=("127.0.0.1", stack.port, sources, args.connections, args.drip_s,
-                                                    args.reconnect_s, stop_at, cpus, results), daemon=True)
+        count = args.processes or -(-args.connections // 8000)
+        for index in range(count):
+            share = args.connections // count + (index < args.connections % count)
+            procs.append(context.Process(target=attack, daemon=True, args=(
+                "127.0.0.1", stack.port, sources, share, args.drip_s, args.reconnect_s, stop_at, cpus, results)))
         prober.phase = f"{name} (ramp)"
-        proc.start()
+        for proc in procs:
+            proc.start()
         time.sleep(ramp_s)
         phase["ramp_heartbeats"] = prober.summary(prober.phase)
     prober.phase = name
     time.sleep(args.duration)
     prober.phase = f"after {name}"
     phase["heartbeats"] = prober.summary(name)
-    if proc is not None:
-        phase["flood"] = results.get(timeout=args.duration + 120)
-        proc.join(30)
+    if procs:
+        phase["flood"] = merge([results.get(timeout=args.duration + 120) for _ in procs])
+        for proc in procs:
+            proc.join(30)
     phase["node_online_after"] = node_online(stack.api_url, stack.credentials["api_key"], prober.node["node_id"])
     return phase
+
+
+def merge(tallies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The attacking processes' tallies as one (their peaks add up: an upper bound of the peak)."""
+    outcomes: Counter[str] = Counter()
+    for tally in tallies:
+        outcomes.update(tally["outcomes"])
+    return {"outcomes": dict(outcomes), "processes": len(tallies),
+            **{key: sum(t[key] for t in tallies) for key in ("peak_open", "connected_once", "connections_made")}}
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -270,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 phases.append(run_phase(name, stack, prober, sources, args, cpus["load"]))
                 time.sleep(2.0)  # the last phase's connections go; the node keeps beating
         lost = prober.lost_registration() or not all(p["node_online_after"] for p in phases)
-        results["heartbeats_in_all"] = sum(1 for _ in prober.samples)
+        results["heartbeats_in_all"] = len(prober.samples)
     base = phases[0]["heartbeats"]
     for phase in phases:
         beats = phase["heartbeats"]

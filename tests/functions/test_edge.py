@@ -12,7 +12,7 @@ import select
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -237,7 +237,7 @@ class Wire:
     def __init__(self, pieces: list[tuple[float, bytes]] | None = None, *, declared: int | None = None) -> None:
         self.pieces = list(pieces or [])
         self.declared = declared
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[MutableMapping[str, Any]] = []
         self.received: list[str] = []  # in order: "body" per piece handed over, then sends as "start"/"body"
 
     def scope(self, method: str = "POST", path: str = "/v1/jobs", client: str = "10.0.0.1") -> dict[str, Any]:
@@ -254,7 +254,7 @@ class Wire:
         self.received.append("body")
         return {"type": "http.request", "body": data, "more_body": bool(self.pieces)}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         self.sent.append(message)
         self.received.append(message["type"].rsplit(".", 1)[1])
 
