@@ -34,7 +34,7 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

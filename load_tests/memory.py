@@ -1,6 +1,6 @@
 """The memory estimate against what training really uses, side by side in one run.
 
-``python -m load_tests.memory [--out DIR] [--steps N]``: for each spec below, a fresh process imports
+``python -m load_tests.memory [--out DIR] [--steps N] [--only NAME]``: for each spec below, a fresh process imports
 torch and the training package (the framework's fixed cost, which the node adds on top of the
 estimate), then trains N steps on the CPU; its peak resident memory above that baseline is what the
 job itself used. Printed and written to ``DIR/memory-<time>.json``: the estimate, the measured peak
@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m load_tests.memory", description=__doc__)
     parser.add_argument("--out", default=str(REPO / "load_tests" / "results"))
     parser.add_argument("--steps", type=int, default=5, help="training steps per spec (default 5)")
+    parser.add_argument("--only", action="append", help="measure only this spec (repeatable)")
     args = parser.parse_args(argv)
+    specs = [spec for spec in SPECS if not args.only or spec["name"] in args.only]
     rows = []
     print(f"{'spec':<18} {'estimate MiB':>12} {'measured MiB':>12} {'ratio':>6}  driver", flush=True)
-    for spec in SPECS:
+    for spec in specs:
         row = measure(spec, args.steps)
         rows.append(row)
         print(f"{row['name']:<18} {row['estimated_mb']:>12} {row['measured_mb']:>12} {row['ratio']:>6}  "
