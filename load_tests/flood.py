@@ -17,7 +17,8 @@ load_tests/results). The stack runs with a 1 s heartbeat interval and a 3 s TTL,
 heartbeats for 3 s is reaped: exit status 1 if the node lost its registration, else 0. The edge's
 limits are the production defaults unless ``CYXWIZ_*`` variables in the environment say otherwise.
 Heartbeats open a new connection each (as a node's do at the 10 s interval): accepting is measured too.
-Nothing here asserts a timing.
+The attackers run in processes of their own (``--processes``, default one per 8,000 connections: each
+process has its own descriptor limit). Nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "reconnect_s": args.reconnect_s, "declared_body_bytes": DECLARED_BODY,
         "heartbeat_every_s": args.heartbeat_every_s, "stack_env": STACK_ENV, "edge": edge,
         "placement": cpus, "fd_limit": fd_limit, "machine": machine_info(),
+        "load_average_at_start": os.getloadavg(),  # other work on the machine moves these numbers
     }
     with LocalStack(env=STACK_ENV, cpus=cpus["server"]) as stack:
         with httpx.Client(base_url=stack.api_url, timeout=10) as client:
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         beats = phase["heartbeats"]
         phase["p50_ratio_to_baseline"] = ratio(beats["p50_ms"], base["p50_ms"])
         phase["p99_ratio_to_baseline"] = ratio(beats["p99_ms"], base["p99_ms"])
-    results |= {"phases": phases, "node_registered": not lost, "wall_s": round(time.time() - started, 1)}
+    results |= {"phases": phases, "node_registered": not lost, "load_average_at_end": os.getloadavg(),
+                "wall_s": round(time.time() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"flood-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"

@@ -82,7 +82,7 @@ def _is_json(content_type: str) -> bool:
 async def read_json(request: Request, *, optional: bool = False) -> Any:
     """The request's JSON body, capped at max_body_bytes (413); not JSON: 400. A body sent as another
     media type is refused (415) before it is read; one sent without a Content-Type is taken as JSON
-    (curl ``--data-binary``, scripts), as it was before the check existed."""
+    (scripts that send raw bytes), as it was before the check existed."""
     limit = store_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     has_body = bool(declared and declared != "0") or "transfer-encoding" in request.headers
