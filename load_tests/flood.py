@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=0,
                    help="attacking processes (default: one per 8,000 connections; each has its own descriptors)")
     p.add_argument("--heartbeat-every-s", type=float, default=0.2, help="the measuring node's heartbeat period")
+    p.add_argument("--ttl", type=float, default=3.0,
+                   help="the node TTL of the stack (default 3 s; production's is 30 s), heartbeat interval TTL/3")
     p.add_argument("--out", default="load_tests/results", help="results directory (default load_tests/results)")
     return p.parse_args(argv)
 
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     fd_limit = raise_fd_limit()
     cpus = placement()
-    settings = Settings.from_env({**os.environ, **STACK_ENV})
+    stack_env = {**STACK_ENV, "CYXWIZ_TTL_S": f"{args.ttl:g}", "CYXWIZ_HEARTBEAT_INTERVAL_S": f"{args.ttl / 3:g}"}
+    settings = Settings.from_env({**os.environ, **stack_env})
     edge = {name: getattr(settings, name) for name in ("body_timeout_s", "min_body_rate_bps", "request_timeout_s",
                                                        "max_requests_per_client", "max_requests")}
     print(f"flood: {args.connections} slow-body connections, {args.duration:g} s per phase; edge {edge}", flush=True)
@@ -269,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m load_tests.flood " + " ".join(sys.argv[1:] if argv is None else argv),
         "connections": args.connections, "duration_s": args.duration, "drip_s": args.drip_s,
         "reconnect_s": args.reconnect_s, "declared_body_bytes": DECLARED_BODY,
-        "heartbeat_every_s": args.heartbeat_every_s, "stack_env": STACK_ENV, "edge": edge,
+        "heartbeat_every_s": args.heartbeat_every_s, "stack_env": stack_env, "edge": edge,
         "placement": cpus, "fd_limit": fd_limit, "machine": machine_info(),
         "load_average_at_start": os.getloadavg(),  # other work on the machine moves these numbers
     }
-    with LocalStack(env=STACK_ENV, cpus=cpus["server"]) as stack:
+    with LocalStack(env=stack_env, cpus=cpus["server"]) as stack:
         with httpx.Client(base_url=stack.api_url, timeout=10) as client:
             resp = client.post("/v1/nodes", json={"name": "flood-probe", "slots": 1, "capabilities": {
                 "device": "cpu", "cpu_cores": 1, "ram_mb": 1024}},
