@@ -86,8 +86,7 @@ class Supervisor:
 
     # --- starting and stopping -----------------------------------------------------------------
     def start_job(self, reg: Registration, entry: Assignment) -> None:
-        used = {job.slot for job in self._busy()}
-        slot = min(set(range(self.slots)) - used)
+        slot = self._free_slot()
         settings = self.agent.settings
         launch = JobLaunch(
             job_id=entry.job_id, attempt=entry.attempt, spec=entry.spec, node_id=reg.node_id,
@@ -102,6 +101,18 @@ class Supervisor:
         self.jobs[entry.key] = RunningJob(entry, reg, slot, process)
         log.info("job %s attempt %d (%s): started in slot %d on %s, pid %s", entry.job_id, entry.attempt,
                  entry.spec.get("name", "?"), slot, launch.device, process.pid)
+
+    def _free_slot(self) -> int:
+        """A free slot on the least loaded device: the one whose running jobs' memory estimates sum
+        lowest (on a multi-GPU node, a job lands where its memory is), then the lowest slot."""
+        caps = self.agent.capabilities
+        busy = self._busy()
+        load: dict[str, int] = {}
+        for job in busy:
+            device = device_for_slot(caps, job.slot)
+            load[device] = load.get(device, 0) + job.entry.memory_limit_mb
+        free = set(range(self.slots)) - {job.slot for job in busy}
+        return min(free, key=lambda slot: (load.get(device_for_slot(caps, slot), 0), slot))
 
     def stop_job(self, job_id: str, reg: Registration, reason: StopReason, why: str) -> None:
         for job in self.jobs.values():

@@ -69,11 +69,11 @@ class RedisArtifactStore:
                                                  "or the per-artifact cap")
                 buffer += piece
                 while len(buffer) >= CHUNK_BYTES:
-                    await self._write_chunk(upload, chunks, bytes(buffer[:CHUNK_BYTES]))
+                    await self._write_chunk(job_id, name, upload_id, upload, chunks, bytes(buffer[:CHUNK_BYTES]))
                     del buffer[:CHUNK_BYTES]
                     chunks += 1
             if buffer or chunks == 0:
-                await self._write_chunk(upload, chunks, bytes(buffer))
+                await self._write_chunk(job_id, name, upload_id, upload, chunks, bytes(buffer))
                 chunks += 1
             await self.store.raw.hset(upload, mapping={"size": size, "chunk_size": CHUNK_BYTES, "chunks": chunks})
         except BaseException:
@@ -86,7 +86,13 @@ class RedisArtifactStore:
                              keys=[upload, keys.artifact_key(job_id, name)])
         return size
 
-    async def _write_chunk(self, upload: str, index: int, data: bytes) -> None:
+    async def _write_chunk(self, job_id: str, name: str, upload_id: str, upload: str, index: int,
+                           data: bytes) -> None:
+        """One chunk, unless a newer upload of the name replaced this one (then 409, and it stops)."""
+        reservation = await self.store.redis.hget(keys.job_uploads_key(job_id), name)
+        if not reservation or not reservation.startswith(upload_id + "|"):
+            raise errors.Conflict(f"a newer upload of {name} for job {job_id} replaced this one",
+                                  code="upload_replaced")
         async with self.store.raw.pipeline(transaction=True) as pipe:
             pipe.hset(upload, str(index), data)
             pipe.expire(upload, keys.UPLOAD_TTL_S)

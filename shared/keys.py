@@ -135,6 +135,12 @@ NODES_PROFILES = PREFIX + "nodes:profiles"
 # ZSET node name -> ms it was last registered or removed; names unseen for the retention period (and not
 # live) are forgotten: reputation, cool-off and identity
 NODES_LAST_SEEN = PREFIX + "nodes:last_seen"
+def sweep_cursor_key(set_key: str) -> str:
+    """String: the score where the reaper timer's sweep of a queue set (a class queue, or the parked
+    set) goes on next tick; absent: from the start."""
+    return set_key + ":cursor"
+
+
 JOBS_FINISHED = PREFIX + "retention:jobs"  # ZSET job_id -> ms it ended: purged after the retention period
 JOBS_DEADLINE = PREFIX + "deadline:jobs"  # ZSET job_id -> ms by which it must end (training.max_duration_s)
 
@@ -207,6 +213,7 @@ local NODES_LAST_SEEN = '{NODES_LAST_SEEN}'
 local JOBS_FINISHED = '{JOBS_FINISHED}'
 local JOBS_DEADLINE = '{JOBS_DEADLINE}'
 local function tenant_key(tenant) return '{PREFIX}tenant:' .. tenant end
+local function sweep_cursor_key(set_key) return set_key .. ':cursor' end
 local PROGRESS_MAXLEN = {PROGRESS_MAXLEN}
 local function queue_key(class) return '{PREFIX}queue:' .. class end
 local function job_class(req_gpu) if req_gpu == '1' then return 'gpu' end return 'cpu' end

@@ -96,6 +96,14 @@ if redis.call('EXISTS', nk) == 0 then
 end
 local ttl_ms = tonumber(redis.call('HGET', nk, 'ttl_ms'))
 redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
+if not redis.call('HGET', nk, 'profile') and redis.call('HGET', nk, 'status') == 'online' then
+  -- registered by a version before profiles: count it now
+  local f = redis.call('HMGET', nk, 'gpu', 'gpu_memory_mb', 'ram_mb', 'labels')
+  local profile = cjson.encode({gpu = tonumber(f[1]) or 0, gpu_mem = tonumber(f[2]) or 0, mem = 0,
+    ram = tonumber(f[3]) or 0, labels = cjson.decode(f[4] or '{}')})
+  redis.call('HSET', nk, 'profile', profile)
+  redis.call('HINCRBY', NODES_PROFILES, profile, 1)
+end
 redis.call('HSET', nk, 'last_heartbeat_ms', now, 'gpu_free_frac', gpu_free_frac, 'health', health)
 rescore(node_id, now)
 expire_stale_assignments(node_id, now)
@@ -118,6 +126,7 @@ if redis.call('EXISTS', nk) == 0 then
   return fail('not_found', 'no node ' .. node_id)
 end
 redis.call('HSET', nk, 'status', 'draining')
+forget_profile(node_id)
 rescore(node_id, now)
 if tonumber(redis.call('HGET', nk, 'running')) == 0 then
   remove_node(node_id, now, false)
@@ -128,7 +137,9 @@ return {'ok', 'draining'}
 
 REAP = r"""
 local now = now_ms()
-return reap_expired(now)
+local reaped = reap_expired(now)
+sweep_queues()
+return reaped
 """
 
 SUBMIT_JOB = r"""
@@ -255,7 +266,8 @@ if status == 'running' then
     set_status(job_id, j[1], 'running', j[2], j[3])
     redis.call('HSET', jk, 'started_ms', now)
     -- the wall-clock limit runs from the job's first start, across attempts
-    redis.call('ZADD', JOBS_DEADLINE, 'NX', now + tonumber(redis.call('HGET', jk, 'max_duration_ms')), job_id)
+    local limit = tonumber(redis.call('HGET', jk, 'max_duration_ms') or '')
+    if limit then redis.call('ZADD', JOBS_DEADLINE, 'NX', now + limit, job_id) end
   end
 elseif status == 'completed' then
   set_status(job_id, j[1], 'completed', j[2], j[3])
@@ -308,9 +320,11 @@ local size = tonumber(ARGV[5])
 local max_job_bytes = tonumber(ARGV[6])
 local upload_id = ARGV[7]
 local entry = redis.call('HGET', job_uploads_key(job_id), name)
-if entry and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|' then
-  redis.call('HDEL', job_uploads_key(job_id), name)
+if not entry or string.sub(entry, 1, #upload_id + 1) ~= upload_id .. '|' then
+  redis.call('DEL', upload_key)
+  return fail('upload_replaced', 'a newer upload of ' .. name .. ' for job ' .. job_id .. ' replaced this one')
 end
+redis.call('HDEL', job_uploads_key(job_id), name)
 local refused = fence(job_id, node_id, attempt)
 if refused then
   redis.call('DEL', upload_key)
@@ -339,8 +353,9 @@ return {'ok'}
 """
 
 # Before an upload streams its body: the same fence as COMMIT_ARTIFACT (a node cannot park bytes in Redis
-# for a job it does not hold), one upload per (job, name) at a time, a cap on artifacts per job, and
-# the upload's declared size reserved against the job's cap, so parallel uploads cannot overshoot it.
+# for a job it does not hold), one upload per (job, name) at a time (a newer one replaces an older), a
+# cap on artifacts per job, and the upload's declared size reserved against the job's cap, so parallel
+# uploads cannot overshoot it.
 # A reservation lapses at its expiry (a gateway that died mid-upload) or when COMMIT_ARTIFACT or
 # END_UPLOAD drops it.
 CHECK_UPLOAD = _FENCE + r"""
@@ -369,8 +384,8 @@ for i = 1, #entries, 2 do
   if not expiry or tonumber(expiry) < now then
     redis.call('HDEL', uk, entries[i])
   elseif entries[i] == name then
-    return fail('upload_in_progress', 'an upload of ' .. name .. ' for job ' .. job_id .. ' is in progress; '
-      .. 'retry once it ends')
+    -- the same name again: a retry (its first try's connection dropped). The newer upload replaces the
+    -- older, which stops at its next chunk and cannot commit: one upload per (job, name) at a time.
   else
     reserved = reserved + tonumber(bytes)
     if not names[entries[i]] then count = count + 1 end

@@ -133,7 +133,10 @@ local function adjust_reputation(node_id, name, outcome, now)
   elseif outcome == 'refund' then
     redis.call('HDEL', COOLOFF, name)
   end
-  if redis.call('EXISTS', node_key(node_id)) == 1 then
+  if not node_id or redis.call('EXISTS', node_key(node_id)) == 0 then
+    node_id = redis.call('HGET', NODE_BY_NAME, name)  -- the name's registration now, if another
+  end
+  if node_id and redis.call('EXISTS', node_key(node_id)) == 1 then
     redis.call('HSET', node_key(node_id), 'reputation', tostring(rep))
     rescore(node_id, now)
   end
@@ -270,10 +273,13 @@ local function unpark_for(profile)
   return moved
 end
 
--- Capacity appeared on a node: hand it queued jobs, fairly. Each tenant with queued work offers its
--- first job this node can take (its best band, then FIFO, within QUEUE_SCAN of its queue); the node
--- takes the best band on offer and, within a band, the tenant with the fewest jobs holding slots
--- (fair share), then the oldest. Parked jobs are not looked at; tenants at their running limit wait.
+-- Capacity appeared on a node: hand it queued jobs, fairly. Tenants with queued work are looked at in
+-- the order of their best queued job; each offers its first job this node can take (its best band,
+-- then FIFO, within QUEUE_SCAN of its queue). Tenants at their running limit are skipped at no cost;
+-- the look stops at QUEUE_TENANTS offers or after PULL_BUDGET jobs were checked in all, so a heartbeat
+-- stays cheap however the queue looks. The node then takes, slot by slot, the best band on offer and,
+-- within a band, the tenant holding the fewest slots (fair share), then the oldest job. Parked jobs
+-- are not looked at.
 local function pull_queue(node_id, now)
   local assigned = {}
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')
@@ -282,16 +288,7 @@ local function pull_queue(node_id, now)
   if free <= 0 then return assigned end
   local classes = {'cpu'}
   if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end  -- a GPU node serves both
-  local order, seen = {}, {}
-  for _, class in ipairs(classes) do
-    for _, tenant in ipairs(redis.call('ZRANGE', queue_tenants_key(class), 0, QUEUE_TENANTS - 1)) do
-      if not seen[tenant] then
-        seen[tenant] = true
-        table.insert(order, tenant)
-      end
-    end
-  end
-  if #order == 0 then return assigned end
+  local budget = PULL_BUDGET
   local function offer(tenant)
     if tenant_at_running_limit(tenant) then return nil end
     local best = nil
@@ -299,7 +296,8 @@ local function pull_queue(node_id, now)
       local window = redis.call('ZRANGE', tenant_queue_key(class, tenant), 0, QUEUE_SCAN - 1, 'WITHSCORES')
       for i = 1, #window, 2 do
         local score = tonumber(window[i + 1])
-        if best and score >= best[2] then break end
+        if budget <= 0 or (best and score >= best[2]) then break end
+        budget = budget - 1
         if node_can_take(node_id, job_requirements(window[i]), now) then
           best = {window[i], score}
           break
@@ -308,8 +306,26 @@ local function pull_queue(node_id, now)
     end
     return best
   end
-  local offers = {}
-  for _, tenant in ipairs(order) do offers[tenant] = offer(tenant) end
+  local order, offers, seen = {}, {}, {}
+  for _, class in ipairs(classes) do
+    local start = 0
+    while #order < QUEUE_TENANTS and budget > 0 do
+      local tenants = redis.call('ZRANGE', queue_tenants_key(class), start, start + QUEUE_TENANTS - 1)
+      if #tenants == 0 then break end
+      for _, tenant in ipairs(tenants) do
+        if not seen[tenant] then
+          seen[tenant] = true
+          local o = offer(tenant)
+          if o then
+            table.insert(order, tenant)
+            offers[tenant] = o
+            if #order >= QUEUE_TENANTS or budget <= 0 then break end
+          end
+        end
+      end
+      start = start + QUEUE_TENANTS
+    end
+  end
   while free > 0 do
     local pick, pick_band, pick_held, pick_score = nil, 0, 0, 0
     for _, tenant in ipairs(order) do
@@ -333,6 +349,46 @@ local function pull_queue(node_id, now)
     offers[pick] = offer(pick)
   end
   return assigned
+end
+
+-- The reaper timer's sweep, SWEEP_BATCH jobs of each set per tick, each set walked round by a cursor:
+-- parked jobs that some live node now fits go back to their queues (whatever registered, however many
+-- are parked), and queued jobs that no live node fits any more (the last node that could hold them
+-- left) are parked. A queued job missing from its tenant's queue is put back in it.
+local function sweep_set(key, cursor_key, visit)
+  local cursor = redis.call('GET', cursor_key)
+  local low = '-inf'
+  if cursor then low = '(' .. cursor end
+  local batch = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES', 'LIMIT', 0, SWEEP_BATCH)
+  for i = 1, #batch, 2 do visit(batch[i], tonumber(batch[i + 1])) end
+  if #batch < 2 * SWEEP_BATCH then
+    redis.call('DEL', cursor_key)
+  else
+    redis.call('SET', cursor_key, batch[#batch])
+  end
+end
+
+local function sweep_queues()
+  sweep_set(QUEUE_PARKED, sweep_cursor_key(QUEUE_PARKED), function(job_id, score)
+    if fits_some_node(job_requirements(job_id)) then
+      local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'status')
+      if j[3] == 'queued' then enqueue(job_id, job_class(j[1]), j[2], score)
+      else redis.call('ZREM', QUEUE_PARKED, job_id) end
+    end
+  end)
+  for _, class in ipairs(NODE_CLASSES) do
+    sweep_set(queue_key(class), sweep_cursor_key(queue_key(class)), function(job_id, score)
+      local j = redis.call('HMGET', job_key(job_id), 'tenant', 'status')
+      if j[2] ~= 'queued' then
+        redis.call('ZREM', queue_key(class), job_id)
+      elseif not fits_some_node(job_requirements(job_id)) then
+        dequeue(job_id, class, j[1])
+        redis.call('ZADD', QUEUE_PARKED, score, job_id)
+      elseif not redis.call('ZSCORE', tenant_queue_key(class, j[1]), job_id) then
+        enqueue(job_id, class, j[1], score)
+      end
+    end)
+  end
 end
 
 -- A job leaves a node (ended, cancelled, lost or handed back): free its slot.
@@ -379,14 +435,18 @@ end
 
 -- Remove a node and everything it holds; its live jobs go back to the queue (and are placed again
 -- at once where a free node fits). lost = the heartbeat lapsed (the node's fault).
-remove_node = function(node_id, now, lost)
-  local name = redis.call('HGET', NODE_NAMES, node_id)
-  -- out of the profiles first, so its jobs are parked if no other node could hold them
+-- A node leaving (draining or removed) no longer counts as one that could hold a job.
+local function forget_profile(node_id)
   local profile = redis.call('HGET', node_key(node_id), 'profile')
   if profile and tonumber(redis.call('HINCRBY', NODES_PROFILES, profile, -1)) <= 0 then
     redis.call('HDEL', NODES_PROFILES, profile)
   end
   redis.call('HDEL', node_key(node_id), 'profile')
+end
+
+remove_node = function(node_id, now, lost)
+  local name = redis.call('HGET', NODE_NAMES, node_id)
+  forget_profile(node_id)  -- first, so its jobs are parked if no other node could hold them
   local moved = 0
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
     local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id')
@@ -502,9 +562,9 @@ end
 -- Reaping: nodes whose deadline passed, REAP_BATCH at most per call (every gateway also runs REAP on
 -- a timer, so a quiet fleet is reaped too).
 local function reap_expired(now)
+  purge_expired(now)  -- first: its deletes are allowed in a full store, and free it
   plane_pulse(now)
   expire_job_deadlines(now)
-  purge_expired(now)
   local reaped = {}
   for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
     remove_node(node_id, now, true)
@@ -518,6 +578,8 @@ end
 QUEUE_TENANTS = 64  # tenants with queued work a free node looks at (best queued job first)
 PARK_SCAN = 1000  # parked jobs a registering node looks at
 MAX_HANDBACKS = 10  # hand-backs beyond this count as lost attempts
+PULL_BUDGET = 2000  # queued jobs one pull_queue checks at most, over every tenant
+SWEEP_BATCH = 200  # parked and queued jobs the reaper timer re-checks per tick, per set
 AVOID_MS = 60_000  # a node that failed or handed back a job does not get it again for this long
 
 
@@ -537,6 +599,8 @@ def build_prelude(settings: Settings) -> str:
         f"local QUEUE_TENANTS = {QUEUE_TENANTS}\n"
         f"local PARK_SCAN = {PARK_SCAN}\n"
         f"local MAX_HANDBACKS = {MAX_HANDBACKS}\n"
+        f"local PULL_BUDGET = {PULL_BUDGET}\n"
+        f"local SWEEP_BATCH = {SWEEP_BATCH}\n"
         f"local AVOID_MS = {AVOID_MS}\n"
         f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"

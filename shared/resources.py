@@ -13,8 +13,9 @@ The estimate counts, in fp32 bytes:
   gradients), including attention scores (heads x context x context per sample), and the logits;
 - the dataset in memory (synthetic data is generated in float64 then cast; a ``dataset.url`` counts
   as the most a node downloads, :data:`URL_DATASET_MB`, since its size is known only once fetched);
-then adds a margin of :data:`MARGIN`, and :data:`WORKING_MB` for torch's own working memory. It errs high: a job refused or parked too early costs its user
-a resubmit, a node killed by a job that outgrew it costs every tenant on that node.
+then adds a margin of :data:`MARGIN`, and :data:`WORKING_MB` for torch's own working memory. It errs
+high: a job refused or parked too early costs its user a resubmit, a node killed by a job that outgrew
+it costs every tenant on that node.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "job_terminal": errors.Conflict,
     "missing_artifact": errors.Conflict,
     "payload_too_large": errors.PayloadTooLarge,
-    "upload_in_progress": errors.Conflict,
+    "upload_replaced": errors.Conflict,
     "quota_exceeded": errors.QuotaExceeded,
 }
 

@@ -16,7 +16,7 @@ import redis
 from cyxwiz.embedded import EmbeddedValkey
 from cyxwiz.server import install_credentials_at
 from shared import auth, keys
-from tests.conftest import (DIGITS_SPEC, bearer, keyspace, register, start_gateway, submit)
+from tests.conftest import DIGITS_SPEC, bearer, keyspace, register, start_gateway, submit
 
 BOMBS = [  # each got 201 before; each would knock a node out
     ({"name": "blob-bomb", "model": {"type": "mlp"}, "training": {"epochs": 1},
@@ -64,7 +64,7 @@ def test_the_estimate_is_on_the_job_and_placement_respects_free_memory(http: htt
                                                                         r: redis.Redis) -> None:
     key = creds["api_key"]
     small = register(http, creds["join_token"], slots=4, capabilities={"device": "cpu", "cpu_cores": 4,
-                                                                      "ram_mb": 3300})
+                                                                      "ram_mb": 6000})
     url_job = {**DIGITS_SPEC, "dataset": {"url": "https://data.example/points.csv"}}  # counts 2 GiB of data
     first = submit(http, key, url_job)
     assert first["status"] == "assigned" and first["node_id"] == small["node_id"]
@@ -269,16 +269,18 @@ def test_parallel_uploads_cannot_overshoot_the_job_cap(valkey: EmbeddedValkey, c
             while not r.hexists(keys.job_uploads_key(job_id), "a.bin"):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            # 700 KB reserved in flight: another 700 KB would overshoot 1 MiB, and the same name is taken
+            # 700 KB reserved in flight: another 700 KB would overshoot 1 MiB
             second = http.put(f"/v1/jobs/{job_id}/artifacts/b.bin", content=b"y" * 700_000, headers=headers)
+            assert second.status_code == 413, second.text
+            # the same name again (a retry after a dropped connection): it replaces the first upload
             same = http.put(f"/v1/jobs/{job_id}/artifacts/a.bin", content=b"z", headers=headers)
             release.set()
             thread.join(30)
-            assert second.status_code == 413, second.text
-            assert same.status_code == 409 and same.json()["error"]["code"] == "upload_in_progress"
-            assert results["first"] == 201
-            assert r.hget(keys.job_key(job_id), "artifact_bytes") == "700000"
+            assert same.status_code == 201, same.text
+            assert results["first"] == 409  # the replaced upload stops at its next chunk: "upload_replaced"
+            assert r.hget(keys.job_key(job_id), "artifact_bytes") == "1"
             assert not r.exists(keys.job_uploads_key(job_id))  # every reservation released
+            assert not r.keys(f"cyxwiz:job:{job_id}:upload:*")  # no half upload left behind
     finally:
         proc.terminate()
         proc.wait(10)

@@ -162,6 +162,7 @@ async def test_completion_twice(store: Store, r: redis.Redis) -> None:
     await register(store, "n1")
     await submit(store, "j1")
     r.hset("cyxwiz:job:j1:upload:model.safetensors:u", mapping={"size": 1, "0": "x"})
+    await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "model.safetensors", "u"))
     await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100, "u"],
                     keys=["cyxwiz:job:j1:upload:model.safetensors:u", keys.artifact_key("j1", "model.safetensors")])
     args = ["j1", "n1", 1, 2, "completed", "{}", "{}", "", "job"]
@@ -178,8 +179,9 @@ async def test_commit_artifact_twice_without_upload_fails_cleanly(store: Store, 
     upload = "cyxwiz:job:j1:upload:a:u"
     target = keys.artifact_key("j1", "a")
     r.hset(upload, mapping={"size": 3, "0": "abc"})
+    await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "a", "u"))
     assert await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100, "u"], keys=[upload, target]) == ["ok"]
-    with pytest.raises(redis.exceptions.ResponseError):  # the upload key is gone: nothing to rename
+    with pytest.raises(errors.Conflict, match="replaced"):  # its reservation is gone: nothing is renamed
         await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "a", 3, 100, "u"], keys=[upload, target])
     assert r.hget(keys.job_key("j1"), "artifacts") == '["a"]'
 
@@ -232,14 +234,21 @@ async def test_check_upload_twice(store: Store, r: redis.Redis) -> None:
     other = "n2" if holder == "n1" else "n1"
     assert await store.run("CHECK_UPLOAD", upload_args("j1", holder)) == ["ok"]
     before = state(r)
-    for _ in range(2):  # one upload per (job, name) at a time; another node's is refused
-        with pytest.raises(errors.Conflict, match="in progress"):
-            await store.run("CHECK_UPLOAD", upload_args("j1", holder, upload="u2"))
+    for _ in range(2):  # another node's upload is refused before anything is written
         with pytest.raises(errors.Forbidden):
             await store.run("CHECK_UPLOAD", upload_args("j1", other, name="b"))
     assert state(r) == before
-    for _ in range(2):  # the failed upload's reservation goes; a later upload's is kept
+    # the same name again (a retry): the newer upload replaces the older, which can no longer commit
+    assert await store.run("CHECK_UPLOAD", upload_args("j1", holder, upload="u2")) == ["ok"]
+    r.hset("cyxwiz:job:j1:upload:a:u1", mapping={"size": 1, "0": "x"})
+    with pytest.raises(errors.Conflict, match="replaced"):
+        await store.run("COMMIT_ARTIFACT", ["j1", holder, 1, "a", 1, 100, "u1"],
+                        keys=["cyxwiz:job:j1:upload:a:u1", keys.artifact_key("j1", "a")])
+    assert not r.exists("cyxwiz:job:j1:upload:a:u1", keys.artifact_key("j1", "a"))
+    for _ in range(2):  # a failed upload drops its own reservation only
         assert await store.run("END_UPLOAD", ["j1", "a", "u1"]) == ["ok"]
+    assert r.hexists(keys.job_uploads_key("j1"), "a")
+    assert await store.run("END_UPLOAD", ["j1", "a", "u2"]) == ["ok"]
     assert not r.exists(keys.job_uploads_key("j1"))
     await store.run("CANCEL_JOB", ["j1", ""])
     with pytest.raises(errors.Conflict):
@@ -290,8 +299,8 @@ async def test_jobs_no_node_fits_are_parked_and_come_back_for_a_node_that_fits(s
     assert r.zrange(keys.QUEUE_PARKED, 0, -1) == ["gpu", "labelled"]
     await register(store, "zone-b", labels='{"zone": "b"}')
     assert r.hget(keys.job_key("labelled"), "node_id") == "zone-b"
-    await store.run("DRAIN_NODE", ["zone-b"])  # the profile goes with the last node that had it
-    assert '{"gpu":0,"gpu_mem":0,"labels":{"zone":"b"},"mem":0,"ram":1000}' in r.hkeys(keys.NODES_PROFILES)
+    await store.run("DRAIN_NODE", ["zone-b"])  # a draining node can hold no new job: its profile goes
+    assert '{"gpu":0,"gpu_mem":0,"labels":{"zone":"b"},"mem":0,"ram":1000}' not in r.hkeys(keys.NODES_PROFILES)
 
 
 async def test_a_free_node_is_shared_between_tenants_and_never_idle_behind_others(store: Store, r: redis.Redis) -> None:
@@ -379,3 +388,45 @@ async def test_a_job_past_its_wall_clock_limit_fails_and_its_node_hears_of_it(st
     job = r.hgetall(keys.job_key("j1"))
     assert job["status"] == "failed" and "max_duration_s = 60 s" in job["error"]
     assert r.smembers(keys.node_cancels_key("n1")) == {"j1"} and r.hget(keys.node_key("n1"), "running") == "0"
+
+
+async def test_the_reaper_sweep_unparks_and_parks_whatever_the_queue_holds(store: Store, r: redis.Redis) -> None:
+    for i in range(250):  # more than one registration looks at, all of one tenant, all high priority
+        await submit(store, f"hog{i}", tenant="hog", priority="high", labels='{"zone": "nowhere"}')
+    await submit(store, "small", tenant="b", labels='{"zone": "x"}')
+    assert r.zcard(keys.QUEUE_PARKED) == 251
+    await register(store, "n1", labels='{"zone": "y"}', slots=2)  # fits none of them
+    await register(store, "n2", labels='{"zone": "x"}')  # fits "small": back in its queue, and placed
+    assert r.hget(keys.job_key("small"), "node_id") == "n2"
+    await submit(store, "later", tenant="b", labels='{"zone": "y"}')
+    await submit(store, "later2", tenant="b", labels='{"zone": "y"}')
+    await submit(store, "waits", tenant="b", labels='{"zone": "y"}')  # n1 is full: queued, not parked
+    assert r.zscore(keys.queue_key("cpu"), "waits") is not None
+    await store.run("DRAIN_NODE", ["n1"])  # n1 drains: the last node with zone y; "waits" fits no node
+    await store.run("REAP", [])  # each tick looks at 200 jobs of each set, then goes on from there
+    assert r.zscore(keys.QUEUE_PARKED, "waits") is not None
+    assert r.exists(keys.sweep_cursor_key(keys.QUEUE_PARKED))
+    await store.run("REAP", [])
+    assert not r.exists(keys.sweep_cursor_key(keys.QUEUE_PARKED))  # the walk came round to the start
+
+
+async def test_a_node_registered_before_profiles_is_counted_at_its_heartbeat(store: Store, r: redis.Redis) -> None:
+    await register(store, "old", labels='{"zone": "a"}')
+    profile = r.hget(keys.node_key("old"), "profile")
+    r.hdel(keys.node_key("old"), "profile")
+    r.delete(keys.NODES_PROFILES)
+    await store.run("HEARTBEAT", ["old", ""])
+    rebuilt = r.hget(keys.node_key("old"), "profile")
+    assert rebuilt and orjson.loads(rebuilt)["labels"] == {"zone": "a"} and profile
+    assert r.hgetall(keys.NODES_PROFILES) == {rebuilt: "1"}
+
+
+async def test_tenants_whose_jobs_fit_only_busy_nodes_do_not_hide_another_tenant(store: Store, r: redis.Redis) -> None:
+    await register(store, "big", memory_mb=100_000)
+    await submit(store, "blocker", memory_mb=95_000)  # the big node is full
+    for i in range(70):  # more tenants than a pull looks at by offers, each with a job only "big" can hold
+        await submit(store, f"huge{i}", tenant=f"t{i}", priority="high", memory_mb=90_000)
+    await submit(store, "small", tenant="z", priority="low", memory_mb=500)
+    assert r.zcard(keys.QUEUE_PARKED) == 0  # they fit a live node: queued, not parked
+    await register(store, "little", memory_mb=1000)
+    assert r.hget(keys.job_key("small"), "node_id") == "little"
