@@ -45,8 +45,8 @@ log = logging.getLogger("cyxwiz.edge")
 DRAIN_LIMIT_BYTES = 32 << 20  # read at most this much of a refused body before answering
 DISCARD_WAIT_S = 60.0         # the server reports a closed connection at once; this only bounds a surprise
 OVERLOAD_RETRY_AFTER_S = 2
-_ARTIFACT = re.compile(r"^/v1/jobs/[^/]+/artifacts/[^/]+$")
-_STREAM = re.compile(r"^/v1/jobs/[^/]+/(events|logs)$")  # SSE; the contract's `logs?follow=1`
+_ARTIFACT = re.compile(r"/v1/jobs/[^/]+/artifacts/[^/]+")
+_STREAM = re.compile(r"/v1/jobs/[^/]+/(events|logs)")  # SSE; the contract's `logs?follow=1`
 
 
 _DISCARDING: dict[_Exchange, asyncio.Task[None]] = {}  # discards outlive their request: keep them referenced
@@ -62,9 +62,9 @@ class Deadline(enum.Enum):
 
 def request_deadline(method: str, path: str) -> Deadline:
     """Which part of a request ``request_timeout_s`` covers."""
-    if _ARTIFACT.match(path):
+    if _ARTIFACT.fullmatch(path):
         return Deadline.NONE if method == "PUT" else Deadline.UNTIL_RESPONSE
-    if _STREAM.match(path):
+    if _STREAM.fullmatch(path):
         return Deadline.UNTIL_RESPONSE
     return Deadline.WHOLE
 
