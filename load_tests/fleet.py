@@ -45,13 +45,14 @@ async def register_fleet(store: Store, count: int, *, slots: int = 1, prefix: st
     for kind, caps in (("cpu", CPU_CAPS), ("gpu", GPU_CAPS)):
         parsed = msgspec.convert(caps, nodes.Capabilities)
         kinds[kind] = (orjson.dumps(caps).decode(), nodes.capability_score(parsed),
-                       max((g.memory_mb for g in parsed.gpus), default=0), parsed.ram_mb)
+                       max((g.memory_mb for g in parsed.gpus), default=0), parsed.ram_mb,
+                       nodes.node_memory(parsed, slots, {}))
     tokens: dict[str, str] = {}
     for start in range(0, count, batch):
         async with store.redis.pipeline(transaction=False) as pipe:
             for i in range(start, min(count, start + batch)):
                 kind = "gpu" if i % GPU_EVERY == 0 else "cpu"
-                caps_json, capability, gpu_mem, ram = kinds[kind]
+                caps_json, capability, gpu_mem, ram, memory = kinds[kind]
                 node_id = "n-" + uuid.uuid4().hex[:16]
                 token = auth.new_session_token(node_id)
                 tokens[node_id] = token
@@ -61,7 +62,7 @@ async def register_fleet(store: Store, count: int, *, slots: int = 1, prefix: st
                 await script(keys=[], args=[
                     node_id, f"{prefix}-{i}", slots, kind, int(kind == "gpu"), gpu_mem, ram, caps_json, "{}",
                     auth.hash_token(token), ttl_ms, capability, w.reputation, w.availability, w.capability,
-                    w.uptime, "", auth.hash_token(auth.new_token("cwi")), stream_hash], client=pipe)
+                    w.uptime, "", auth.hash_token(auth.new_token("cwi")), stream_hash, *memory], client=pipe)
             await pipe.execute()
     return tokens
 

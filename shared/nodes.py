@@ -125,7 +125,7 @@ HOST_RESERVE_MB = 1024  # a CPU node's RAM kept for its OS and the runtime itsel
 JOB_PROCESS_MB = 256  # each job process's torch, beyond its estimate (~220 MiB measured: load_tests.memory)
 
 
-def _memory(caps: Capabilities, slots: int, labels: dict[str, str]) -> tuple[int, int, str]:
+def node_memory(caps: Capabilities, slots: int, labels: dict[str, str]) -> tuple[int, int, str]:
     """(the most one job may use, what all jobs together may use, the node's placement profile).
 
     Jobs on a GPU node train on its GPUs (one per slot), so their memory is GPU memory: a job must fit
@@ -170,7 +170,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
             auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
             w.reputation, w.availability, w.capability, w.uptime,
             auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
-            *_memory(caps, reg.slots, reg.labels),
+            *node_memory(caps, reg.slots, reg.labels),
         ])
     except BaseException:
         with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless
