@@ -46,7 +46,7 @@ async def register_fleet(store: Store, count: int, *, slots: int = 1, prefix: st
         parsed = msgspec.convert(caps, nodes.Capabilities)
         kinds[kind] = (orjson.dumps(caps).decode(), nodes.capability_score(parsed),
                        max((g.memory_mb for g in parsed.gpus), default=0), parsed.ram_mb,
-                       nodes.node_memory(parsed, slots, {}))
+                       nodes.node_memory(parsed, {}))
     tokens: dict[str, str] = {}
     for start in range(0, count, batch):
         async with store.redis.pipeline(transaction=False) as pipe:

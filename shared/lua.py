@@ -135,9 +135,14 @@ end
 return {'ok', 'draining'}
 """
 
+# The reaper timer (every gateway process, every CYXWIZ_REAP_INTERVAL_S): besides reaping, the work no
+# request needs done at once: retention (first: its deletes are allowed in a full store, and free it),
+# wall-clock limits, and the queue sweep.
 REAP = r"""
 local now = now_ms()
+purge_expired(now)
 local reaped = reap_expired(now)
+expire_job_deadlines(now)
 sweep_queues()
 return reaped
 """

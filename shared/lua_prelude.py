@@ -9,6 +9,7 @@ clock (``TIME``), so function processes on different hosts agree.
 from __future__ import annotations
 
 from shared.keys import LUA_KEY_BUILDERS
+from shared.resources import TORCH_MB
 from shared.settings import Settings
 from shared.transitions import LUA_TRANSITIONS, TERMINAL
 
@@ -100,7 +101,8 @@ end
 local function rescore(node_id, now)
   local nk = node_key(node_id)
   local f = redis.call('HMGET', nk, 'slots', 'running', 'reputation', 'capability', 'alive_since_ms',
-    'w_rep', 'w_av', 'w_cap', 'w_up', 'status', 'class', 'name', 'gpu_free_frac', 'health')
+    'w_rep', 'w_av', 'w_cap', 'w_up', 'status', 'class', 'name', 'gpu_free_frac', 'health', 'mem_total_mb',
+    'mem_reserved_mb')
   if not f[1] then return end
   local slots, running = tonumber(f[1]), tonumber(f[2])
   local avail = 0
@@ -112,7 +114,10 @@ local function rescore(node_id, now)
   redis.call('HSET', nk, 'availability', tostring(avail), 'uptime', tostring(uptime), 'score', tostring(score))
   redis.call('ZADD', NODES_SCORE, score, node_id)
   local cool_until = tonumber(redis.call('HGET', COOLOFF, f[12]) or '0')
-  if f[10] == 'online' and (f[14] or '') == '' and running < slots and cool_until <= now then
+  -- memory left for even the smallest job (a node that reports none is not checked)
+  local total = tonumber(f[15] or '0')
+  local memory_left = total == 0 or total - tonumber(f[16] or '0') >= MIN_JOB_MEMORY_MB
+  if f[10] == 'online' and (f[14] or '') == '' and running < slots and cool_until <= now and memory_left then
     redis.call('ZADD', nodes_free_key(f[11]), score, node_id)
   else
     redis.call('ZREM', nodes_free_key(f[11]), node_id)
@@ -562,9 +567,7 @@ end
 -- Reaping: nodes whose deadline passed, REAP_BATCH at most per call (every gateway also runs REAP on
 -- a timer, so a quiet fleet is reaped too).
 local function reap_expired(now)
-  purge_expired(now)  -- first: its deletes are allowed in a full store, and free it
   plane_pulse(now)
-  expire_job_deadlines(now)
   local reaped = {}
   for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
     remove_node(node_id, now, true)
@@ -600,6 +603,7 @@ def build_prelude(settings: Settings) -> str:
         f"local PARK_SCAN = {PARK_SCAN}\n"
         f"local MAX_HANDBACKS = {MAX_HANDBACKS}\n"
         f"local PULL_BUDGET = {PULL_BUDGET}\n"
+        f"local MIN_JOB_MEMORY_MB = {TORCH_MB}\n"
         f"local SWEEP_BATCH = {SWEEP_BATCH}\n"
         f"local AVOID_MS = {AVOID_MS}\n"
         f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"

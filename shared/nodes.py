@@ -122,22 +122,20 @@ def _validate(reg: Registration, body: Any = None) -> None:
 
 
 HOST_RESERVE_MB = 1024  # a CPU node's RAM kept for its OS and the runtime itself
-JOB_PROCESS_MB = 256  # each job process's torch, beyond its estimate (~220 MiB measured: load_tests.memory)
 
 
-def node_memory(caps: Capabilities, slots: int, labels: dict[str, str]) -> tuple[int, int, str]:
+def node_memory(caps: Capabilities, labels: dict[str, str]) -> tuple[int, int, str]:
     """(the most one job may use, what all jobs together may use, the node's placement profile).
 
     Jobs on a GPU node train on its GPUs (one per slot), so their memory is GPU memory: a job must fit
     the smallest GPU (the runtime puts it on the least loaded one). On a CPU node it is RAM, less what
-    the host and each job process need beyond their estimates. 0 means not reported: such a node is not
-    checked for memory."""
+    the host and the runtime need (a job's estimate counts its own torch). 0 means not reported: such a
+    node is not checked for memory."""
     gpu_memory = [g.memory_mb for g in caps.gpus]
     if gpu_memory:
         per_job, total = min(gpu_memory), sum(gpu_memory)
     elif caps.ram_mb:
-        per_job = max(1, caps.ram_mb - HOST_RESERVE_MB - JOB_PROCESS_MB)
-        total = max(1, caps.ram_mb - HOST_RESERVE_MB - slots * JOB_PROCESS_MB)
+        per_job = total = max(1, caps.ram_mb - HOST_RESERVE_MB)
     else:
         per_job = total = 0
     profile = {"gpu": int(bool(gpu_memory)), "gpu_mem": max(gpu_memory, default=0), "ram": caps.ram_mb,
@@ -170,7 +168,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
             auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
             w.reputation, w.availability, w.capability, w.uptime,
             auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
-            *node_memory(caps, reg.slots, reg.labels),
+            *node_memory(caps, reg.labels),
         ])
     except BaseException:
         with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless

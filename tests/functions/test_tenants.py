@@ -69,13 +69,13 @@ def test_the_estimate_is_on_the_job_and_placement_respects_free_memory(http: htt
     first = submit(http, key, url_job)
     assert first["status"] == "assigned" and first["node_id"] == small["node_id"]
     estimate = job(http, key, first["job_id"])["resources"]["estimated_memory_mb"]
-    assert 2048 < estimate < 3000  # 2 GiB of data, its margin, and torch's working memory
+    assert 2048 < estimate < 3200  # 2 GiB of data, its margin, and torch itself
     second = submit(http, key, url_job)  # fits the node, but not beside the first: it waits
     assert second["status"] == "queued"
     assert job(http, key, second["job_id"])["pending_reason"] == "waiting_for_capacity"
     digits = submit(http, key)  # small jobs still fit beside it
     assert digits["status"] == "assigned"
-    assert job(http, key, digits["job_id"])["resources"]["estimated_memory_mb"] < 300
+    assert job(http, key, digits["job_id"])["resources"]["estimated_memory_mb"] < 600
     big = {**DIGITS_SPEC, "dataset": {"name": "blobs", "n_samples": 100_000, "n_features": 4096}}
     parked = submit(http, key, big)  # about 7.6 GiB: no live node could hold it
     assert job(http, key, parked["job_id"])["pending_reason"] == "no_node_fits"

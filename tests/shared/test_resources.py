@@ -19,7 +19,7 @@ def text_model(**model: Any) -> dict[str, Any]:
 
 def test_the_example_job_is_small() -> None:
     found = estimate_of(DIGITS_MLP_EXAMPLE)
-    assert found.memory_mb < 300 and found.driver == "dataset.name"  # mostly torch's working memory
+    assert found.memory_mb < 600 and found.driver == "dataset.name"  # mostly torch itself
 
 
 def test_each_part_names_the_field_that_drives_it() -> None:
