@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from shared import keys
 from tests.conftest import DIGITS_SPEC
 from tests.node_runtime.node_harness import Api, NodeProcess, long_digits
 
@@ -29,13 +31,16 @@ def _fails_as_the_jobs_fault(api: Api, spec: dict[str, Any], reputation: float) 
     return job
 
 
-def test_a_job_past_its_memory_estimate_is_killed_as_its_fault(api: Api,
-                                                               start_node: Callable[..., NodeProcess]) -> None:
-    # no room beyond the estimate: torch alone outgrows a digits job's few MiB
+def test_a_job_past_its_memory_estimate_is_killed_as_its_fault(api: Api, start_node: Callable[..., NodeProcess],
+                                                               r: redis.Redis) -> None:
+    job_id = api.submit({**DIGITS_SPEC, "max_attempts": 3})  # no node yet: it waits
+    r.hset(keys.job_key(job_id), "memory_mb", 50)  # a job that will outgrow what it declared
     node = start_node(extra_env={"CYXWIZ_NODE_JOB_BASE_MEMORY_MB": "1"})
     reputation = _reputation(api)
-    job = _fails_as_the_jobs_fault(api, {**DIGITS_SPEC, "max_attempts": 3}, reputation)
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "failed" and job["attempt"] == 1, job
     assert "more than its estimate allows" in job["error"], job["error"]
+    assert _reputation(api) == reputation
     assert node.alive()
 
 
