@@ -219,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def run_demo(cluster: LocalCluster, output: Path, spec: dict[str, Any]) -> int:
     """Start the cluster, train ``spec`` with a live progress bar, download and reload the weights."""
-    from cyxwiz.cli import watch_job
+    from cyxwiz.cli import printable, watch_job
     from cyxwiz.client import ApiClient
 
     started = time.monotonic()
@@ -234,7 +234,8 @@ def run_demo(cluster: LocalCluster, output: Path, spec: dict[str, Any]) -> int:
           f"{training['epochs']} epochs ({time.monotonic() - started:.1f} s after start)", flush=True)
     job = watch_job(client, job["job_id"], interval_s=0.25)
     if job["status"] != "completed":
-        print(f"cyxwiz demo: the job ended {job['status']}: {job.get('error')}", file=sys.stderr)
+        print(f"cyxwiz demo: the job ended {job['status']}: {printable(job.get('error'), multiline=True)}",
+              file=sys.stderr)
         return 1
     metrics = job["progress"]["metrics"]
     print(f"cyxwiz demo: trained in {_seconds_between(job['started_at'], job['finished_at']):.1f} s: "
