@@ -163,8 +163,17 @@ class Api:
         return resp.content
 
     def wait_status(self, job_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
-        return wait_until(lambda: (job := self.job(job_id))["status"] in statuses and job, timeout_s,
-                          what=f"job {job_id} to be {' or '.join(statuses)}")
+        """The job once its status is one of ``statuses``. A 503 (the store restarting: pooled
+        connections fail once each) is waited out, as any client honouring Retry-After would."""
+        def reached() -> dict[str, Any] | None:
+            resp = self.http.get(f"/v1/jobs/{job_id}", headers=self.headers)
+            if resp.status_code == 503:
+                return None
+            assert resp.status_code == 200, resp.text
+            job: dict[str, Any] = resp.json()
+            return job if job["status"] in statuses else None
+
+        return wait_until(reached, timeout_s, what=f"job {job_id} to be {' or '.join(statuses)}")
 
     def wait_progress(self, job_id: str, min_step: int, timeout_s: float) -> dict[str, Any]:
         """The job once it is running and has reported at least ``min_step`` steps."""
