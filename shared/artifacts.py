@@ -88,15 +88,16 @@ class RedisArtifactStore:
 
     async def _write_chunk(self, job_id: str, name: str, upload_id: str, upload: str, index: int,
                            data: bytes) -> None:
-        """One chunk, unless a newer upload of the name replaced this one (then 409, and it stops)."""
-        reservation = await self.store.redis.hget(keys.job_uploads_key(job_id), name)
-        if not reservation or not reservation.startswith(upload_id + "|"):
-            raise errors.Conflict(f"a newer upload of {name} for job {job_id} replaced this one",
-                                  code="upload_replaced")
+        """One chunk, and in the same round trip whether a newer upload of the name replaced this one
+        (then 409: it stops, and the caller deletes what it wrote)."""
         async with self.store.raw.pipeline(transaction=True) as pipe:
             pipe.hset(upload, str(index), data)
             pipe.expire(upload, keys.UPLOAD_TTL_S)
-            await pipe.execute()
+            pipe.hget(keys.job_uploads_key(job_id), name)
+            *_, reservation = await pipe.execute()
+        if not reservation or not reservation.startswith(upload_id.encode() + b"|"):
+            raise errors.Conflict(f"a newer upload of {name} for job {job_id} replaced this one",
+                                  code="upload_replaced")
 
     async def size(self, job_id: str, name: str) -> int | None:
         raw = await self.store.redis.hget(keys.artifact_key(job_id, name), "size")

@@ -199,20 +199,14 @@ CANCEL_JOB = r"""
 local job_id = ARGV[1]
 local tenant = ARGV[2]
 local jk = job_key(job_id)
-local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id', 'req_gpu')
+local j = redis.call('HMGET', jk, 'status', 'tenant')
 if not j[1] or (tenant ~= '' and j[2] ~= tenant) then
   return fail('not_found', 'no job ' .. job_id)
 end
 if TERMINAL[j[1]] then return {'terminal', j[1]} end
 local now = now_ms()
-set_status(job_id, j[1], 'cancelled', j[2], j[3])
-redis.call('HSET', jk, 'finished_ms', now, 'error', 'cancelled by user')
-dequeue(job_id, job_class(j[5]), j[2])
-if j[4] ~= '' then
-  redis.call('SADD', node_cancels_key(j[4]), job_id)
-  release(job_id, j[4], now)
-  pull_queue(j[4], now)
-end
+local node_id = end_job(job_id, 'cancelled', 'cancelled by user', now)
+if node_id ~= '' then pull_queue(node_id, now) end
 return {'ok', 'cancelled'}
 """
 
@@ -324,8 +318,7 @@ local name = ARGV[4]
 local size = tonumber(ARGV[5])
 local max_job_bytes = tonumber(ARGV[6])
 local upload_id = ARGV[7]
-local entry = redis.call('HGET', job_uploads_key(job_id), name)
-if not entry or string.sub(entry, 1, #upload_id + 1) ~= upload_id .. '|' then
+if not holds_upload(job_id, name, upload_id) then
   redis.call('DEL', upload_key)
   return fail('upload_replaced', 'a newer upload of ' .. name .. ' for job ' .. job_id .. ' replaced this one')
 end
@@ -414,9 +407,6 @@ END_UPLOAD = r"""
 local job_id = ARGV[1]
 local name = ARGV[2]
 local upload_id = ARGV[3]
-local entry = redis.call('HGET', job_uploads_key(job_id), name)
-if entry and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|' then
-  redis.call('HDEL', job_uploads_key(job_id), name)
-end
+if holds_upload(job_id, name, upload_id) then redis.call('HDEL', job_uploads_key(job_id), name) end
 return {'ok'}
 """

@@ -153,6 +153,12 @@ local function job_requirements(job_id)
     'avoid_node', 'avoid_until_ms')
 end
 
+-- Is this upload still the one reserved for the artifact name (a newer one replaces it)?
+local function holds_upload(job_id, name, upload_id)
+  local entry = redis.call('HGET', job_uploads_key(job_id), name)
+  return entry ~= false and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|'
+end
+
 -- The node that last failed or handed back a job does not get it again for AVOID_MS while another live
 -- node could hold it: another node first.
 local function avoid(job_id, node_id, now)
@@ -250,15 +256,21 @@ local function place(job_id, now)
   return false
 end
 
+-- Where a queued job belongs: its class, its tenant and its queue score (band x 1e12 + seq).
+local function queue_entry(job_id)
+  local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
+  return job_class(j[1]), j[2], tonumber(j[3]) * 1e12 + tonumber(j[4])
+end
+
 -- Place a queued job, or park it when no live node could ever hold it (its pending_reason is then
 -- no_node_fits; it comes back when a node that fits registers).
 local function place_or_park(job_id, now)
   local node_id = place(job_id, now)
   if node_id then return node_id end
   if not fits_some_node(job_requirements(job_id)) then
-    local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
-    dequeue(job_id, job_class(j[1]), j[2])
-    redis.call('ZADD', QUEUE_PARKED, tonumber(j[3]) * 1e12 + tonumber(j[4]), job_id)
+    local class, tenant, score = queue_entry(job_id)
+    dequeue(job_id, class, tenant)
+    redis.call('ZADD', QUEUE_PARKED, score, job_id)
   end
   return false
 end
@@ -270,8 +282,7 @@ local function unpark_for(profile)
   local moved = 0
   for _, job_id in ipairs(redis.call('ZRANGE', QUEUE_PARKED, 0, PARK_SCAN - 1)) do
     if fits_profile(job_requirements(job_id), p) then
-      local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
-      enqueue(job_id, job_class(j[1]), j[2], tonumber(j[3]) * 1e12 + tonumber(j[4]))
+      enqueue(job_id, queue_entry(job_id))
       moved = moved + 1
     end
   end
@@ -517,22 +528,30 @@ local function plane_pulse(now)
   end
 end
 
+-- End a job that is not terminal from outside its node (a user's cancel, the wall-clock limit): its
+-- status, out of the queues, and its node hears of it at its next heartbeat and frees the slot now.
+-- Returns the node it was on ('' if none).
+local function end_job(job_id, to, error_text, now)
+  local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant', 'seq', 'node_id', 'req_gpu')
+  set_status(job_id, j[1], to, j[2], j[3])
+  redis.call('HSET', job_key(job_id), 'finished_ms', now, 'error', error_text)
+  dequeue(job_id, job_class(j[5]), j[2])
+  if j[4] ~= '' then
+    redis.call('SADD', node_cancels_key(j[4]), job_id)
+    release(job_id, j[4], now)
+  end
+  return j[4]
+end
+
 -- Jobs past their wall-clock limit (training.max_duration_s from their first start) fail, the job's
 -- fault; their node hears of it as a cancel and stops them.
 local function expire_job_deadlines(now)
   for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', JOBS_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
     redis.call('ZREM', JOBS_DEADLINE, job_id)
-    local jk = job_key(job_id)
-    local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'node_id', 'req_gpu', 'max_duration_ms')
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'max_duration_ms')
     if j[1] and not TERMINAL[j[1]] then
-      set_status(job_id, j[1], 'failed', j[2], j[3])
-      redis.call('HSET', jk, 'finished_ms', now, 'error', 'the job ran past its wall-clock limit, '
-        .. 'training.max_duration_s = ' .. math.floor(tonumber(j[6]) / 1000) .. ' s (the job\'s fault)')
-      dequeue(job_id, job_class(j[5]), j[2])
-      if j[4] ~= '' then
-        redis.call('SADD', node_cancels_key(j[4]), job_id)
-        release(job_id, j[4], now)
-      end
+      end_job(job_id, 'failed', 'the job ran past its wall-clock limit, training.max_duration_s = '
+        .. math.floor(tonumber(j[2]) / 1000) .. ' s (the job\'s fault)', now)
     end
   end
 end
