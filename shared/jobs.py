@@ -19,12 +19,11 @@ from shared import errors, keys, resources
 from shared.auth import Principal
 from shared.jobspec import known_data_info, parse_job_spec
 from shared.store import Store
-from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, TERMINAL
+from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, PRIORITY_SCALE, TERMINAL
 from shared.validation import convert, is_number
 from shared.views import job_view, rfc3339
 
 MAX_IDEMPOTENCY_KEY = 255
-PRIORITY_SCALE = 10**12  # queue score = priority band * PRIORITY_SCALE + submission sequence
 
 
 MAX_ERROR_CHARS = 4000  # of a failure's error, on the job hash and in its progress event alike

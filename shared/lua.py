@@ -186,7 +186,7 @@ for _, t in ipairs({tenant, false}) do
   redis.call('ZADD', jobs_index_key(t or nil, nil), seq, job_id)
   redis.call('ZADD', jobs_index_key(t or nil, 'queued'), seq, job_id)
 end
-enqueue(job_id, job_class(req_gpu), tenant, band * 1e12 + seq)
+enqueue(job_id, job_class(req_gpu), tenant, band * PRIORITY_SCALE + seq)
 if idem ~= '' then
   redis.call('SET', idempotency_key(tenant, idem), job_id, 'EX', IDEMPOTENCY_TTL_S)
 end

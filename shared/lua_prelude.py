@@ -11,7 +11,7 @@ from __future__ import annotations
 from shared.keys import LUA_KEY_BUILDERS
 from shared.resources import TORCH_MB
 from shared.settings import Settings
-from shared.transitions import LUA_TRANSITIONS, TERMINAL
+from shared.transitions import LUA_TRANSITIONS, PRIORITY_SCALE, TERMINAL
 
 _HELPERS = r"""
 local function now_ms()
@@ -259,7 +259,7 @@ end
 -- Where a queued job belongs: its class, its tenant and its queue score (band x 1e12 + seq).
 local function queue_entry(job_id)
   local j = redis.call('HMGET', job_key(job_id), 'req_gpu', 'tenant', 'band', 'seq')
-  return job_class(j[1]), j[2], tonumber(j[3]) * 1e12 + tonumber(j[4])
+  return job_class(j[1]), j[2], tonumber(j[3]) * PRIORITY_SCALE + tonumber(j[4])
 end
 
 -- Place a queued job, or park it when no live node could ever hold it (its pending_reason is then
@@ -347,7 +347,7 @@ local function pull_queue(node_id, now)
     for _, tenant in ipairs(order) do
       local o = offers[tenant]
       if o then
-        local band, held = math.floor(o[2] / 1e12), tenant_running(tenant)
+        local band, held = math.floor(o[2] / PRIORITY_SCALE), tenant_running(tenant)
         if not pick or band < pick_band or (band == pick_band and (held < pick_held
             or (held == pick_held and o[2] < pick_score))) then
           pick, pick_band, pick_held, pick_score = tenant, band, held, o[2]
@@ -445,7 +445,7 @@ local function requeue(job_id, now, lost, reason)
     return 'failed'
   end
   set_status(job_id, j[1], 'queued', j[2], j[3])
-  enqueue(job_id, job_class(j[8]), j[2], tonumber(j[7]) * 1e12 + tonumber(j[3]))
+  enqueue(job_id, job_class(j[8]), j[2], tonumber(j[7]) * PRIORITY_SCALE + tonumber(j[3]))
   return 'queued'
 end
 
@@ -627,5 +627,6 @@ def build_prelude(settings: Settings) -> str:
         f"local AVOID_MS = {AVOID_MS}\n"
         f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
+        f"local PRIORITY_SCALE = {PRIORITY_SCALE}\n"
     )
     return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS

@@ -24,6 +24,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 PRIORITY_BANDS = {"high": 0, "normal": 1, "low": 2}  # queue order: lower band first, then FIFO
+PRIORITY_SCALE = 10**12  # a queue score is band * PRIORITY_SCALE + the job's submission sequence
 
 
 def _lua_table() -> str:
