@@ -27,7 +27,7 @@ from shared.store import Store
 # quotas, the per-key rate limit and the per-address request cap would only measure themselves.
 BENCH_LIMITS = {"CYXWIZ_RATE_LIMIT_PER_S": "0", "CYXWIZ_MAX_QUEUED_JOBS": "100000000",
                 "CYXWIZ_MAX_RUNNING_JOBS": "100000000", "CYXWIZ_MAX_REQUESTS_PER_CLIENT": "100000",
-                "CYXWIZ_MAX_REQUESTS": "100000"}
+                "CYXWIZ_MAX_REQUESTS": "100000", "CYXWIZ_PROBATION_AUDITS": "0", "CYXWIZ_AUDIT_FRACTION": "0"}
 
 
 def hypercorn_command(app: str, port: int) -> list[str]:

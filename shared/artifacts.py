@@ -11,15 +11,57 @@ from __future__ import annotations
 
 import contextlib
 import re
+import secrets
 import uuid
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
+
+import orjson
 
 from shared import errors, keys
+from shared import safetensors_check as st
 from shared.store import Store
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # with fullmatch: "$" would accept a final newline
 CHUNK_BYTES = 512 * 1024
+MODEL = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"  # uploads are kept per (attempt, step); downloads get the latest
+CHECKED = (MODEL, CHECKPOINT)
+
+
+class ArtifactCheck:
+    """What the gateway reads of a model or checkpoint upload as it streams by (no torch, no copy):
+    the safetensors header checked against what the job's spec builds, and the digests of its tensors,
+    which become the control plane's record of that state (docs/verification.md)."""
+
+    def __init__(self, name: str, attempt: int, spec: dict[str, Any]) -> None:
+        self.name, self.attempt, self.spec = name, attempt, spec
+        self.stream = st.StreamingDigest(name)
+
+    async def wrap(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for piece in body:
+            self.stream.feed(piece)  # raises InvalidArtifact (422) as soon as the bytes say so
+            yield piece
+
+    def verdict(self) -> tuple[str, str, str]:
+        """(kind for COMMIT_ARTIFACT, the state's JSON, the name the bytes are kept under)."""
+        digest = self.stream.finish()
+        meta = digest.header.metadata
+        if self.name == MODEL:
+            st.check_weights(digest.header, self.spec)
+            state = {"weights": digest.weights, "threads": _int_or_none(meta.get("threads")),
+                     "device_kind": meta.get("device_kind", ""), "torch": meta.get("torch", ""),
+                     "data": meta.get("data", "")}
+            return "weights", orjson.dumps(state).decode(), self.name
+        info = st.check_checkpoint(digest.header, self.spec)
+        state = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"], "weights": digest.weights,
+                 "optimizer": digest.optimizer, "threads": info.get("threads"), "device_kind": info.get("device_kind", ""),
+                 "torch": info.get("torch", ""), "data": info.get("data", "")}
+        return "checkpoint", orjson.dumps(state).decode(), keys.checkpoint_artifact_name(self.attempt, info["step"])
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() and len(text) < 6 else None
 
 
 def check_name(name: str) -> None:
@@ -48,7 +90,7 @@ class RedisArtifactStore:
         self.store = store
 
     async def put(self, job_id: str, name: str, node_id: str, attempt: int, body: AsyncIterator[bytes],
-                  declared: int | None = None) -> int:
+                  declared: int | None = None, check: ArtifactCheck | None = None) -> int:
         settings = self.store.settings
         if declared is not None and declared > settings.max_artifact_bytes:
             raise errors.PayloadTooLarge(f"an artifact may be at most {settings.max_artifact_bytes} bytes")
@@ -61,6 +103,10 @@ class RedisArtifactStore:
         upload = keys.artifact_upload_key(job_id, name, upload_id)
         buffer = bytearray()
         size = chunks = 0
+        kind = state = ""
+        stored = name
+        if check is not None:
+            body = check.wrap(body)
         try:
             async for piece in body:
                 size += len(piece)
@@ -76,14 +122,23 @@ class RedisArtifactStore:
                 await self._write_chunk(job_id, name, upload_id, upload, chunks, bytes(buffer))
                 chunks += 1
             await self.store.raw.hset(upload, mapping={"size": size, "chunk_size": CHUNK_BYTES, "chunks": chunks})
+            if check is not None:
+                kind, state, stored = check.verdict()
         except BaseException:
             with contextlib.suppress(Exception):  # a store outage: the reservation lapses at its expiry
                 await self.store.raw.delete(upload)
                 await self.store.run("END_UPLOAD", [job_id, name, upload_id])
             raise
-        await self.store.run("COMMIT_ARTIFACT", [job_id, node_id, attempt, name, size,
-                                                 settings.max_job_artifact_bytes, upload_id],
-                             keys=[upload, keys.artifact_key(job_id, name)])
+        try:
+            await self.store.run("COMMIT_ARTIFACT", [job_id, node_id, attempt, name, size,
+                                                     settings.max_job_artifact_bytes, upload_id, kind, state,
+                                                     secrets.randbelow(2**53) / 2**53],
+                                 keys=[upload, keys.artifact_key(job_id, stored)])
+        except errors.ApiError as error:
+            if error.code == "invalid_artifact":  # refused after the reservation was dropped: tidy up
+                with contextlib.suppress(Exception):
+                    await self.store.raw.delete(upload)
+            raise
         return size
 
     async def _write_chunk(self, job_id: str, name: str, upload_id: str, upload: str, index: int,

@@ -170,9 +170,11 @@ async def install_credentials(store: Store, *, admin_key: str, join_token: str) 
         await pipe.execute()
 
 
-async def authenticate_job_reader(store: Store, job_id: str, authorization: str | None) -> None:
-    """For artifact downloads: an API key that may see the job, or the session token of the node
-    that holds the job's current attempt (it resumes from a checkpoint). The token is checked before
+async def authenticate_job_reader(store: Store, job_id: str, authorization: str | None,
+                                  task_id: str | None = None) -> None:
+    """For artifact downloads: an API key that may see the job, the session token of the node that
+    holds the job's current attempt (it resumes from a checkpoint), or that of the node replaying one of
+    its segments for an audit (``task_id``, the verification task it holds). The token is checked before
     the job is looked at, so an unknown token learns nothing about which jobs exist: 401, then 403/404."""
     token = bearer_token(authorization)
     raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
@@ -185,5 +187,10 @@ async def authenticate_job_reader(store: Store, job_id: str, authorization: str 
         if not entry.get("admin") and tenant != entry["tenant"]:
             raise errors.NotFound(f"no job {job_id}")
         return
-    if caller != node_id:
-        raise errors.Forbidden(f"job {job_id} is not assigned to node {caller}")
+    if caller == node_id:
+        return
+    if task_id:
+        task_job, task_node, status = await store.redis.hmget(keys.verify_key(task_id), ["job_id", "node_id", "status"])
+        if task_job == job_id and task_node == caller and status == "assigned":
+            return
+    raise errors.Forbidden(f"job {job_id} is not assigned to node {caller}")

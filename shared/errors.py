@@ -79,6 +79,14 @@ class InvalidField(ApiError):
     code = "invalid_field"
 
 
+class InvalidArtifact(ApiError):
+    """422: an uploaded artifact (model.safetensors, checkpoint.safetensors) is malformed or is not what
+    the job's spec builds; the message says what is wrong."""
+
+    status = 422
+    code = "invalid_artifact"
+
+
 class RateLimited(ApiError):
     """429: too many requests; ``Retry-After`` says when to try again."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,19 @@ METRIC_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]{0,63}")  # with fullmatch
 _FRACTION_METRIC_RE = re.compile(r"(?:^|[^a-z])acc(?:uracy)?(?:[^a-z]|$)")  # acc, val_accuracy, top5_acc
 
 
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")  # with fullmatch: a hex SHA-256
+
+
+class Commitment(msgspec.Struct, forbid_unknown_fields=True):
+    """Digests of a checkpoint the node took at ``step``, sent in the progress report before anyone knows
+    which segment an audit will replay; an upload of that checkpoint must match them."""
+
+    step: int
+    weights: str
+    optimizer: str = ""
+    data: str = ""
+
+
 class ProgressReport(msgspec.Struct, forbid_unknown_fields=True):
     """Body of POST /v1/jobs/{id}/progress. ``status`` "queued" hands the job back (a draining node);
     ``fault`` says whether a failure was the job's (bad data: not retried) or the node's (retried)."""
@@ -47,6 +61,7 @@ class ProgressReport(msgspec.Struct, forbid_unknown_fields=True):
     artifacts: list[str] = []
     error: str = ""
     fault: str = "job"
+    commitment: Commitment | None = None
 
 
 REPORT_STATUSES = ("running", "completed", "failed", "queued")
@@ -115,9 +130,34 @@ async def _job_hash(store: Store, who: Principal, job_id: str) -> dict[str, str]
     return found  # type: ignore[no-any-return]
 
 
+def _draw() -> float:
+    """Uniform in [0, 1) from the OS's generator: which result is audited, and which segment, must not
+    be predictable by the node that trained it."""
+    return secrets.randbelow(2**53) / 2**53
+
+
 async def get_job(store: Store, who: Principal, job_id: str) -> dict[str, Any]:
     found = await _job_hash(store, who, job_id)
-    return job_view(found, await pending_reasons(store, [found]))
+    view = job_view(found, await pending_reasons(store, [found]))
+    view["checkpoints"] = await provenance(store, job_id)
+    return view
+
+
+async def provenance(store: Store, job_id: str) -> list[dict[str, Any]]:
+    """Every checkpoint and final weights the control plane recorded for the job, oldest first: the
+    attempt and node that produced each, its position and digest, and whether its bytes are kept."""
+    states = await store.redis.hgetall(keys.job_states_key(job_id))
+    found = []
+    for state_id, raw in states.items():
+        if state_id.startswith("c"):
+            continue  # a digest committed in a report; the checkpoint itself, if uploaded, is listed
+        s = orjson.loads(raw)
+        found.append({"state": state_id, "attempt": s.get("attempt"), "node_id": s.get("node_id"),
+                      "node": s.get("node") or None, "step": s.get("step"), "epoch": s.get("epoch"),
+                      "final": bool(s.get("final")), "weights_digest": s.get("weights"),
+                      "artifact": s.get("artifact") or None, "from": s.get("prev") or None,
+                      "recorded_at": rfc3339(s.get("ms"))})
+    return sorted(found, key=lambda s: (s["step"] or 0, s["attempt"] or 0, s["final"]))
 
 
 async def pending_reasons(store: Store, hashes: list[dict[str, str]]) -> dict[str, str]:
@@ -216,6 +256,17 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
     if report.status == "failed" and not report.error:
         raise errors.InvalidField("a failed report needs an error", field="error")
     _check_progress(report)
+    commitment = ""
+    if report.commitment is not None:
+        c = report.commitment
+        for name in ("weights", "optimizer", "data"):
+            value = getattr(c, name)
+            if (value or name == "weights") and not DIGEST_RE.fullmatch(value):
+                raise errors.InvalidField("a digest is 64 lowercase hex characters", field=f"commitment.{name}")
+        if not 0 <= c.step <= MAX_PROGRESS_COUNT:
+            raise errors.InvalidField("step must be between 0 and 2**53", field="commitment.step")
+        commitment = orjson.dumps({"step": c.step, "weights": c.weights, "optimizer": c.optimizer,
+                                   "data": c.data}).decode()
     error = report.error[:MAX_ERROR_CHARS]  # a node's traceback can be long; 300 reports of 1 MB were 288 MiB
     progress = {"epoch": report.epoch, "step": report.step, "total_steps": report.total_steps,
                 "metrics": report.metrics}
@@ -226,7 +277,8 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
     reply = await store.run("REPORT_PROGRESS", [
         job_id, node_id, report.attempt, report.seq, report.status,
         orjson.dumps(progress).decode() if report.status != "queued" else "",
-        orjson.dumps(event).decode(), error, report.fault, token_hash,
+        orjson.dumps(event).decode(), error, report.fault, token_hash, commitment,
+        _draw(), _draw(),
     ])
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
 
@@ -277,3 +329,103 @@ async def attempt_state(store: Store, node_id: str, job_id: str, attempt: str) -
         raise errors.Forbidden(f"attempt {attempt} of job {job_id} is not assigned to node {node_id}")
     live = status not in TERMINAL and current == str(int(attempt))
     return {"job_id": job_id, "attempt": int(attempt), "status": status, "current": live}
+
+
+async def resolve_artifact(store: Store, job_id: str, name: str) -> str:
+    """The stored name behind a download: ``checkpoint.safetensors`` is the latest checkpoint of the
+    current attempt's chain (the one it resumes from, or saved since), kept per (attempt, step)."""
+    if name != "checkpoint.safetensors":
+        return name
+    attempt = await store.redis.hget(keys.job_key(job_id), "attempt")
+    if attempt is None:
+        return name
+    last, start = await store.redis.hmget(keys.job_key(job_id), [f"last_state:{attempt}", f"start:{attempt}"])
+    state_id = last or start
+    if not state_id:
+        return name  # nothing recorded: a 404, or an artifact stored before provenance existed
+    raw = await store.redis.hget(keys.job_states_key(job_id), state_id)
+    artifact = orjson.loads(raw).get("artifact") if raw else None
+    return artifact or name
+
+
+class VerifyReport(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /v1/verifications/{task_id}: a verifier's report on the segment it replayed."""
+
+    attempt: int
+    phase: str  # digest | distance | failed | handback
+    weights: str = ""
+    optimizer: str = ""
+    data: str = ""
+    distance: float | None = None
+    samples_per_s: float | None = None
+    error: str = ""
+
+
+VERIFY_PHASES = ("digest", "distance", "failed", "handback")
+TASK_ID_RE = re.compile(r"v-[0-9a-f]{1,40}-[12]-[0-9]{1,16}-[0-9]{1,20}")  # with fullmatch
+
+
+async def report_verification(store: Store, node_id: str, task_id: str, body: Any,
+                              token_hash: str = "") -> dict[str, Any]:
+    """Record a verifier's report; on a passed audit, what it shows of the producer's speed."""
+    if not TASK_ID_RE.fullmatch(task_id):
+        raise errors.NotFound(f"no verification task {task_id}")
+    report = convert(body, VerifyReport)
+    if report.phase not in VERIFY_PHASES:
+        raise errors.InvalidField(f"phase must be one of {', '.join(VERIFY_PHASES)}", field="phase")
+    if report.phase == "digest" and not (DIGEST_RE.fullmatch(report.weights) or report.weights.startswith("error:")):
+        raise errors.InvalidField("weights must be a hex SHA-256, or 'error: ...' when the replay failed",
+                                  field="weights")
+    if report.phase == "distance" and (report.distance is None or not math.isfinite(report.distance)
+                                       or report.distance < 0):
+        raise errors.InvalidField("distance must be a finite number >= 0", field="distance")
+    speed = report.samples_per_s if report.samples_per_s is not None and math.isfinite(report.samples_per_s) else None
+    reply = await store.run("VERIFY_RESULT", [
+        task_id, node_id, report.attempt, report.phase, report.weights[:300], report.optimizer[:64],
+        report.data[:64], "" if report.distance is None else repr(report.distance), report.error[:MAX_ERROR_CHARS],
+        token_hash, "" if speed is None else repr(max(0.0, speed)),
+    ])
+    if reply[0] == "compare":
+        return {"ok": True, "outcome": "compare", "artifact": reply[1]}
+    if reply[1] == "passed":
+        await observe_speed(store, *reply[2:])
+    return {"ok": True, "outcome": reply[1]}
+
+
+FLOPS_FLOOR, FLOPS_TOP = 1e8, 1e14  # capability 0 and 1: a slow CPU core, an H200's dense bf16 range
+FLAG_RATIO = 4.0  # a producer this many times slower than its verifier (same claimed kind) is flagged
+
+
+async def observe_speed(store: Store, producer: str, job_id: str, steps: int | str, from_ms: str, to_ms: str,
+                        verifier_speed: str) -> None:
+    """After a passed audit: the producer's confirmed training speed in FLOP/s (its reported samples/s,
+    capped by the steps the control plane saw it finish in wall-clock time), as a capability 0..1 on a
+    log scale; flagged when it is far slower than the verifier replaying the same segment on hardware
+    claimed to be the same kind."""
+    spec_raw, progress_raw = await store.redis.hmget(keys.job_key(job_id), ["spec", "progress"])
+    elapsed_s = (int(to_ms) - int(from_ms)) / 1000 if from_ms and to_ms else 0
+    if not spec_raw or not producer or elapsed_s <= 0 or int(steps) <= 0:
+        return
+    spec = orjson.loads(spec_raw)
+    metrics = (orjson.loads(progress_raw) if progress_raw else {}).get("metrics") or {}
+    samples = int(steps) * spec["training"]["batch_size"]
+    speed = samples / elapsed_s
+    reported = metrics.get("samples_per_s")
+    if isinstance(reported, (int, float)) and 0 < reported < speed:
+        speed = float(reported)
+    info = known_data_info(spec["dataset"])
+    from shared.model_shapes import check_model_fits  # a submit-time check; its count is what is needed
+
+    try:
+        params = check_model_fits(spec["model"], info)
+    except errors.ApiError:
+        return
+    per_sample = spec["model"].get("context", 1) if (info or {}).get("task") == "lm" else 1
+    flops = 6.0 * params * per_sample * speed
+    capability = min(1.0, max(0.0, math.log10(max(flops, 1.0) / FLOPS_FLOOR) / math.log10(FLOPS_TOP / FLOPS_FLOOR)))
+    flag = ""
+    if verifier_speed and float(verifier_speed) > FLAG_RATIO * speed:
+        flag = (f"trained job {job_id} at {speed:,.0f} samples/s, {float(verifier_speed) / speed:.0f}x slower than "
+                "another node of the device kind it claims: its claimed hardware is doubted")
+        capability /= 2
+    await store.run("OBSERVE", [producer, repr(capability), flag])

@@ -141,6 +141,53 @@ def sweep_cursor_key(set_key: str) -> str:
     return set_key + ":cursor"
 
 
+def job_states_key(job_id: str) -> str:
+    """Hash: the job's provenance, state id -> JSON. A state is a point of training the control plane
+    recorded: ``a{attempt}s{step}`` a checkpoint (digests of its weights and optimizer state, position,
+    thread count, device kind, the node and attempt that produced it, its ``prev`` state, and the
+    artifact holding its bytes while kept), ``a{attempt}final`` the final weights, ``c{attempt}s{step}``
+    a digest the node committed to in a progress report. Following ``prev`` from the final state back to
+    "" (the seed's initial weights) gives the chain an audit draws its segment from."""
+    return JOB + job_id + ":states"
+
+
+def checkpoint_artifact_name(attempt: int | str, step: int | str) -> str:
+    """The artifact a checkpoint upload is kept under (``checkpoint.safetensors`` names the latest)."""
+    return f"checkpoint-a{attempt}-s{step}.safetensors"
+
+
+# --- verification ------------------------------------------------------------------------------
+VERIFY = PREFIX + "verify:"
+
+
+def verify_key(task_id: str) -> str:
+    """Hash: one verification task (ids ``v-...``): job, round, the segment's states (``from``, ``to``),
+    the artifacts to start from and compare with, thread count and device kind to replay with, the
+    producer and the names excluded as verifiers, status (queued/assigned), node and attempt."""
+    return VERIFY + task_id
+
+
+VERIFY_QUEUE = PREFIX + "verify:queue"  # ZSET task_id -> ms queued: tasks waiting for a verifier
+
+
+def node_tasks_key(node_id: str) -> str:
+    """Set: the verification tasks a node holds (each takes one of its slots)."""
+    return NODE + node_id + ":tasks"
+
+
+NODES_BANNED = PREFIX + "nodes:banned"      # HASH node name -> why: slashed identities; they cannot register
+NODES_AUDITS = PREFIX + "nodes:audits"      # HASH "{name}:passed" / "{name}:failed" / "{name}:last_ms" -> number
+NODES_OBSERVED = PREFIX + "nodes:observed"  # HASH node name -> capability 0..1 from audited throughput
+NODES_FLAGS = PREFIX + "nodes:flags"        # HASH node name -> why its claims were doubted (observed << claimed)
+NODES_KINDS = PREFIX + "nodes:kinds"        # HASH device kind -> live nodes of it (is a verifier possible?)
+
+
+def node_results_key(name: str) -> str:
+    """ZSET job_id -> ms: completed jobs that rest on work of this node identity no audit checked;
+    re-checked if the identity is ever slashed."""
+    return PREFIX + "nodes:results:" + name
+
+
 JOBS_FINISHED = PREFIX + "retention:jobs"  # ZSET job_id -> ms it ended: purged after the retention period
 JOBS_DEADLINE = PREFIX + "deadline:jobs"  # ZSET job_id -> ms by which it must end (training.max_duration_s)
 
@@ -221,4 +268,15 @@ local JOB_SEQ = '{JOB_SEQ}'
 local function jobs_index_key(tenant, status) return '{PREFIX}jobs:' .. (tenant or '*') .. ':' .. (status or '*') end
 local function idempotency_key(tenant, key) return '{PREFIX}idem:' .. tenant .. ':' .. key end
 local IDEMPOTENCY_TTL_S = {IDEMPOTENCY_TTL_S}
+local function job_states_key(id) return K_JOB .. id .. ':states' end
+local function checkpoint_artifact_name(attempt, step) return 'checkpoint-a' .. attempt .. '-s' .. step .. '.safetensors' end
+local function verify_key(id) return '{VERIFY}' .. id end
+local VERIFY_QUEUE = '{VERIFY_QUEUE}'
+local function node_tasks_key(id) return K_NODE .. id .. ':tasks' end
+local NODES_BANNED = '{NODES_BANNED}'
+local NODES_AUDITS = '{NODES_AUDITS}'
+local NODES_OBSERVED = '{NODES_OBSERVED}'
+local NODES_FLAGS = '{NODES_FLAGS}'
+local NODES_KINDS = '{NODES_KINDS}'
+local function node_results_key(name) return '{PREFIX}nodes:results:' .. name end
 """

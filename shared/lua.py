@@ -8,6 +8,10 @@ which :mod:`shared.store` turns into the matching :class:`shared.errors.ApiError
 
 from __future__ import annotations
 
+from shared.lua_verification import OBSERVE, VERIFY_RESULT
+
+__all__ = ["OBSERVE", "VERIFY_RESULT"]  # with the scripts below
+
 REGISTER_NODE = r"""
 local node_id = ARGV[1]
 local name = ARGV[2]
@@ -28,8 +32,13 @@ local stream_secret_hash = ARGV[19]  -- digest of the password of the node's sto
 local mem_job_mb = ARGV[20]    -- the most one job may use here (one GPU's memory, or RAM); 0: not reported
 local mem_total_mb = ARGV[21]  -- what all its jobs together may use
 local profile = ARGV[22]       -- JSON of what placement checks statically (see NODES_PROFILES)
+local device_kind = ARGV[23]   -- 'cpu', or the name of its GPUs: who may replay whose training
 local now = now_ms()
 reap_expired(now)
+if is_banned(name) then
+  return fail('node_banned', 'node identity ' .. name .. ' was slashed and may not register again: '
+    .. redis.call('HGET', NODES_BANNED, name))
+end
 -- The name belongs to the identity that first registered it: only its node_key registers it again.
 local issued = 0
 local owner = redis.call('HGET', NODE_IDENTITIES, name)
@@ -66,8 +75,9 @@ redis.call('HSET', nk, 'node_id', node_id, 'name', name, 'status', 'online', 'sl
   'reputation', rep, 'capability', capability, 'w_rep', w_rep, 'w_av', w_av, 'w_cap', w_cap, 'w_up', w_up,
   'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now, 'health', '',
   'stream_secret_hash', stream_secret_hash, 'mem_job_mb', mem_job_mb, 'mem_total_mb', mem_total_mb,
-  'mem_reserved_mb', 0, 'profile', profile)
+  'mem_reserved_mb', 0, 'profile', profile, 'device_kind', device_kind, 'kind_counted', '1')
 redis.call('HINCRBY', NODES_PROFILES, profile, 1)
+redis.call('HINCRBY', NODES_KINDS, device_kind, 1)
 redis.call('ZADD', NODES_LAST_SEEN, now, name)
 redis.call('ZADD', NODES_DEADLINE, now + ttl_ms, node_id)
 redis.call('HSET', NODE_NAMES, node_id, name)
@@ -243,19 +253,37 @@ local event = ARGV[7]
 local error_text = ARGV[8]
 local fault = ARGV[9]
 local token_hash = ARGV[10]  -- optional: the caller's session-token digest, checked before any change
+local commitment = ARGV[11] or ''  -- JSON {step, weights, optimizer, data} of a checkpoint taken, or ''
+local draw, draw2 = tonumber(ARGV[12] or '1'), tonumber(ARGV[13] or '0')  -- uniform [0, 1): the audit draw
 if token_hash and token_hash ~= '' and not session_ok(node_id, token_hash) then
   return fail('unauthorized', SESSION_UNKNOWN)
 end
 local refused = fence(job_id, node_id, attempt)
 if refused then return refused end
 local jk = job_key(job_id)
-local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts')
+local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts', 'held')
 if seq <= tonumber(j[4]) then return {'duplicate', j[1]} end
 if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
-if status == 'completed' and not string.find(j[5], '"model.safetensors"', 1, true) then
-  return fail('missing_artifact', 'upload model.safetensors before reporting completed')
+if j[6] == '1' then return fail('job_terminal', 'job ' .. job_id .. ' has finished training; its result is under audit') end
+local final = nil
+if status == 'completed' then
+  final = redis.call('HGET', jk, 'final:' .. attempt)
+  if not final then return fail('missing_artifact', 'upload model.safetensors (of this attempt) before reporting completed') end
+  local last = redis.call('HGET', jk, 'last_state:' .. attempt) or redis.call('HGET', jk, 'start:' .. attempt) or ''
+  local before = get_state(job_id, last)
+  local step = tonumber(cjson.decode(progress).step) or 0
+  if before and step < before.step then
+    return fail('invalid_field', 'the completion is at step ' .. step .. ', behind the state attempt ' .. attempt
+      .. ' started from or last saved (step ' .. before.step .. ')', 'step')
+  end
 end
 local now = now_ms()
+if commitment ~= '' then
+  local c = cjson.decode(commitment)
+  c.id = 'c' .. attempt .. 's' .. c.step
+  c.attempt, c.node_id, c.ms = tonumber(attempt), node_id, now
+  if redis.call('HEXISTS', job_states_key(job_id), c.id) == 0 then put_state(job_id, c) end
+end
 redis.call('HSET', jk, 'last_seq', seq)
 if progress ~= '' then redis.call('HSET', jk, 'progress', progress) end
 redis.call('XADD', job_progress_key(job_id), 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'event', event)
@@ -269,10 +297,26 @@ if status == 'running' then
     if limit then redis.call('ZADD', JOBS_DEADLINE, 'NX', now + limit, job_id) end
   end
 elseif status == 'completed' then
-  set_status(job_id, j[1], 'completed', j[2], j[3])
-  redis.call('HSET', jk, 'finished_ms', now)
+  -- the final weights join the chain; the result is held while an audit replays a segment of it
+  local f = cjson.decode(final)
+  local p = cjson.decode(progress)
+  f.id, f.final, f.step, f.epoch = 'a' .. attempt .. 'final', true, tonumber(p.step) or 0, tonumber(p.epoch) or 0
+  f.artifact = 'model.safetensors'
+  record_state(job_id, attempt, node_id, f, now)  -- its step was checked above
+  redis.call('HSET', jk, 'final_state', f.id)
   release(job_id, node_id, now)
-  adjust_reputation(node_id, name, 'success', now)
+  local audit = begin_audit(job_id, now, draw, draw2)
+  if j[1] == 'assigned' then set_status(job_id, j[1], 'running', j[2], j[3]) end
+  if audit == 'pending' then
+    redis.call('HSET', jk, 'held', '1')
+    redis.call('ZREM', JOBS_DEADLINE, job_id)
+  elseif audit == 'rerun' then
+    rerun(job_id, now, 'its training rested on work of a node caught lying; trained again')
+  else
+    set_status(job_id, 'running', 'completed', j[2], j[3])
+    redis.call('HSET', jk, 'finished_ms', now)
+    adjust_reputation(node_id, name, 'success', now)
+  end
   pull_queue(node_id, now)
 elseif status == 'failed' and fault == 'node' then
   release(job_id, node_id, now)
@@ -318,6 +362,9 @@ local name = ARGV[4]
 local size = tonumber(ARGV[5])
 local max_job_bytes = tonumber(ARGV[6])
 local upload_id = ARGV[7]
+local kind = ARGV[8] or ''        -- 'checkpoint', 'weights' or '' (any other artifact)
+local state_json = ARGV[9] or ''  -- for those two: what the gateway read of the file (digests, position)
+local draw = tonumber(ARGV[10] or '0')
 if not holds_upload(job_id, name, upload_id) then
   redis.call('DEL', upload_key)
   return fail('upload_replaced', 'a newer upload of ' .. name .. ' for job ' .. job_id .. ' replaced this one')
@@ -340,8 +387,40 @@ if total > max_job_bytes then
   redis.call('DEL', upload_key)
   return fail('payload_too_large', 'artifacts of job ' .. job_id .. ' would exceed ' .. max_job_bytes .. ' bytes')
 end
+local now = now_ms()
+local state = nil
+if kind == 'checkpoint' then
+  state = cjson.decode(state_json)
+  state.id = 'a' .. attempt .. 's' .. state.step
+  local c = get_state(job_id, 'c' .. attempt .. 's' .. state.step)
+  if c and (c.weights ~= state.weights or ((c.optimizer or '') ~= '' and c.optimizer ~= state.optimizer)) then
+    redis.call('DEL', upload_key)
+    return fail('invalid_artifact', 'the checkpoint at step ' .. state.step .. ' does not match the digests this attempt '
+      .. 'committed to for that step')
+  end
+  state.artifact = checkpoint_artifact_name(attempt, state.step)
+  local why = record_state(job_id, attempt, node_id, state, now)
+  if why then
+    redis.call('DEL', upload_key)
+    return fail('invalid_artifact', 'the checkpoint cannot be resumed from: ' .. why)
+  end
+elseif kind == 'weights' then
+  local w = cjson.decode(state_json)
+  w.ms = now
+  redis.call('HSET', jk, 'final:' .. attempt, cjson.encode(w))
+end
 redis.call('RENAME', upload_key, artifact_key)
 redis.call('PERSIST', artifact_key)
+if state then
+  redis.call('HSET', jk, 'resume_state', state.id)
+  local kept = cjson.decode(redis.call('HGET', jk, 'checkpoints') or '[]')
+  local known = false
+  for _, id in ipairs(kept) do if id == state.id then known = true end end
+  if not known then table.insert(kept, state.id) end
+  redis.call('HSET', jk, 'checkpoints', cjson.encode(kept), 'artifact_bytes', total)
+  trim_checkpoints(job_id, draw)
+  total = tonumber(redis.call('HGET', jk, 'artifact_bytes'))
+end
 local names = cjson.decode(redis.call('HGET', jk, 'artifacts'))
 local known = false
 for _, n in ipairs(names) do if n == name then known = true end end

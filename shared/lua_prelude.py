@@ -9,11 +9,15 @@ clock (``TIME``), so function processes on different hosts agree.
 from __future__ import annotations
 
 from shared.keys import LUA_KEY_BUILDERS
+from shared.lua_verification import AUDIT_EVERY_MS, RECHECK_MAX, TASK_SCAN, VERIFY_HELPERS
 from shared.resources import TORCH_MB
 from shared.settings import Settings
 from shared.transitions import LUA_TRANSITIONS, PRIORITY_SCALE, TERMINAL
 
 _HELPERS = r"""
+-- defined with the verification helpers (shared.lua_verification), used before them
+local on_probation, pull_tasks, drop_node_tasks, start_state, place_task
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -51,6 +55,7 @@ local function set_status(job_id, from, to, tenant, seq)
   redis.call('ZREM', jobs_index_key(nil, from), job_id)
   redis.call('ZADD', jobs_index_key(tenant, to), seq, job_id)
   redis.call('ZADD', jobs_index_key(nil, to), seq, job_id)
+  if TERMINAL[from] then redis.call('ZREM', JOBS_FINISHED, job_id) end  -- an audit re-runs a completed job
   if TERMINAL[to] then
     redis.call('ZADD', JOBS_FINISHED, now_ms(), job_id)
     redis.call('ZREM', JOBS_DEADLINE, job_id)
@@ -109,9 +114,16 @@ local function rescore(node_id, now)
   if slots > 0 then avail = math.max(0, slots - running) / slots end
   if f[13] and f[13] ~= '' then avail = (avail + tonumber(f[13])) / 2 end
   local uptime = math.min(1, math.max(0, now - tonumber(f[5])) / 86400000)
+  -- capability: what audits observed of this identity, not what it claims; unproven claims count for
+  -- nothing while it is on probation
+  local capability = tonumber(f[4])
+  local observed = redis.call('HGET', NODES_OBSERVED, f[12])
+  if observed then capability = tonumber(observed)
+  elseif on_probation(f[12]) then capability = 0 end
   local score = tonumber(f[6]) * tonumber(f[3]) + tonumber(f[7]) * avail
-    + tonumber(f[8]) * tonumber(f[4]) + tonumber(f[9]) * uptime
-  redis.call('HSET', nk, 'availability', tostring(avail), 'uptime', tostring(uptime), 'score', tostring(score))
+    + tonumber(f[8]) * capability + tonumber(f[9]) * uptime
+  redis.call('HSET', nk, 'availability', tostring(avail), 'uptime', tostring(uptime), 'score', tostring(score),
+    'capability_used', tostring(capability))
   redis.call('ZADD', NODES_SCORE, score, node_id)
   local cool_until = tonumber(redis.call('HGET', COOLOFF, f[12]) or '0')
   -- memory left for even the smallest job (a node that reports none is not checked)
@@ -207,6 +219,8 @@ local function node_can_take(node_id, r, now)
     return false
   end
   if n[1] ~= 'online' or (n[10] or '') ~= '' or tonumber(n[3]) >= tonumber(n[2]) then return false end
+  -- a new identity takes one job at a time until it has passed its probation audits
+  if tonumber(n[3]) >= 1 and on_probation(n[8]) then return false end
   -- see avoid(): another node first, unless this is the only one that could hold the job
   if r[6] == node_id and tonumber(r[7] or '0') > now and fitting_nodes(r, 2) >= 2 then return false end
   -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
@@ -227,7 +241,9 @@ local function assign(job_id, node_id, now)
   local jk = job_key(job_id)
   local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq', 'req_gpu', 'memory_mb')
   set_status(job_id, j[1], 'assigned', j[4], j[5])
-  redis.call('HSET', jk, 'node_id', node_id, 'assigned_ms', now, 'node:' .. j[2], node_id, 'last_seq', -1)
+  redis.call('HSET', jk, 'node_id', node_id, 'assigned_ms', now, 'node:' .. j[2], node_id, 'last_seq', -1,
+    'assigned_ms:' .. j[2], now, 'node_name:' .. j[2], redis.call('HGET', NODE_NAMES, node_id) or '',
+    'start:' .. j[2], start_state(job_id))
   dequeue(job_id, job_class(j[6]), j[4])
   redis.call('HINCRBY', node_key(node_id), 'running', 1)
   redis.call('HINCRBY', node_key(node_id), 'mem_reserved_mb', tonumber(j[7] or '0'))
@@ -298,6 +314,7 @@ end
 -- are not looked at.
 local function pull_queue(node_id, now)
   local assigned = {}
+  pull_tasks(node_id, now)  -- verification tasks first: they hold results back
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')
   if not n[1] or n[1] ~= 'online' then return assigned end
   local free = tonumber(n[2]) - tonumber(n[3])
@@ -458,6 +475,11 @@ local function forget_profile(node_id)
     redis.call('HDEL', NODES_PROFILES, profile)
   end
   redis.call('HDEL', node_key(node_id), 'profile')
+  if redis.call('HGET', node_key(node_id), 'kind_counted') == '1' then
+    local kind = redis.call('HGET', node_key(node_id), 'device_kind')
+    if tonumber(redis.call('HINCRBY', NODES_KINDS, kind, -1)) <= 0 then redis.call('HDEL', NODES_KINDS, kind) end
+    redis.call('HSET', node_key(node_id), 'kind_counted', '0')
+  end
 end
 
 remove_node = function(node_id, now, lost)
@@ -473,6 +495,7 @@ remove_node = function(node_id, now, lost)
       end
     end
   end
+  local tasks = drop_node_tasks(node_id)
   redis.call('ZREM', NODES_SCORE, node_id)
   redis.call('ZREM', NODES_DEADLINE, node_id)
   for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
@@ -481,6 +504,7 @@ remove_node = function(node_id, now, lost)
   if name then redis.call('ZADD', NODES_LAST_SEEN, now, name) end
   if name and redis.call('HGET', NODE_BY_NAME, name) == node_id then redis.call('HDEL', NODE_BY_NAME, name) end
   redis.call('SADD', NODE_USERS_TO_DELETE, node_id)  -- its store user goes too (scripts cannot run ACL)
+  for _, task_id in ipairs(tasks) do place_task(task_id, now) end
   if lost then
     if moved > 0 then
       for _ = 1, moved do adjust_reputation(node_id, name, 'node_fault', now) end
@@ -628,5 +652,14 @@ def build_prelude(settings: Settings) -> str:
         f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
         f"local PRIORITY_SCALE = {PRIORITY_SCALE}\n"
+        f"local PROBATION_AUDITS = {settings.probation_audits}\n"
+        f"local AUDIT_FRACTION = {settings.audit_fraction!r}\n"
+        f"local AUDIT_TOLERANCE = {settings.audit_tolerance!r}\n"
+        # both 0: a private cluster of trusted nodes, no audits at all
+        f"local AUDITS_ON = {'true' if settings.probation_audits > 0 or settings.audit_fraction > 0 else 'false'}\n"
+        f"local KEEP_CHECKPOINTS = {settings.keep_checkpoints}\n"
+        f"local TASK_SCAN = {TASK_SCAN}\n"
+        f"local RECHECK_MAX = {RECHECK_MAX}\n"
+        f"local AUDIT_EVERY_MS = {AUDIT_EVERY_MS}\n"
     )
-    return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS
+    return LUA_KEY_BUILDERS + LUA_TRANSITIONS + constants + _HELPERS + VERIFY_HELPERS

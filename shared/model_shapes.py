@@ -2,7 +2,8 @@
 
 The control plane calls :func:`check_model_fits` on submit, so a model whose layers cannot connect or
 that is far too large is refused (422, field named) before it is queued; the node's training package
-builds its layers from :func:`sequential_shapes`, so the two can never disagree.
+builds its layers from :func:`sequential_shapes`, so the two can never disagree. The gateway checks
+uploaded weights and checkpoints against :func:`expected_state_shapes`: every tensor the node's model has.
 """
 
 from __future__ import annotations
@@ -165,3 +166,104 @@ def _check_sequential_output(model: dict[str, Any], info: dict[str, Any], shape:
         raise InvalidField(f"the last layer gives shape {tuple(shape)} per sample but the dataset needs "
                            f"{tuple(wanted)}", field=last)
 
+
+
+def output_size(info: dict[str, Any]) -> int:
+    """How many outputs per sample a task needs: classes, regression targets or vocabulary (the head's width)."""
+    size = {"classification": info.get("num_classes"), "regression": info.get("target_dim"),
+            "lm": info.get("vocab_size")}[info["task"]]
+    return int(size or 1)
+
+
+def expected_state_shapes(spec: dict[str, Any], info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of ``build_model(spec, info).state_dict()``, in its order, without torch.
+
+    The same with torch or Triton modules (they share parameter names), and these models register no
+    buffers, so this is also ``named_parameters()``. Raises ``InvalidField`` where the model cannot fit
+    data of shape ``info`` (a data_info record of ``shared.jobspec``).
+    """
+    model = spec["model"]
+    check_model_fits(model, info)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if model["type"] == "mlp":
+        _dense_stack(shapes, model, [info["num_features"], *model["hidden"]], output_size(info))
+    elif model["type"] == "cnn":
+        _cnn_state(shapes, model, info)
+    elif model["type"] == "transformer":
+        _transformer_state(shapes, model, info["vocab_size"])
+    else:
+        _sequential_state(shapes, model, info)
+    return shapes
+
+
+def expected_parameter_shapes(spec: dict[str, Any], info: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The shapes of ``model.parameters()`` in order: an optimizer's state index ``i`` is parameter ``i``."""
+    return list(expected_state_shapes(spec, info).values())  # no buffers: the state is the parameters
+
+
+def _linear_state(shapes: dict[str, tuple[int, ...]], prefix: str, inputs: int, outputs: int,
+                  bias: bool = True) -> None:
+    shapes[f"{prefix}.weight"] = (outputs, inputs)
+    if bias:
+        shapes[f"{prefix}.bias"] = (outputs,)
+
+
+def _norm_state(shapes: dict[str, tuple[int, ...]], prefix: str, kind: str, dim: int) -> None:
+    if kind != "none":
+        shapes[f"{prefix}.weight"] = (dim,)
+    if kind == "layernorm":
+        shapes[f"{prefix}.bias"] = (dim,)
+
+
+def _dense_stack(shapes: dict[str, tuple[int, ...]], model: dict[str, Any], widths: list[int], outputs: int) -> None:
+    # models.DenseBlock: linear, activation, norm, dropout; then the head
+    for index, (inputs, width) in enumerate(itertools.pairwise(widths)):
+        _linear_state(shapes, f"blocks.{index}.linear", inputs, width)
+        _norm_state(shapes, f"blocks.{index}.norm", model.get("norm", "none"), width)
+    _linear_state(shapes, "head", widths[-1], outputs)
+
+
+def _cnn_state(shapes: dict[str, tuple[int, ...]], model: dict[str, Any], info: dict[str, Any]) -> None:
+    channels, height, width = info["image_shape"]
+    stage_length = 3 if model["pool"] else 2  # conv, activation (, max pool) in one nn.Sequential
+    kernel = model["kernel_size"]
+    for stage, out_channels in enumerate(model["channels"]):
+        shapes[f"features.{stage * stage_length}.weight"] = (out_channels, channels, kernel, kernel)
+        shapes[f"features.{stage * stage_length}.bias"] = (out_channels,)
+        if model["pool"]:
+            height, width = height // 2, width // 2
+        channels = out_channels
+    _dense_stack(shapes, model, [channels * height * width, *model["hidden"]], output_size(info))
+
+
+def _transformer_state(shapes: dict[str, tuple[int, ...]], model: dict[str, Any], vocab_size: int) -> None:
+    d_model, d_ff, norm = model["d_model"], model["d_ff"], model["norm"]
+    shapes["token_embedding.weight"] = (vocab_size, d_model)
+    shapes["position_embedding.weight"] = (model["context"], d_model)
+    for index in range(model["n_layers"]):
+        block = f"blocks.{index}"
+        _norm_state(shapes, f"{block}.norm1", norm, d_model)
+        _linear_state(shapes, f"{block}.attention.qkv", d_model, 3 * d_model)
+        _linear_state(shapes, f"{block}.attention.proj", d_model, d_model)
+        _norm_state(shapes, f"{block}.norm2", norm, d_model)
+        _linear_state(shapes, f"{block}.feed_forward.fc1", d_model, d_ff)
+        _linear_state(shapes, f"{block}.feed_forward.fc2", d_ff, d_model)
+    _norm_state(shapes, "final_norm", norm, d_model)
+    _linear_state(shapes, "head", d_model, vocab_size, bias=False)  # untied from the embedding
+
+
+def _sequential_state(shapes: dict[str, tuple[int, ...]], model: dict[str, Any], info: dict[str, Any]) -> None:
+    first, _ = sequential_input(model, info)
+    inputs = [first, *(shape for shape, _ in sequential_shapes(model, info))]  # each layer's input shape
+    for index, layer in enumerate(model["layers"]):
+        kind, shape, prefix = layer["type"], inputs[index], f"layers.{index}"
+        if kind == "linear":
+            _linear_state(shapes, prefix, shape[-1], layer["out"], layer["bias"])
+        elif kind == "conv2d":
+            size = layer["kernel_size"]
+            shapes[f"{prefix}.weight"] = (layer["out_channels"], shape[0], size, size)
+            shapes[f"{prefix}.bias"] = (layer["out_channels"],)
+        elif kind in ("layernorm", "rmsnorm"):
+            _norm_state(shapes, prefix, kind, shape[-1])
+        elif kind == "embedding":
+            shapes[f"{prefix}.weight"] = (layer["num_embeddings"], layer["dim"])

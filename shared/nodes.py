@@ -168,7 +168,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
             auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
             w.reputation, w.availability, w.capability, w.uptime,
             auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
-            *node_memory(caps, reg.labels),
+            *node_memory(caps, reg.labels), device_kind(caps),
         ])
     except BaseException:
         with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless
@@ -221,11 +221,34 @@ async def drain_node(store: Store, node_id: str) -> dict[str, Any]:
     return {"node_id": node_id, "status": reply[1]}
 
 
+def device_kind(caps: Capabilities) -> str:
+    """Who may replay whose training in an audit: ``cpu``, or the name of the node's (first) GPU."""
+    return caps.gpus[0].name[:MAX_GPU_NAME] if caps.gpus else "cpu"
+
+
+async def _trust(store: Store, hashes: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each node hash with its identity's audit record (probation, audits passed and failed, flags)."""
+    names = [h.get("name", "") for h in hashes]
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hmget(keys.NODES_AUDITS, [f"{name}:passed", f"{name}:failed"])
+            pipe.hget(keys.NODES_FLAGS, name)
+            pipe.hget(keys.NODES_OBSERVED, name)
+        answers = await pipe.execute()
+    probation = store.settings.probation_audits
+    for index, h in enumerate(hashes):
+        (passed, failed), flag, observed = answers[3 * index:3 * index + 3]
+        h["audits_passed"], h["audits_failed"] = passed or "0", failed or "0"
+        h["probation"] = "1" if int(h["audits_passed"]) < probation else "0"
+        h["flag"], h["observed_capability"] = flag or "", observed or ""
+    return hashes
+
+
 async def get_node(store: Store, node_id: str) -> dict[str, Any]:
     found = await store.redis.hgetall(keys.node_key(node_id))
     if not found:
         raise errors.NotFound(f"no node {node_id}")
-    return node_view(found)
+    return node_view((await _trust(store, [found]))[0])
 
 
 async def list_nodes(store: Store, limit: int, offset: int) -> tuple[list[dict[str, Any]], int | None]:
@@ -235,7 +258,7 @@ async def list_nodes(store: Store, limit: int, offset: int) -> tuple[list[dict[s
         for node_id in ids:
             pipe.hgetall(keys.node_key(node_id))
         hashes = await pipe.execute()
-    nodes = [node_view(h) for h in hashes if h]
+    nodes = [node_view(h) for h in await _trust(store, [h for h in hashes if h])]
     return nodes, (offset + limit if len(ids) == limit else None)
 
 

@@ -100,6 +100,11 @@ class Settings:
     request_timeout_s: float = 60.0          # a whole request (not streams, uploads or downloads) ends by then
     max_requests_per_client: int = 256       # requests in flight per client address, per gateway process ...
     max_requests: int = 4096                 # ... and in all; past either: 503 and the connection closed
+    # --- verification (docs/verification.md) ---
+    probation_audits: int = 3                # a new node identity is on probation until this many audits passed
+    audit_fraction: float = 0.1              # of trusted nodes' results, this fraction is audited (at least one a day)
+    audit_tolerance: float = 0.01            # a replay within this distance (relative to the segment's update) passes
+    keep_checkpoints: int = 4                # checkpoints of a job kept as possible audit starts (plus the latest)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -157,4 +162,8 @@ class Settings:
             request_timeout_s=_read_float(env, "CYXWIZ_REQUEST_TIMEOUT_S", 60.0, minimum=1.0),
             max_requests_per_client=_read_int(env, "CYXWIZ_MAX_REQUESTS_PER_CLIENT", 256, minimum=1),
             max_requests=_read_int(env, "CYXWIZ_MAX_REQUESTS", 4096, minimum=1),
+            probation_audits=_read_int(env, "CYXWIZ_PROBATION_AUDITS", 3),
+            audit_fraction=min(1.0, _read_float(env, "CYXWIZ_AUDIT_FRACTION", 0.1)),
+            audit_tolerance=_read_float(env, "CYXWIZ_AUDIT_TOLERANCE", 0.01),
+            keep_checkpoints=_read_int(env, "CYXWIZ_KEEP_CHECKPOINTS", 4, minimum=1),
         )

@@ -23,7 +23,8 @@ from shared.settings import Settings
 
 # Script names, as ``Store.run`` takes them.
 SCRIPTS = ("REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB",
-           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD")
+           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD",
+           "VERIFY_RESULT", "OBSERVE")
 
 _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "unauthorized": errors.Unauthorized,
@@ -36,6 +37,9 @@ _ERROR_CODES: dict[str, type[errors.ApiError]] = {
     "payload_too_large": errors.PayloadTooLarge,
     "upload_replaced": errors.Conflict,
     "quota_exceeded": errors.QuotaExceeded,
+    "invalid_artifact": errors.InvalidField,
+    "invalid_field": errors.InvalidField,
+    "node_banned": errors.Forbidden,
 }
 
 

@@ -18,7 +18,8 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "assigned": ("running", "queued", "completed", "failed", "cancelled"),
     # training ends; node lost or handed back (queued, attempt + 1); user cancels
     "running": ("completed", "failed", "cancelled", "queued"),
-    "completed": (),
+    # an audit found the result rests on a lying node's work: it trains again (docs/verification.md)
+    "completed": ("queued",),
     "failed": (),
     "cancelled": (),
 }

@@ -41,11 +41,18 @@ def node_view(h: dict[str, str]) -> dict[str, Any]:
         "score": _float(h.get("score")),
         "reputation": _float(h.get("reputation")),
         "availability": _float(h.get("availability")),
-        "capability": _float(h.get("capability")),
+        "capability": _float(h.get("capability_used") or h.get("capability")),
+        "claimed_capability": _float(h.get("capability")),
         "uptime": _float(h.get("uptime")),
         "last_heartbeat": rfc3339(last),
         "registered_at": rfc3339(h.get("registered_ms")),
         "health": problem,
+        "device_kind": h.get("device_kind") or None,
+        "probation": h.get("probation") == "1",
+        "audits_passed": int(h.get("audits_passed") or 0),
+        "audits_failed": int(h.get("audits_failed") or 0),
+        "observed_capability": _float(h.get("observed_capability")) if h.get("observed_capability") else None,
+        "flag": h.get("flag") or None,
     }
 
 
@@ -73,4 +80,34 @@ def job_view(h: dict[str, str], pending_reasons: dict[str, str] | None = None) -
         "pending_reason": (pending_reasons or {}).get(h["job_id"]) if h["status"] == "queued" else None,
         "resources": {"estimated_memory_mb": int(h.get("memory_mb") or 0)},
         "handbacks": int(h.get("handbacks") or 0),
+        "verification": verification_view(h),
+        "attempts": attempts_view(h),
     }
+
+
+def verification_view(h: dict[str, str]) -> dict[str, Any] | None:
+    """The audit of the job's result (docs/verification.md), or None before it has one."""
+    status = h.get("verify_status")
+    if not status:
+        return None
+    distance = h.get("verify_distance")
+    return {
+        "status": status,
+        "segment": orjson.loads(h["verify_segment"]) if h.get("verify_segment") else None,
+        "steps": orjson.loads(h["verify_steps"]) if h.get("verify_steps") else None,
+        "verifier": h.get("verify_verifier") or None,
+        "distance": float(distance) if distance else None,
+        "round": int(h.get("verify_round") or 0) or None,
+        "note": h.get("verify_note") or None,
+    }
+
+
+def attempts_view(h: dict[str, str]) -> list[dict[str, Any]]:
+    """Which node ran each attempt, oldest first (attempts never placed are left out)."""
+    found = []
+    for number in range(1, int(h["attempt"]) + 1):
+        node_id = h.get(f"node:{number}")
+        if node_id:
+            found.append({"attempt": number, "node_id": node_id, "node": h.get(f"node_name:{number}") or None,
+                          "started_from": h.get(f"start:{number}") or None})
+    return found

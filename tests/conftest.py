@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Short liveness settings for the whole test session (production: 10 s and 30 s).
 # The per-key rate limit is raised: tests submit bursts of hundreds of jobs with one key.
 TEST_ENV = {"CYXWIZ_HEARTBEAT_INTERVAL_S": "0.5", "CYXWIZ_TTL_S": "2", "CYXWIZ_COOLOFF_S": "5",
-            "CYXWIZ_RATE_LIMIT_PER_S": "2000"}
+            "CYXWIZ_RATE_LIMIT_PER_S": "2000",
+            # audits are tested on their own (tests/node_runtime/test_verification.py); elsewhere they would
+            # hold every result for a replay on a second node
+            "CYXWIZ_PROBATION_AUDITS": "0", "CYXWIZ_AUDIT_FRACTION": "0"}
 
 
 @pytest.fixture(scope="session")

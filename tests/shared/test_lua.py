@@ -32,7 +32,8 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture()
 async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url)}))
+    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url), "CYXWIZ_PROBATION_AUDITS": "0",
+                                 "CYXWIZ_AUDIT_FRACTION": "0"}))
     yield s
     await s.close()
 
@@ -47,7 +48,8 @@ async def register(store: Store, node_id: str, slots: int = 1, gpu: int = 0, ttl
                             "ram": 1000}, option=orjson.OPT_SORT_KEYS).decode()
     return await store.run("REGISTER_NODE", [node_id, name, slots, "gpu" if gpu else "cpu", gpu, 0, 1000,
                                              "{}", labels, "hash", ttl_ms, 0.1, *W, node_key_hash, f"key-{name}",
-                                             "stream-digest", memory_mb, memory_mb * slots, profile])
+                                             "stream-digest", memory_mb, memory_mb * slots, profile,
+                                             "gpu-x" if gpu else "cpu"])
 
 
 async def submit(store: Store, job_id: str, idem: str = "", gpu: int = 0, tenant: str = "t", memory_mb: int = 0,
@@ -65,7 +67,8 @@ def state(r: redis.Redis) -> dict[str, bytes]:
 
 def test_every_script_is_tested() -> None:
     tested = {"REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB", "REPORT_PROGRESS",
-              "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD"}
+              "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD",
+              "VERIFY_RESULT", "OBSERVE"}  # the last two in tests/shared/test_lua_verification.py
     assert set(SCRIPTS) == tested
 
 
@@ -163,7 +166,8 @@ async def test_completion_twice(store: Store, r: redis.Redis) -> None:
     await submit(store, "j1")
     r.hset("cyxwiz:job:j1:upload:model.safetensors:u", mapping={"size": 1, "0": "x"})
     await store.run("CHECK_UPLOAD", upload_args("j1", "n1", "model.safetensors", "u"))
-    await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100, "u"],
+    await store.run("COMMIT_ARTIFACT", ["j1", "n1", 1, "model.safetensors", 1, 100, "u", "weights",
+                                        '{"weights": "w"}', 0.5],
                     keys=["cyxwiz:job:j1:upload:model.safetensors:u", keys.artifact_key("j1", "model.safetensors")])
     args = ["j1", "n1", 1, 2, "completed", "{}", "{}", "", "job"]
     assert await store.run("REPORT_PROGRESS", args) == ["ok", "completed"]
@@ -314,7 +318,7 @@ async def test_a_free_node_is_shared_between_tenants_and_never_idle_behind_other
     await submit(store, "b1", tenant="b")
     assert r.zcard(keys.QUEUE_PARKED) == 5  # unplaceable, out of every scan
     args = ["a0", "n1", 1, 1, "completed", "{}", "{}", "", "job"]
-    r.hset(keys.job_key("a0"), "artifacts", '["model.safetensors"]')
+    r.hset(keys.job_key("a0"), mapping={"artifacts": '["model.safetensors"]', "final:1": '{"weights": "w"}'})
     await store.run("REPORT_PROGRESS", args)
     # the freed slot: same band, tenant b holds no slot and tenant a still holds one, so b goes first
     # (though a's jobs are older), and the five high-priority jobs that fit no node never got in the way
@@ -333,7 +337,7 @@ async def test_a_hand_back_never_lands_on_the_same_node_and_is_counted(store: St
     assert job["status"] == "queued" and job["handbacks"] == "1" and job["avoid_node"] == holder
     await store.run("HEARTBEAT", [holder, ""])
     assert r.hget(keys.job_key("j1"), "status") == "queued"  # not straight back: another node could hold it
-    r.hset(keys.job_key("j2"), "artifacts", '["model.safetensors"]')
+    r.hset(keys.job_key("j2"), mapping={"artifacts": '["model.safetensors"]', "final:1": '{"weights": "w"}'})
     await store.run("REPORT_PROGRESS", ["j2", other, 1, 1, "completed", "{}", "{}", "", "job"])
     assert r.hget(keys.job_key("j1"), "node_id") == other
     await store.run("DRAIN_NODE", [other])  # the only node that fits may take a job it handed back
