@@ -7,7 +7,6 @@ Final weights hold the model's state_dict plus the spec and data shapes needed t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass
@@ -20,11 +19,12 @@ import torch
 from torch import nn
 
 from node_runtime.training.context import JobError
+from shared.jobspec import known_data_info
+from shared.safetensors_check import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, digest_bytes, spec_fingerprint
 
-CHECKPOINT_FORMAT = "cyxwiz-checkpoint/1"
-WEIGHTS_FORMAT = "cyxwiz-weights/1"
-# training settings that do not change the numbers a run computes, so a resume may differ in them
-_NOT_NUMERIC = ("epochs", "progress_every_steps", "progress_every_s", "checkpoint", "kernels")
+# The formats and the spec fingerprint live in shared/ because the gateway checks uploads with them too.
+__all__ = ["CHECKPOINT_FORMAT", "WEIGHTS_FORMAT", "Position", "encode_checkpoint", "encode_weights",
+           "load_trained_model", "read_metadata", "restore_checkpoint", "spec_fingerprint", "state_digests"]
 
 
 @dataclass
@@ -36,16 +36,16 @@ class Position:
     step: int = 0
 
 
-def spec_fingerprint(spec: dict[str, Any]) -> str:
-    """A digest of everything in the spec that shapes the computation (model, data, hyperparameters)."""
-    numeric = {key: value for key, value in spec["training"].items() if key not in _NOT_NUMERIC}
-    text = json.dumps([spec["model"], spec["dataset"], numeric], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                      position: Position, metrics: dict[str, Any], device: torch.device) -> bytes:
-    """Serialize the full training state to safetensors bytes."""
+                      position: Position, metrics: dict[str, Any], device: torch.device, *,
+                      threads: int | None = None, device_kind: str = "", data_digest: str = "",
+                      data_info: dict[str, Any] | None = None) -> bytes:
+    """Serialize the full training state to safetensors bytes.
+
+    ``threads``, ``device_kind`` and ``data_digest`` record how the state was computed (a replay needs
+    the same thread count to be bitwise equal); ``data_info`` is the loaded data's shape record, which
+    the gateway needs to check a user dataset's checkpoint (a shipped dataset's is known without it).
+    """
     tensors = {f"model/{name}": value for name, value in model.state_dict().items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer.state_dict()["state"].items():
@@ -59,8 +59,18 @@ def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.o
         tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
     metadata = {"format": CHECKPOINT_FORMAT, "fingerprint": spec_fingerprint(spec),
                 "position": json.dumps(asdict(position)), "optimizer_scalars": json.dumps(scalars),
-                "metrics": json.dumps(metrics)}
+                "metrics": json.dumps(metrics), **_provenance(threads, device_kind, data_digest)}
+    info = data_info if data_info is not None else known_data_info(spec["dataset"])
+    if info is not None:
+        metadata["data_info"] = json.dumps(info, sort_keys=True)
     return safetensors.torch.save(_storable(tensors), metadata=metadata)
+
+
+def state_digests(data: bytes) -> dict[str, str]:
+    """The ``weights`` and ``optimizer`` digests of safetensors bytes, exactly as the gateway computes them
+    (``shared.safetensors_check``): what a node commits to when it uploads them."""
+    digest = digest_bytes(data)
+    return {"weights": digest.weights, "optimizer": digest.optimizer}
 
 
 def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -95,10 +105,13 @@ def restore_checkpoint(data: bytes, spec: dict[str, Any], model: nn.Module, opti
     return position, metrics
 
 
-def encode_weights(spec: dict[str, Any], info: dict[str, Any], model: nn.Module) -> bytes:
-    """The final model as safetensors bytes, with what ``load_trained_model`` needs to rebuild it."""
+def encode_weights(spec: dict[str, Any], info: dict[str, Any], model: nn.Module, *, threads: int | None = None,
+                   device_kind: str = "", data_digest: str = "") -> bytes:
+    """The final model as safetensors bytes, with what ``load_trained_model`` needs to rebuild it
+    (and how it was computed, as in ``encode_checkpoint``)."""
     metadata = {"format": "pt", "cyxwiz_format": WEIGHTS_FORMAT,
-                "spec": json.dumps(spec, sort_keys=True), "data_info": json.dumps(info, sort_keys=True)}
+                "spec": json.dumps(spec, sort_keys=True), "data_info": json.dumps(info, sort_keys=True),
+                **_provenance(threads, device_kind, data_digest)}
     return safetensors.torch.save(_storable(model.state_dict()), metadata=metadata)
 
 
@@ -136,6 +149,12 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise ValueError(f"the safetensors header is not valid JSON: {error}") from error
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return {str(key): str(value) for key, value in metadata.items()}
+
+
+def _provenance(threads: int | None, device_kind: str, data_digest: str) -> dict[str, str]:
+    # read back by shared.safetensors_check.check_checkpoint: "" where the node did not say
+    return {"threads": "" if threads is None else str(threads), "device_kind": device_kind,
+            "torch": str(torch.__version__), "data": data_digest}
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
