@@ -18,11 +18,11 @@ that job, and a 409 ``job_terminal`` answers a cancel that lost the race with co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import random
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from typing import Any
 import redis
 from locust import between, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
+
+from shared.safetensors_check import digest_bytes, placeholder_weights
 
 # Simulated training: a job runs this many seconds (x 0.5..1.5) and reports this often.
 JOB_SECONDS = float(os.environ.get("CYXWIZ_LOAD_JOB_S", "2.0"))
@@ -56,14 +58,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def tiny_safetensors() -> bytes:
-    """A valid safetensors file: one 2x2 float32 tensor."""
-    header = json.dumps({"weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header + struct.pack("<4f", 0.1, 0.2, 0.3, 0.4)
-
-
-WEIGHTS = tiny_safetensors()
+@functools.cache
+def weights_for(spec: str) -> bytes:
+    """A model.safetensors the gateway accepts for a job of this (normalized, JSON) spec: the names and
+    shapes it builds, zero weights (uploads are checked against the spec)."""
+    return placeholder_weights(json.loads(spec))
 
 # Hosts as they register: a realistic mix of GPU servers, workstations and CPU boxes.
 HOSTS: list[dict[str, Any]] = [
@@ -162,8 +161,23 @@ class NodeUser(FastHttpUser):
                 events.request.fire(request_type="STREAM", name="assignment delivered",
                                     response_time=max(0.0, time.time() * 1000 - assigned_ms),
                                     response_length=0, exception=None, context={})
-                self.run_job(fields["job_id"], int(fields["attempt"]))
+                if fields.get("task_id"):
+                    self.run_verification(fields["task_id"], int(fields["attempt"]), fields["spec"])
+                else:
+                    self.run_job(fields["job_id"], int(fields["attempt"]), fields["spec"])
                 self.redis.xack(self.stream, self.stream_group, entry_id)
+
+    def run_verification(self, task_id: str, attempt: int, spec: str) -> None:
+        """An audit's replay, simulated: every simulated trainer uploads the same weights for a spec, so
+        the replay "finds" their digest and the audit passes (the real replay is tested elsewhere)."""
+        time.sleep(JOB_SECONDS * random.uniform(0.2, 0.5))
+        body = {"attempt": attempt, "phase": "digest", "weights": digest_bytes(weights_for(spec)).weights}
+        with self.client.post(f"/v1/verifications/{task_id}", json=body, headers=self.auth,
+                              name="/v1/verifications/[id]", catch_response=True) as resp:
+            if resp.status_code == 200 or (resp.status_code == 409 and _error_code(resp) == "stale_attempt"):
+                resp.success()
+            else:
+                resp.failure(f"verification: {resp.status_code} {_error_code(resp)}")
 
     def report(self, job_id: str, body: dict[str, Any]) -> bool:
         """Send one progress report; False when the server says to stop this job (a 409)."""
@@ -179,7 +193,7 @@ class NodeUser(FastHttpUser):
             resp.failure(f"progress: {resp.status_code} {code}")
             return False
 
-    def run_job(self, job_id: str, attempt: int) -> None:
+    def run_job(self, job_id: str, attempt: int, spec: str) -> None:
         seconds = JOB_SECONDS * random.uniform(0.5, 1.5)
         reports = max(1, int(seconds / REPORT_EVERY_S))
         total_steps = reports * 10
@@ -199,7 +213,7 @@ class NodeUser(FastHttpUser):
             self.report(job_id, {"attempt": attempt, "seq": reports, "status": "failed",
                                  "error": "loss became NaN at step 3 (simulated)"})
             return
-        with self.client.put(f"/v1/jobs/{job_id}/artifacts/model.safetensors", data=WEIGHTS,
+        with self.client.put(f"/v1/jobs/{job_id}/artifacts/model.safetensors", data=weights_for(spec),
                              headers={**self.auth, "X-CyxWiz-Attempt": str(attempt),
                                       "Content-Type": "application/octet-stream"},
                              name="/v1/jobs/[id]/artifacts/model.safetensors", catch_response=True) as resp:

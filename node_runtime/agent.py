@@ -369,6 +369,13 @@ class NodeAgent:
         """Start a job process for an entry, or acknowledge an entry whose job is already over."""
         if self.supervisor.holds(entry) or entry.stream != reg.stream:
             return  # a pending entry read again after a reconnect (it runs), or one of an old registration
+        if entry.task_id:  # a verification task: its process learns at its first report whether it is current
+            if not self.accepting:
+                await self.report_verification(reg, entry, {"phase": "handback"})
+                await self.stream.ack(entry)
+                return
+            self.supervisor.start_job(reg, entry)
+            return
         if not entry.job_id or not await self.api.attempt_is_current(entry.job_id, entry.attempt, reg.token):
             log.info("assignment %s (job %s attempt %d) is already over; acknowledging it",
                      entry.entry_id, entry.job_id or "-", entry.attempt)
@@ -395,6 +402,18 @@ class NodeAgent:
             log.info("job %s attempt %d: report %s refused: %s", entry.job_id, entry.attempt, body["status"], exc)
         except ApiUnavailable:
             pass  # re-registered meanwhile: the control plane requeued the attempt itself
+
+    async def report_verification(self, reg: Registration, entry: Assignment, body: dict[str, object]) -> None:
+        """A verification task's report the runtime makes itself (hand-back, or its process died)."""
+        report = {**body, "attempt": entry.attempt}
+        try:
+            await retry_async(lambda: self.api.report_verification(entry.task_id, reg.token, report),
+                              give_up=lambda: self.registration is not reg or self._drain_overdue(5.0),
+                              backoff=self._backoff())
+        except ApiRefused as exc:
+            log.info("%s: report %s refused: %s", entry.name, body["phase"], exc)
+        except ApiUnavailable:
+            pass
 
     # --- leaving -------------------------------------------------------------------------------
     def _drain_overdue(self, slack_s: float = 0.0) -> bool:

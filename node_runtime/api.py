@@ -141,6 +141,12 @@ class JobApi:
                     raise ApiUnavailable(f"download of {name} abandoned: {exc}") from exc
                 time.sleep(backoff.next_delay(getattr(exc, "retry_after_s", None)))
 
+    def report_verification(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a verification task's report (``attempt`` is filled in)."""
+        answer: dict[str, Any] = self._send("POST", f"/v1/verifications/{task_id}",
+                                            json={**body, "attempt": self.attempt}).json()
+        return answer
+
     def retrying(self, call: Callable[[], T], give_up: Callable[[], bool] = lambda: False) -> T:
         """Run ``call`` until it succeeds or is refused; while unavailable, back off and retry
         (unless ``give_up()`` says the result is no longer wanted, then raise ApiUnavailable)."""
@@ -198,6 +204,10 @@ class AgentApi:
         """DELETE the node: it drains; the answer's status is ``draining`` or ``removed``."""
         answer = await self._send("DELETE", f"/v1/nodes/{node_id}", token)
         return str(answer["status"])
+
+    async def report_verification(self, task_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._send("POST", f"/v1/verifications/{task_id}", token, json=body)
+        return answer
 
     async def report(self, job_id: str, token: str, body: dict[str, Any]) -> dict[str, Any]:
         answer: dict[str, Any] = await self._send("POST", f"/v1/jobs/{job_id}/progress", token, json=body)

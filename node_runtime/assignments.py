@@ -31,10 +31,18 @@ class Assignment:
     attempt: int
     spec: dict[str, Any]
     memory_limit_mb: int = 0  # the job's memory estimate with its margin (0: none given)
+    task_id: str = ""  # a verification task: replay ``segment`` of the job for an audit, not train it
+    segment: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
-        return self.job_id, self.attempt
+        return self.task_id or self.job_id, self.attempt
+
+    @property
+    def name(self) -> str:
+        if self.task_id:
+            return f"verification {self.task_id} attempt {self.attempt} (job {self.job_id})"
+        return f"job {self.job_id} attempt {self.attempt}"
 
 
 class StreamGone(Exception):
@@ -101,7 +109,9 @@ class AssignmentStream:
             for entry_id, fields in entries:
                 try:
                     found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
-                                            orjson.loads(fields["spec"]), int(fields.get("memory_mb") or 0)))
+                                            orjson.loads(fields["spec"]), int(fields.get("memory_mb") or 0),
+                                            fields.get("task_id", ""),
+                                            orjson.loads(fields["segment"]) if fields.get("segment") else None))
                 except (KeyError, TypeError, ValueError):  # deleted after delivery (XDEL) or malformed
                     found.append(Assignment(stream, group, entry_id, "", 0, {}))  # acknowledged, not run
         return found

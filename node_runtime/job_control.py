@@ -42,6 +42,8 @@ class JobLaunch:
     dataset_timeout_s: float = 600.0
     dataset_min_rate_bps: float = 16384.0
     max_dataset_mb: int = 1024
+    task_id: str = ""  # a verification task (docs/verification.md): replay ``segment`` instead of training
+    segment: dict[str, Any] | None = None
 
 
 def seq_base() -> int:

@@ -45,7 +45,13 @@ def job_process_main(launch: JobLaunch, control: JobControl) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
                  ca_file=launch.ca_file)
-    attempt = JobAttempt(launch, control, api)
+    if launch.task_id:
+        from node_runtime.replay import ReplayAttempt
+
+        api.client.headers["X-CyxWiz-Task"] = launch.task_id  # the task is what lets it read the job's artifacts
+        attempt: JobAttempt | ReplayAttempt = ReplayAttempt(launch, control, api)
+    else:
+        attempt = JobAttempt(launch, control, api)
     try:
         attempt.run()
     finally:
@@ -75,6 +81,7 @@ class JobAttempt:
         self.resumed_from_step = 0  # where this attempt started: the chaos run checks it never goes back
         self.settled = False  # True once the outcome (completed, failed, handed back) was accepted
         self.steps = 0  # training steps this attempt has taken (an out-of-memory before EARLY_STEPS is the job's)
+        self.commitment: dict[str, Any] | None = None  # digests of the latest checkpoint, sent with each report
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
@@ -144,7 +151,10 @@ class JobAttempt:
         metrics = {**finite_metrics(progress["metrics"]), "resumed_from_step": self.resumed_from_step}
         if self.sender.checkpoint_step is not None:
             metrics["checkpoint_step"] = self.sender.checkpoint_step
-        self.sender.send_report({"status": "running", **progress, "metrics": metrics})
+        report = {"status": "running", **progress, "metrics": metrics}
+        if self.commitment is not None:
+            report["commitment"] = self.commitment
+        self.sender.send_report(report)
 
     def _should_stop(self) -> bool:
         self.steps += 1
@@ -153,6 +163,12 @@ class JobAttempt:
 
     def _checkpoint(self, data: bytes) -> None:
         if self.control.stop_reason < StopReason.CANCEL:  # a cancelled or lost attempt keeps nothing
+            from node_runtime.training.checkpoints import read_metadata, state_digests
+
+            # commit to it in the reports from now on, whether or not the upload gets through
+            step = checkpoint_step(data)
+            if step is not None:
+                self.commitment = {"step": step, **state_digests(data), "data": read_metadata(data).get("data", "")}
             self.sender.save_checkpoint(data)
 
     # --- endings ------------------------------------------------------------------------------

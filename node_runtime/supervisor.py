@@ -52,7 +52,7 @@ class RunningJob:
 
     @property
     def name(self) -> str:
-        return f"job {self.entry.job_id} attempt {self.entry.attempt}"
+        return self.entry.name
 
 
 class Supervisor:
@@ -95,12 +95,13 @@ class Supervisor:
             data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
             parent_pid=os.getpid(), retry_max_s=settings.retry_max_s, memory_limit_mb=entry.memory_limit_mb,
             dataset_allow_nets=settings.dataset_allow_nets, dataset_timeout_s=settings.dataset_timeout_s,
-            dataset_min_rate_bps=settings.dataset_min_rate_bps, max_dataset_mb=settings.max_dataset_mb)
+            dataset_min_rate_bps=settings.dataset_min_rate_bps, max_dataset_mb=settings.max_dataset_mb,
+            task_id=entry.task_id, segment=entry.segment)
         process = JobProcess(launch)
         process.start()
         self.jobs[entry.key] = RunningJob(entry, reg, slot, process)
-        log.info("job %s attempt %d (%s): started in slot %d on %s, pid %s", entry.job_id, entry.attempt,
-                 entry.spec.get("name", "?"), slot, launch.device, process.pid)
+        log.info("%s (%s): started in slot %d on %s, pid %s", entry.name, entry.spec.get("name", "?"), slot,
+                 launch.device, process.pid)
 
     def _free_slot(self) -> int:
         """A free slot on the least loaded device: the one whose running jobs' memory estimates sum
@@ -116,7 +117,7 @@ class Supervisor:
 
     def stop_job(self, job_id: str, reg: Registration, reason: StopReason, why: str) -> None:
         for job in self.jobs.values():
-            if job.entry.job_id == job_id and job.registration is reg and not job.finishing:
+            if job.entry.job_id == job_id and not job.entry.task_id and job.registration is reg and not job.finishing:
                 log.info("%s: stopping: %s", job.name, why)
                 job.process.request_stop(reason)
 
@@ -210,6 +211,12 @@ class Supervisor:
         try:
             if process.exitcode == 0:
                 log.info("%s: process ended", job.name)
+            elif job.entry.task_id:
+                log.warning("%s: %s", job.name, process.describe_exit())
+                if reason in (StopReason.NONE, StopReason.DRAIN):
+                    await self.agent.report_verification(job.registration, job.entry, {
+                        "phase": "handback" if reason == StopReason.DRAIN else "failed",
+                        "error": process.describe_exit()})
             else:
                 log.warning("%s: %s", job.name, process.describe_exit())
                 if reason == StopReason.DRAIN:

@@ -52,12 +52,18 @@ class ArtifactCheck:
             state = {"weights": digest.weights, "threads": _int_or_none(meta.get("threads")),
                      "device_kind": meta.get("device_kind", ""), "torch": meta.get("torch", ""),
                      "data": meta.get("data", "")}
-            return "weights", orjson.dumps(state).decode(), self.name
+            return "weights", _json(state), self.name
         info = st.check_checkpoint(digest.header, self.spec)
         state = {"step": info["step"], "epoch": info["epoch"], "batch": info["batch"], "weights": digest.weights,
-                 "optimizer": digest.optimizer, "threads": info.get("threads"), "device_kind": info.get("device_kind", ""),
+                 "optimizer": digest.optimizer, "threads": info.get("threads"),
+                 "device_kind": info.get("device_kind", ""),
                  "torch": info.get("torch", ""), "data": info.get("data", "")}
-        return "checkpoint", orjson.dumps(state).decode(), keys.checkpoint_artifact_name(self.attempt, info["step"])
+        return "checkpoint", _json(state), keys.checkpoint_artifact_name(self.attempt, info["step"])
+
+
+def _json(state: dict[str, Any]) -> str:
+    """The state for Lua: no nulls (cjson makes them a truthy placeholder)."""
+    return orjson.dumps({k: v for k, v in state.items() if v is not None}).decode()
 
 
 def _int_or_none(text: str | None) -> int | None:

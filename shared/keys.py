@@ -269,7 +269,9 @@ local function jobs_index_key(tenant, status) return '{PREFIX}jobs:' .. (tenant 
 local function idempotency_key(tenant, key) return '{PREFIX}idem:' .. tenant .. ':' .. key end
 local IDEMPOTENCY_TTL_S = {IDEMPOTENCY_TTL_S}
 local function job_states_key(id) return K_JOB .. id .. ':states' end
-local function checkpoint_artifact_name(attempt, step) return 'checkpoint-a' .. attempt .. '-s' .. step .. '.safetensors' end
+local function checkpoint_artifact_name(attempt, step)
+  return 'checkpoint-a' .. attempt .. '-s' .. step .. '.safetensors'
+end
 local function verify_key(id) return '{VERIFY}' .. id end
 local VERIFY_QUEUE = '{VERIFY_QUEUE}'
 local function node_tasks_key(id) return K_NODE .. id .. ':tasks' end

@@ -264,11 +264,15 @@ local jk = job_key(job_id)
 local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts', 'held')
 if seq <= tonumber(j[4]) then return {'duplicate', j[1]} end
 if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
-if j[6] == '1' then return fail('job_terminal', 'job ' .. job_id .. ' has finished training; its result is under audit') end
+if j[6] == '1' then
+  return fail('job_terminal', 'job ' .. job_id .. ' has finished training; its result is under audit')
+end
 local final = nil
 if status == 'completed' then
   final = redis.call('HGET', jk, 'final:' .. attempt)
-  if not final then return fail('missing_artifact', 'upload model.safetensors (of this attempt) before reporting completed') end
+  if not final then
+    return fail('missing_artifact', 'upload model.safetensors (of this attempt) before reporting completed')
+  end
   local last = redis.call('HGET', jk, 'last_state:' .. attempt) or redis.call('HGET', jk, 'start:' .. attempt) or ''
   local before = get_state(job_id, last)
   local step = tonumber(cjson.decode(progress).step) or 0
@@ -395,8 +399,8 @@ if kind == 'checkpoint' then
   local c = get_state(job_id, 'c' .. attempt .. 's' .. state.step)
   if c and (c.weights ~= state.weights or ((c.optimizer or '') ~= '' and c.optimizer ~= state.optimizer)) then
     redis.call('DEL', upload_key)
-    return fail('invalid_artifact', 'the checkpoint at step ' .. state.step .. ' does not match the digests this attempt '
-      .. 'committed to for that step')
+    return fail('invalid_artifact', 'the checkpoint at step ' .. state.step
+      .. ' does not match the digests this attempt committed to for that step')
   end
   state.artifact = checkpoint_artifact_name(attempt, state.step)
   local why = record_state(job_id, attempt, node_id, state, now)

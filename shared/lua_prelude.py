@@ -589,12 +589,16 @@ local function purge_expired(now)
     local j = redis.call('HMGET', jk, 'tenant', 'status', 'artifacts')
     if j[1] then
       for _, name in ipairs(cjson.decode(j[3] or '[]')) do redis.call('DEL', artifact_key(job_id, name)) end
+      for _, raw in ipairs(redis.call('HVALS', job_states_key(job_id))) do  -- checkpoints kept per (attempt, step)
+        local artifact = cjson.decode(raw).artifact
+        if type(artifact) == 'string' and artifact ~= '' then redis.call('DEL', artifact_key(job_id, artifact)) end
+      end
       for _, t in ipairs({j[1], false}) do
         redis.call('ZREM', jobs_index_key(t or nil, nil), job_id)
         redis.call('ZREM', jobs_index_key(t or nil, j[2]), job_id)
       end
     end
-    redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id))
+    redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id), job_states_key(job_id))
     redis.call('ZREM', JOBS_FINISHED, job_id)
   end
   for _, name in ipairs(redis.call('ZRANGEBYSCORE', NODES_LAST_SEEN, '-inf', before, 'LIMIT', 0, REAP_BATCH)) do

@@ -91,8 +91,8 @@ local function record_state(job_id, attempt, node_id, state, now)
     prev = get_state(job_id, last)
   end
   if prev and state.step < prev.step then
-    return 'it is at step ' .. state.step .. ', behind the state attempt ' .. attempt .. ' started from or last saved (step '
-      .. prev.step .. ')'
+    return 'it is at step ' .. state.step .. ', behind the state attempt ' .. attempt
+      .. ' started from or last saved (step ' .. prev.step .. ')'
   end
   local n = redis.call('HMGET', node_key(node_id), 'name', 'device_kind')
   state.prev = last
@@ -283,7 +283,7 @@ local function create_task(job_id, round, index, from, to, exclude, now, recheck
   redis.call('HSET', verify_key(task_id), 'task_id', task_id, 'job_id', job_id, 'round', round, 'index', index,
     'from', from_id, 'to', to.id, 'from_artifact', from_artifact, 'from_step', from_step,
     'to_artifact', to.artifact or '', 'to_step', to.step, 'to_final', to.final and '1' or '0',
-    'threads', to.threads or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '', 'exclude', cjson.encode(exclude),
+    'threads', tonumber(to.threads) or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '', 'exclude', cjson.encode(exclude),
     'status', 'queued', 'node_id', '', 'attempt', 0, 'created_ms', now, 'recheck', recheck and '1' or '0',
     'first_verifier', first_verifier or '', 'memory_mb', redis.call('HGET', job_key(job_id), 'memory_mb') or '0')
   redis.call('ZADD', VERIFY_QUEUE, now, task_id)
@@ -446,7 +446,8 @@ local function conclude(task_id, t, outcome, verifier_id, distance, now)
   local verifier_name = redis.call('HGET', NODE_NAMES, verifier_id) or ''
   if outcome == 'match' then
     if t.round == '2' then
-      slash(t.first_verifier, 'reported a wrong replay of job ' .. job_id .. ' (a third node agreed with the trainer)', now)
+      slash(t.first_verifier, 'reported a wrong replay of job ' .. job_id
+        .. ' (a third node agreed with the trainer)', now)
     end
     audit_passed(job_id, t, verifier_id, distance, now)
     return 'passed'
@@ -525,7 +526,8 @@ end
 local to = cjson.decode(redis.call('HGET', job_states_key(t.job_id), t['to']) or '{}')
 local outcome, shown = nil, ''
 if phase == 'digest' then
-  redis.call('HSET', vk, 'v_weights', weights, 'v_optimizer', optimizer, 'v_data', data, 'v_samples_per_s', samples_per_s)
+  redis.call('HSET', vk, 'v_weights', weights, 'v_optimizer', optimizer, 'v_data', data,
+    'v_samples_per_s', samples_per_s)
   local same = weights == to.weights and (to.final or (to.optimizer or '') == '' or optimizer == to.optimizer)
     and (data == '' or (to.data or '') == '' or data == to.data)
   if same then

@@ -33,7 +33,7 @@ from shared.model_shapes import expected_parameter_shapes, expected_state_shapes
 __all__ = ["CHECKPOINT_FORMAT", "MAX_HEADER_BYTES", "WEIGHTS_FORMAT", "ArtifactDigest", "Header",
            "InvalidArtifact", "StreamingDigest", "TensorInfo", "batches_per_epoch", "check_checkpoint",
            "check_weights", "digest_bytes", "expected_parameter_shapes", "expected_state_shapes",
-           "parse_header", "spec_fingerprint"]
+           "parse_header", "placeholder_weights", "spec_fingerprint"]
 
 CHECKPOINT_FORMAT = "cyxwiz-checkpoint/1"
 WEIGHTS_FORMAT = "cyxwiz-weights/1"
@@ -481,3 +481,23 @@ def _position(metadata: dict[str, str], spec: dict[str, Any], name: str) -> dict
         raise InvalidArtifact(f"{name} is at step {position['step']}, but the job trains {epochs * per_epoch} "
                               "steps")
     return {field: int(position[field]) for field in fields}
+
+
+def placeholder_weights(spec: dict[str, Any], info: dict[str, Any] | None = None) -> bytes:
+    """A ``model.safetensors`` of the names and shapes a normalized spec builds, every weight zero, made
+    in pure Python: what the load tests' simulated nodes upload. It passes :func:`check_weights`; an
+    audit's replay would not match it."""
+    info = info if info is not None else known_data_info(spec["dataset"])
+    if info is None:
+        raise ValueError("user data: pass the data info record the node would have written")
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in expected_state_shapes(spec, info).items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", "cyxwiz_format": WEIGHTS_FORMAT,
+                              "spec": json.dumps(spec, sort_keys=True), "data_info": json.dumps(info, sort_keys=True)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + bytes(offset)

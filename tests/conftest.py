@@ -121,6 +121,15 @@ def register(http: httpx.Client, join_token: str, name: str | None = None, slots
 DIGITS_SPEC = DIGITS_MLP_EXAMPLE
 
 
+def model_weights(spec: dict[str, Any] | None = None) -> bytes:
+    """A ``model.safetensors`` the gateway accepts for a job of ``spec`` (the digits example unless
+    given): the right names and shapes, zero weights. Uploads of models are checked (issue 11)."""
+    from shared.jobspec import parse_job_spec
+    from shared.safetensors_check import placeholder_weights
+
+    return placeholder_weights(parse_job_spec(spec or DIGITS_SPEC))
+
+
 def submit(http: httpx.Client, api_key: str, spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     resp = http.post("/v1/jobs", json={**(spec or DIGITS_SPEC), **extra}, headers=bearer(api_key))
     assert resp.status_code == 201, resp.text

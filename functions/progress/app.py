@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from shared import auth, errors, jobs
-from shared.artifacts import RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
+from shared import auth, errors, jobs, keys
+from shared.artifacts import CHECKED, ArtifactCheck, RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
 from shared.http import JSONResponse, make_app, read_json, store_of
 from shared.sse import CountedEventStream, admit_stream, job_event_stream
 from shared.validation import is_number
 
 ATTEMPT_HEADER = "x-cyxwiz-attempt"  # fences uploads; without it the job's current attempt is meant
+TASK_HEADER = "x-cyxwiz-task"  # a verifier's downloads: the verification task it holds
 
 
 async def _node(request: Request) -> str:
@@ -86,15 +88,24 @@ async def upload(request: Request) -> Response:
     check_name(name)
     attempt = await jobs.upload_attempt(store, job_id, request.headers.get(ATTEMPT_HEADER))
     declared = request.headers.get("content-length")
+    check = None
+    if name in CHECKED:  # weights and checkpoints are read as they stream by: checked, digested, recorded
+        spec = await store.redis.hget(keys.job_key(job_id), "spec")
+        if spec is None:
+            raise errors.NotFound(f"no job {job_id}")
+        check = ArtifactCheck(name, attempt, orjson.loads(spec))
     size = await RedisArtifactStore(store).put(job_id, name, node_id, attempt, request.stream(),
-                                               int(declared) if declared and is_number(declared) else None)
+                                               int(declared) if declared and is_number(declared) else None,
+                                               check)
     return JSONResponse({"name": name, "size": size}, status_code=201)
 
 
 async def download(request: Request) -> Response:
     store = store_of(request)
     job_id, name = request.path_params["job_id"], request.path_params["name"]
-    await auth.authenticate_job_reader(store, job_id, request.headers.get("authorization"))
+    await auth.authenticate_job_reader(store, job_id, request.headers.get("authorization"),
+                                       request.headers.get(TASK_HEADER))
+    name = await jobs.resolve_artifact(store, job_id, name)
     artifacts = RedisArtifactStore(store)
     size = await artifacts.size(job_id, name)
     if size is None:
@@ -113,6 +124,21 @@ async def download(request: Request) -> Response:
                              media_type="application/octet-stream")
 
 
+async def verification(request: Request) -> Response:
+    """A verifier reports on the segment it replayed (node session token of the task's node)."""
+    store = store_of(request)
+    node_id, token_hash = auth.session_claim(request.headers.get("authorization"))
+    if node_id is None:
+        node_id = await _node(request)
+    try:
+        answer = await jobs.report_verification(store, node_id, request.path_params["task_id"],
+                                                await read_json(request), token_hash)
+    except errors.ApiError:
+        await _node(request)
+        raise
+    return JSONResponse(answer)
+
+
 async def _empty() -> AsyncIterator[bytes]:
     yield b""
 
@@ -124,5 +150,6 @@ routes = [
     Route("/v1/jobs/{job_id:job}/attempts/{attempt}", attempt, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", upload, methods=["PUT"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", download, methods=["GET"]),
+    Route("/v1/verifications/{task_id}", verification, methods=["POST"]),
 ]
 app = make_app(routes)

@@ -32,18 +32,24 @@ class TrainingContext:
     max_dataset_mb: int = 1024  # downloaded, read and decompressed dataset bytes are capped at this
     device: str = "cpu"  # "cpu" or "cuda[:i]"
     cpu_threads: int | None = None  # torch intra-op threads on CPU; None: half the cores this process may use
+    # an audit's replay (docs/verification.md): stop once this many steps are done (None: train to the end)
+    # and keep the starting weights, so the replay can be compared with the trainer's
+    stop_at_step: int | None = None
+    replay: bool = False
 
 
 @dataclass
 class TrainingResult:
     """The outcome of ``run_training``."""
 
-    status: str  # "completed", or "stopped" when should_stop fired
+    status: str  # "completed", "stopped" when should_stop fired, "segment" at a replay's stop_at_step
     metrics: dict[str, Any]  # final metrics: loss, accuracy, val_loss, val_accuracy, samples_per_s, ...
     weights: bytes  # safetensors bytes of the model's state_dict, with the spec and data shapes as metadata
     epoch: int  # epochs completed
     step: int  # optimizer steps taken, resumed attempts included
     total_steps: int
+    checkpoint: bytes | None = None  # status "segment": the full state at stop_at_step
+    start_weights: dict[str, Any] | None = None  # replay: the model's tensors where it started
 
 
 class JobError(Exception):

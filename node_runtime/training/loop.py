@@ -6,6 +6,7 @@ order from (seed, epoch), dropout from the global generator seeded once and save
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from torch import nn
 from node_runtime.training import layers
 from node_runtime.training.checkpoints import Position, encode_checkpoint, encode_weights, restore_checkpoint
 from node_runtime.training.context import JobError, TrainingContext, TrainingResult
-from node_runtime.training.datasets import Dataset, load_dataset
+from node_runtime.training.datasets import Dataset, TextDataset, load_dataset
 from node_runtime.training.models import build_model
 from node_runtime.training.user_data import DatasetLimits
 from shared.errors import ApiError
@@ -50,6 +51,21 @@ def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
     model = build_model(spec, data.info, use_kernels=use_kernels).to(device)
     optimizer = layers.make_optimizer(model.parameters(), training, use_kernels)
     return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()
+
+
+def device_kind(device: torch.device) -> str:
+    """What an audit must replay on to compare bitwise: ``cpu``, or the GPU's name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def data_digest(data: Dataset) -> str:
+    """SHA-256 of the training split's tensors: binds a commitment to the bytes trained on (the order
+    is a function of training.seed and the epoch, in the spec)."""
+    digest = hashlib.sha256()
+    tensors = [data.train_tokens] if isinstance(data, TextDataset) else [data.train_x, data.train_y]
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().data.cast("B"))
+    return digest.hexdigest()
 
 
 def _default_cpu_threads() -> int:
@@ -90,17 +106,27 @@ class _Run:
             if self.position.batch:  # resuming mid-epoch: that epoch's running loss and accuracy go on
                 self.epoch_totals = _Totals(**saved["epoch_totals"])
         self.saved_position = Position(**asdict(self.position))
+        # what a replay must match (recorded in every checkpoint and the final weights)
+        self.threads = torch.get_num_threads() if device.type == "cpu" else None
+        self.device_kind, self.data_digest = device_kind(device), data_digest(data)
+        self.start_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                              if ctx.replay else None)
         self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
         self.steps_since_report = 0
 
     def train(self) -> TrainingResult:
         self.model.train()
         batch_size, seed = self.training["batch_size"], self.training["seed"]
+        stop_at = self.ctx.stop_at_step
+        if stop_at is not None and self.position.step >= stop_at:
+            return self._segment()
         for epoch in range(self.position.epoch, self.training["epochs"]):
             for inputs, targets in self.data.train_batches(seed, epoch, batch_size, self.position.batch):
                 if self.ctx.should_stop():
                     return self._stop()
                 self._step(inputs, targets)
+                if stop_at is not None and self.position.step >= stop_at:
+                    return self._segment()
                 if (self.steps_since_report >= self.training["progress_every_steps"]
                         or time.monotonic() - self.last_report_at >= self.training["progress_every_s"]):
                     self._report()
@@ -217,11 +243,21 @@ class _Run:
                                          >= checkpointing["min_interval_s"]):
             self._save_checkpoint()
 
-    def _save_checkpoint(self) -> None:
+    def _encode_checkpoint(self) -> bytes:
         saved = {"val": self.val_metrics, "epoch_totals": asdict(self.epoch_totals)}
-        self.ctx.save_checkpoint(encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved,
-                                                      self.device))
+        return encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved, self.device,
+                                 data_info=self.data.info, threads=self.threads, device_kind=self.device_kind,
+                                 data_digest=self.data_digest)
+
+    def _save_checkpoint(self) -> None:
+        self.ctx.save_checkpoint(self._encode_checkpoint())
         self.saved_position, self.last_checkpoint_at = Position(**asdict(self.position)), time.monotonic()
+
+    def _segment(self) -> TrainingResult:
+        """A replay reached its stop: the whole state there, and where it started."""
+        result = self._result("segment")
+        result.checkpoint = self._encode_checkpoint()
+        return result
 
     def _stop(self) -> TrainingResult:
         # always keep the exact position on stop (a draining node's job resumes elsewhere), once
@@ -231,5 +267,7 @@ class _Run:
 
     def _result(self, status: str) -> TrainingResult:
         return TrainingResult(status=status, metrics=self._metrics(self.epoch_totals),
-                              weights=encode_weights(self.spec, self.data.info, self.model),
-                              epoch=self.position.epoch, step=self.position.step, total_steps=self.total_steps)
+                              weights=encode_weights(self.spec, self.data.info, self.model, threads=self.threads,
+                                                     device_kind=self.device_kind, data_digest=self.data_digest),
+                              epoch=self.position.epoch, step=self.position.step, total_steps=self.total_steps,
+                              start_weights=self.start_weights)

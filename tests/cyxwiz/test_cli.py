@@ -16,7 +16,7 @@ import pytest
 
 from cyxwiz.embedded import free_port
 from cyxwiz.server import wait_healthy
-from tests.conftest import REPO, bearer
+from tests.conftest import REPO, bearer, model_weights
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,12 @@ def test_keys_nodes_download(served: dict, tmp_path: Path) -> None:
     reg = httpx.post(f"{api}/v1/nodes", json={"name": "cli-node"}, headers=bearer(served["join_token"])).json()
     assert "cli-node" in cli(served, "nodes").stdout
     job_id = json.loads(cli(served, "submit", str(REPO / "examples" / "digits-mlp.json")).stdout)["job_id"]
-    httpx.put(f"{api}/v1/jobs/{job_id}/artifacts/model.safetensors", content=b"weights",
+    weights = model_weights()
+    httpx.put(f"{api}/v1/jobs/{job_id}/artifacts/model.safetensors", content=weights,
               headers=bearer(reg["session_token"]))
     target = tmp_path / "w.safetensors"
     assert cli(served, "download", job_id, "-o", str(target)).returncode == 0
-    assert target.read_bytes() == b"weights"
+    assert target.read_bytes() == weights
 
 
 def test_bad_input_is_reported(served: dict, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import os
 import httpx
 import redis
 
-from tests.conftest import DIGITS_SPEC, bearer, keyspace, register, submit
+from tests.conftest import DIGITS_SPEC, bearer, keyspace, model_weights, register, submit
 
 
 def report(http: httpx.Client, token: str, job_id: str, **body: object) -> httpx.Response:
@@ -34,7 +34,7 @@ def test_full_lifecycle(http: httpx.Client, creds: dict[str, str], r: redis.Redi
     assert job["status"] == "running" and job["started_at"] and job["progress"]["step"] == 10
     early = report(http, token, job_id, attempt=1, seq=3, status="completed")
     assert early.status_code == 409 and early.json()["error"]["code"] == "missing_artifact"
-    weights = os.urandom(1_300_000)
+    weights = model_weights()
     assert upload(http, token, job_id, weights, attempt=1).status_code == 201
     done = report(http, token, job_id, attempt=1, seq=4, status="completed", epoch=2, step=20, total_steps=20,
                   metrics={"loss": 0.5, "val_accuracy": 0.97}, artifacts=["model.safetensors"])
@@ -56,8 +56,8 @@ def test_range_requests(http: httpx.Client, creds: dict[str, str]) -> None:
     reg = register(http, creds["join_token"])
     job_id = submit(http, creds["api_key"])["job_id"]
     data = os.urandom(1_200_000)  # spans three chunks
-    upload(http, reg["session_token"], job_id, data)
-    url, key = f"/v1/jobs/{job_id}/artifacts/model.safetensors", bearer(creds["api_key"])
+    upload(http, reg["session_token"], job_id, data, name="data.bin")
+    url, key = f"/v1/jobs/{job_id}/artifacts/data.bin", bearer(creds["api_key"])
     for header, expected in (("bytes=0-9", data[:10]), ("bytes=524280-524300", data[524280:524301]),
                              ("bytes=1199990-", data[1199990:]), ("bytes=-5", data[-5:]),
                              ("bytes=1000000-9999999", data[1000000:])):
@@ -161,11 +161,11 @@ def test_artifact_caps(api_url: str, creds: dict[str, str], redis_url: str, r: r
         with httpx.Client(base_url=url) as http:
             reg = register(http, creds["join_token"])
             job_id = submit(http, creds["api_key"])["job_id"]
-            assert upload(http, reg["session_token"], job_id, b"x" * 1001).status_code == 413
-            assert upload(http, reg["session_token"], job_id, b"x" * 1000).status_code == 201
-            over = upload(http, reg["session_token"], job_id, b"x" * 600, name="checkpoint.safetensors")
+            assert upload(http, reg["session_token"], job_id, b"x" * 1001, name="a.bin").status_code == 413
+            assert upload(http, reg["session_token"], job_id, b"x" * 1000, name="a.bin").status_code == 201
+            over = upload(http, reg["session_token"], job_id, b"x" * 600, name="b.bin")
             assert over.status_code == 413
-            assert upload(http, reg["session_token"], job_id, b"y" * 900).status_code == 201  # replaces
+            assert upload(http, reg["session_token"], job_id, b"y" * 900, name="a.bin").status_code == 201  # replaces
             assert not r.keys("cyxwiz:job:*:upload:*")  # no half uploads left behind
     finally:
         proc.terminate()
@@ -176,7 +176,7 @@ def test_event_stream(http: httpx.Client, creds: dict[str, str]) -> None:
     reg = register(http, creds["join_token"])
     job_id = submit(http, creds["api_key"])["job_id"]
     report(http, reg["session_token"], job_id, attempt=1, seq=1, status="running", step=1, metrics={"loss": 1.0})
-    upload(http, reg["session_token"], job_id, b"w")
+    upload(http, reg["session_token"], job_id, model_weights())
     report(http, reg["session_token"], job_id, attempt=1, seq=2, status="completed", step=2, metrics={"loss": 0.5})
     with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=bearer(creds["api_key"])) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -228,7 +228,7 @@ def test_drained_node_leaves_once_its_last_job_ends(http: httpx.Client, creds: d
     reg = register(http, creds["join_token"], "drained")
     job_id = submit(http, creds["api_key"])["job_id"]
     assert http.delete(f"/v1/nodes/{reg['node_id']}", headers=bearer(creds["api_key"])).json()["status"] == "draining"
-    upload(http, reg["session_token"], job_id, b"w")
+    upload(http, reg["session_token"], job_id, model_weights())
     report(http, reg["session_token"], job_id, attempt=1, seq=1, status="completed")
     assert not r.exists(f"cyxwiz:node:{reg['node_id']}") and r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) is None
     assert float(r.hget("cyxwiz:reputation", "drained")) > 0.75  # left cleanly: no lapse penalty

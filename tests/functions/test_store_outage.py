@@ -78,10 +78,10 @@ def test_downloads_after_a_redis_restart_are_whole_or_503() -> None:
             reg = http.post("/v1/nodes", json={"name": "n"}, headers=bearer(join)).json()
             job_id = http.post("/v1/jobs", json=DIGITS_SPEC, headers=bearer(admin)).json()["job_id"]
             weights = os.urandom(1_100_000)
-            put = http.put(f"/v1/jobs/{job_id}/artifacts/model.safetensors", content=weights,
+            put = http.put(f"/v1/jobs/{job_id}/artifacts/data.bin", content=weights,
                            headers=bearer(reg["session_token"]))
             assert put.status_code == 201
-            download = f"/v1/jobs/{job_id}/artifacts/model.safetensors"
+            download = f"/v1/jobs/{job_id}/artifacts/data.bin"
             for _ in range(3):  # warm the pool's connections
                 assert http.get(download, headers=bearer(admin)).content == weights
             server.kill()

@@ -16,7 +16,7 @@ import redis
 from cyxwiz.embedded import EmbeddedValkey
 from cyxwiz.server import install_credentials_at
 from shared import auth, keys
-from tests.conftest import DIGITS_SPEC, bearer, keyspace, register, start_gateway, submit
+from tests.conftest import DIGITS_SPEC, bearer, keyspace, model_weights, register, start_gateway, submit
 
 BOMBS = [  # each got 201 before; each would knock a node out
     ({"name": "blob-bomb", "model": {"type": "mlp"}, "training": {"epochs": 1},
@@ -99,7 +99,7 @@ def test_unplaceable_jobs_of_one_tenant_do_not_starve_another(http: httpx.Client
     assert job(http, victim, waiting)["pending_reason"] == "waiting_for_capacity"
     assert r.zcard(keys.QUEUE_PARKED) == 210
     # the node's slot frees up; its next heartbeat places the fitting job, not one of the 210
-    r.hset(keys.job_key(blocker), "artifacts", '["model.safetensors"]')
+    r.hset(keys.job_key(blocker), mapping={"artifacts": '["model.safetensors"]', "final:1": '{"weights": "w"}'})
     resp = http.post(f"/v1/jobs/{blocker}/progress", headers=bearer(reg["session_token"]),
                      json={"attempt": 1, "seq": 1, "status": "completed", "artifacts": ["model.safetensors"]})
     assert resp.status_code == 200, resp.text
@@ -202,7 +202,7 @@ def test_finished_jobs_expire_after_the_retention_period(valkey: EmbeddedValkey,
             key = creds["api_key"]
             reg = register(http, creds["join_token"])
             done = submit(http, key)["job_id"]
-            resp = http.put(f"/v1/jobs/{done}/artifacts/model.safetensors", content=b"weights",
+            resp = http.put(f"/v1/jobs/{done}/artifacts/model.safetensors", content=model_weights(),
                             headers=bearer(reg["session_token"]))
             assert resp.status_code == 201, resp.text
             http.post(f"/v1/jobs/{done}/progress", headers=bearer(reg["session_token"]),

@@ -4,7 +4,7 @@ runtimes are in tests/node_runtime/test_verification.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -13,13 +13,21 @@ import redis
 from shared import errors, keys
 from shared.settings import Settings
 from shared.store import Store
-from tests.shared.test_lua import alone, r, register, submit  # noqa: F401 - r is a fixture
+from tests.shared.test_lua import alone, register, submit
 
 W1, W2, BAD = "1" * 64, "2" * 64, "f" * 64
 
 
 @pytest.fixture()
-async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:  # noqa: F811
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(alone(redis_url), decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
     s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url), "CYXWIZ_PROBATION_AUDITS": "2",
                                  "CYXWIZ_AUDIT_FRACTION": "0.1"}))
     yield s
