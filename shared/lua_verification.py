@@ -283,7 +283,8 @@ local function create_task(job_id, round, index, from, to, exclude, now, recheck
   redis.call('HSET', verify_key(task_id), 'task_id', task_id, 'job_id', job_id, 'round', round, 'index', index,
     'from', from_id, 'to', to.id, 'from_artifact', from_artifact, 'from_step', from_step,
     'to_artifact', to.artifact or '', 'to_step', to.step, 'to_final', to.final and '1' or '0',
-    'threads', tonumber(to.threads) or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '', 'exclude', cjson.encode(exclude),
+    'threads', tonumber(to.threads) or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '',
+    'exclude', cjson.encode(exclude),
     'status', 'queued', 'node_id', '', 'attempt', 0, 'created_ms', now, 'recheck', recheck and '1' or '0',
     'first_verifier', first_verifier or '', 'memory_mb', redis.call('HGET', job_key(job_id), 'memory_mb') or '0')
   redis.call('ZADD', VERIFY_QUEUE, now, task_id)
