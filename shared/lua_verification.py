@@ -270,9 +270,9 @@ drop_node_tasks = function(node_id)
   return tasks
 end
 
-local function end_task(task_id)
+local function end_task(task_id, outcome)
   redis.call('ZREM', VERIFY_QUEUE, task_id)
-  redis.call('HSET', verify_key(task_id), 'status', 'done')
+  redis.call('HSET', verify_key(task_id), 'status', 'done', 'outcome', outcome or 'obsolete', 'done_ms', now_ms())
   redis.call('PEXPIRE', verify_key(task_id), RETENTION_MS)
 end
 
@@ -548,7 +548,7 @@ else
   return fail('invalid_field', 'unknown phase ' .. phase)
 end
 release_task(task_id, node_id, now)
-end_task(task_id)
+end_task(task_id, outcome)
 local verdict = conclude(task_id, t, outcome, node_id, shown, now)
 pull_queue(node_id, now)
 local from = cjson.decode(redis.call('HGET', job_states_key(t.job_id), t.from) or 'null')
