@@ -167,8 +167,11 @@ def _limit(raw: str | None) -> int | str | None:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     for node in _client(args).request("GET", "/v1/nodes")["nodes"]:
+        trust = "probation" if node.get("probation") else "trusted"
+        audits = f"audits {node.get('audits_passed', 0)} passed/{node.get('audits_failed', 0)} failed"
         print(f"{printable(node['node_id'])}  {printable(node['status']):<8}  {node['running_jobs']}/{node['slots']}  "
-              f"score {node['score']:.3f}  {printable(node['name'])}")
+              f"score {node['score']:.3f}  {trust:<9}  {audits}  {printable(node['name'])}"
+              + (f"  [{printable(node['flag'])}]" if node.get("flag") else ""))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
@@ -416,3 +417,23 @@ def test_progress_is_paged(http: httpx.Client, creds: dict[str, str]) -> None:
         resp = http.get(url, params=query, headers=key)
         assert resp.status_code == 422 and resp.json()["error"]["field"] == field, (query, resp.text)
     assert http.get(url, params={"limit": 2000}, headers=key).status_code == 200
+
+
+def test_models_and_checkpoints_are_checked_as_they_arrive(http: httpx.Client, creds: dict[str, str],
+                                                           r: redis.Redis) -> None:
+    """422 invalid_artifact, nothing stored, for an upload that is not a model of the job's spec; the
+    accepted one is recorded with its digest (docs/verification.md)."""
+    reg = register(http, creds["join_token"], "checked")
+    job_id = submit(http, creds["api_key"])["job_id"]
+    other = {**DIGITS_SPEC, "model": {"type": "mlp", "hidden": [7]}}
+    for name, data, says in (("model.safetensors", b"x", "not a safetensors file"),
+                             ("model.safetensors", b"\x10" + bytes(7) + b'{"a": 1}' + bytes(8), "header"),
+                             ("model.safetensors", model_weights(other), "another spec"),
+                             ("checkpoint.safetensors", model_weights(), "not a CyxWiz training checkpoint")):
+        resp = upload(http, reg["session_token"], job_id, data, name=name, attempt=1)
+        assert resp.status_code == 422, (name, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_artifact" and says in resp.json()["error"]["message"]
+        assert not r.keys(f"cyxwiz:job:{job_id}:artifact:*") and not r.keys(f"cyxwiz:job:{job_id}:upload:*")
+    assert upload(http, reg["session_token"], job_id, model_weights(), attempt=1).status_code == 201
+    final = r.hget(f"cyxwiz:job:{job_id}", "final:1")
+    assert final and len(json.loads(final)["weights"]) == 64

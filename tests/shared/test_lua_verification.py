@@ -216,3 +216,24 @@ async def test_a_verifier_lost_or_failing_gives_the_task_to_another(store: Store
     await store.run("DRAIN_NODE", [second])  # draining: still holds the task until it reports
     await store.run("VERIFY_RESULT", [task, second, 2, "handback", "", "", "", "", "", "", ""])
     assert r.hget(keys.verify_key(task), "status") == "queued"  # first is excluded, second is leaving
+
+
+async def test_observed_speed_sets_capability_and_flags_doubtful_claims(store: Store, r: redis.Redis) -> None:
+    from shared.jobs import observe_speed
+    from shared.jobspec import parse_job_spec
+    from tests.conftest import DIGITS_SPEC
+
+    await register(store, "fast")
+    await register(store, "slow")
+    spec = parse_job_spec(DIGITS_SPEC)
+    r.hset(keys.job_key("jx"), mapping={"spec": orjson.dumps(spec).decode(),
+                                        "progress": orjson.dumps({"metrics": {"samples_per_s": 50_000.0}}).decode()})
+    # 100 steps of 64 samples in 1 s: the control plane saw 6400 samples/s, so the claimed 50,000 is capped
+    await observe_speed(store, "fast", "jx", 100, "0", "1000", "7000")
+    fast = float(r.hget(keys.NODES_OBSERVED, "fast"))
+    assert 0.1 < fast < 0.6 and not r.hexists(keys.NODES_FLAGS, "fast")
+    assert float(r.hget(keys.node_key("fast"), "capability_used")) == pytest.approx(fast)
+    # the same work 10x slower than its verifier on the same claimed kind: flagged, halved
+    await observe_speed(store, "slow", "jx", 100, "0", "10000", "64000")
+    assert "slower than another node" in r.hget(keys.NODES_FLAGS, "slow")
+    assert float(r.hget(keys.NODES_OBSERVED, "slow")) < fast / 2
