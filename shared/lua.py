@@ -117,6 +117,7 @@ end
 redis.call('HSET', nk, 'last_heartbeat_ms', now, 'gpu_free_frac', gpu_free_frac, 'health', health)
 rescore(node_id, now)
 expire_stale_assignments(node_id, now)
+expire_tasks(node_id, now)
 local cancels = redis.call('SMEMBERS', node_cancels_key(node_id))
 redis.call('DEL', node_cancels_key(node_id))
 local assigned = pull_queue(node_id, now)
@@ -154,6 +155,7 @@ purge_expired(now)
 local reaped = reap_expired(now)
 expire_job_deadlines(now)
 sweep_queues()
+sweep_tasks(now)
 return reaped
 """
 

@@ -16,7 +16,7 @@ from shared.transitions import LUA_TRANSITIONS, PRIORITY_SCALE, TERMINAL
 
 _HELPERS = r"""
 -- defined with the verification helpers (shared.lua_verification), used before them
-local on_probation, pull_tasks, drop_node_tasks, start_state, place_task
+local on_probation, pull_tasks, drop_node_tasks, start_state, place_task, expire_tasks, sweep_tasks
 
 local function now_ms()
   local t = redis.call('TIME')

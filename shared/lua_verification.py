@@ -196,7 +196,10 @@ local function assign_task(task_id, node_id, now)
   local attempt = redis.call('HINCRBY', vk, 'attempt', 1)
   local t = redis.call('HMGET', vk, 'job_id', 'memory_mb', 'from_artifact', 'to_artifact', 'to_step', 'to_final',
     'threads', 'round', 'from_step')
-  redis.call('HSET', vk, 'status', 'assigned', 'node_id', node_id, 'assigned_ms', now, 'phase', '')
+  -- a replay gets the assignment timeout plus twice as long as the trainer took for the segment
+  local took = tonumber(redis.call('HGET', vk, 'segment_ms') or '0')
+  redis.call('HSET', vk, 'status', 'assigned', 'node_id', node_id, 'assigned_ms', now, 'phase', '',
+    'deadline_ms', now + ASSIGN_TIMEOUT_MS + 2 * took)
   redis.call('ZREM', VERIFY_QUEUE, task_id)
   redis.call('HINCRBY', node_key(node_id), 'running', 1)
   redis.call('HINCRBY', node_key(node_id), 'mem_reserved_mb', tonumber(t[2] or '0'))
@@ -286,7 +289,9 @@ local function create_task(job_id, round, index, from, to, exclude, now, recheck
     'threads', tonumber(to.threads) or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '',
     'exclude', cjson.encode(exclude),
     'status', 'queued', 'node_id', '', 'attempt', 0, 'created_ms', now, 'recheck', recheck and '1' or '0',
-    'first_verifier', first_verifier or '', 'memory_mb', redis.call('HGET', job_key(job_id), 'memory_mb') or '0')
+    'first_verifier', first_verifier or '', 'memory_mb', redis.call('HGET', job_key(job_id), 'memory_mb') or '0',
+    'segment_ms', math.max(0, (tonumber(to.ms) or now) - (from and tonumber(from.ms) or
+      tonumber(redis.call('HGET', job_key(job_id), 'assigned_ms:' .. (to.attempt or 0)) or now) or now)))
   redis.call('ZADD', VERIFY_QUEUE, now, task_id)
   redis.call('HSET', job_key(job_id), 'verify_task', task_id, 'verify_status', 'pending', 'verify_round', round,
     'verify_segment', cjson.encode({index - 1, index}), 'verify_steps', cjson.encode({from_step, to.step}),
@@ -473,6 +478,48 @@ local function conclude(task_id, t, outcome, verifier_id, distance, now)
     .. ' and was slashed; trained again')
   rerun(job_id, now, 'its audit showed node ' .. t.producer .. ' lied; trained again')
   return 'failed'
+end
+
+-- A verifier that holds a task past its deadline (it read it and went quiet) loses it: a node fault,
+-- and another node gets the task. Checked at the verifier's heartbeats.
+expire_tasks = function(node_id, now)
+  for _, task_id in ipairs(redis.call('SMEMBERS', node_tasks_key(node_id))) do
+    local deadline = tonumber(redis.call('HGET', verify_key(task_id), 'deadline_ms') or '0')
+    if deadline > 0 and deadline < now then
+      local name = redis.call('HGET', NODE_NAMES, node_id)
+      release_task(task_id, node_id, now)
+      adjust_reputation(node_id, name, 'node_fault', now)
+      requeue_task(task_id, name)
+      place_task(task_id, now)
+    end
+  end
+end
+
+-- The reaper timer: a queued task that no live node may take any more (the last other node of its
+-- kind left) ends. A first audit is then skipped (the result is released, unaudited, as when no
+-- verifier existed at completion); a second opinion that cannot be had retrains the job, slashing
+-- nobody; a re-check of a slashed identity's work retrains it.
+sweep_tasks = function(now)
+  for _, task_id in ipairs(redis.call('ZRANGE', VERIFY_QUEUE, 0, TASK_SCAN - 1)) do
+    local f = redis.call('HMGET', verify_key(task_id), 'kind', 'exclude', 'job_id', 'round', 'recheck', 'index')
+    if not f[1] then
+      redis.call('ZREM', VERIFY_QUEUE, task_id)
+    elseif not verifier_possible(f[1], cjson.decode(f[2])) then
+      end_task(task_id, 'no_verifier')
+      local jk = job_key(f[3])
+      if redis.call('HGET', jk, 'verify_task') == task_id then
+        local note = 'no other live node of device kind ' .. f[1] .. ' is left to replay it'
+        if f[4] == '1' and f[5] ~= '1' then
+          redis.call('HSET', jk, 'verify_status', 'skipped', 'verify_note', note)
+          note_unaudited(f[3], tonumber(f[6]), now)
+          finish_held(f[3], now)
+        else
+          redis.call('HSET', jk, 'verify_status', 'failed', 'verify_note', note .. '; trained again, nobody slashed')
+          rerun(f[3], now, 'its audit could not be decided (' .. note .. '); trained again')
+        end
+      end
+    end
+  end
 end
 """
 

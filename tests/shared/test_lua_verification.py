@@ -237,3 +237,38 @@ async def test_observed_speed_sets_capability_and_flags_doubtful_claims(store: S
     await observe_speed(store, "slow", "jx", 100, "0", "10000", "64000")
     assert "slower than another node" in r.hget(keys.NODES_FLAGS, "slow")
     assert float(r.hget(keys.NODES_OBSERVED, "slow")) < fast / 2
+
+
+async def test_a_verifier_that_goes_quiet_loses_the_task_at_its_deadline(store: Store, r: redis.Redis) -> None:
+    await register(store, "t1")
+    await submit(store, "j1")
+    await register(store, "v1")
+    await register(store, "v2")
+    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
+    await complete(store, "j1", "t1", 1, 50)
+    first = "v1" if r.smembers(keys.node_tasks_key("v1")) else "v2"
+    task = task_on(r, first)
+    await store.run("HEARTBEAT", [first, ""])
+    assert task_on(r, first) == task  # within its deadline: kept
+    r.hset(keys.verify_key(task), "deadline_ms", 1)
+    await store.run("HEARTBEAT", [first, ""])
+    assert not r.smembers(keys.node_tasks_key(first))
+    assert task_on(r, "v2" if first == "v1" else "v1") == task
+    assert float(r.hget(keys.REPUTATION, first)) < 0.75
+
+
+async def test_a_task_nobody_may_take_any_more_ends_and_releases_the_result(store: Store, r: redis.Redis) -> None:
+    await register(store, "t1")
+    await submit(store, "j1")
+    await register(store, "v1")
+    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
+    await complete(store, "j1", "t1", 1, 50)
+    task = task_on(r, "v1")
+    await store.run("DRAIN_NODE", ["v1"])  # the only other node leaves, handing the task back
+    await store.run("VERIFY_RESULT", [task, "v1", 1, "handback", "", "", "", "", "", "", ""])
+    assert r.hget(keys.job_key("j1"), "status") == "running"  # held: nobody left to replay it
+    await store.run("REAP", [])
+    job = r.hgetall(keys.job_key("j1"))
+    assert job["status"] == "completed" and job["verify_status"] == "skipped"
+    assert "no other live node" in job["verify_note"]
+    assert r.zscore(keys.VERIFY_QUEUE, task) is None
