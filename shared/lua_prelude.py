@@ -659,6 +659,7 @@ def build_prelude(settings: Settings) -> str:
         f"local PROBATION_AUDITS = {settings.probation_audits}\n"
         f"local AUDIT_FRACTION = {settings.audit_fraction!r}\n"
         f"local AUDIT_TOLERANCE = {settings.audit_tolerance!r}\n"
+        f"local AUDIT_CROSS_TOLERANCE = {settings.audit_cross_tolerance!r}\n"
         # both 0: a private cluster of trusted nodes, no audits at all
         f"local AUDITS_ON = {'true' if settings.probation_audits > 0 or settings.audit_fraction > 0 else 'false'}\n"
         f"local KEEP_CHECKPOINTS = {settings.keep_checkpoints}\n"

@@ -155,12 +155,18 @@ local function segments_of(job_id)
   return segs
 end
 
--- Can some live node of this device kind, other than the excluded names, replay a segment?
+-- Can some live node of this device kind ('*': any kind), other than the excluded names, replay a segment?
 local function verifier_possible(kind, exclude)
-  local count = tonumber(redis.call('HGET', NODES_KINDS, kind) or '0')
+  local count = 0
+  if kind == '*' then
+    local kinds = redis.call('HVALS', NODES_KINDS)
+    for _, n in ipairs(kinds) do count = count + tonumber(n) end
+  else
+    count = tonumber(redis.call('HGET', NODES_KINDS, kind) or '0')
+  end
   for _, name in ipairs(exclude) do
     local live = redis.call('HGET', NODE_BY_NAME, name)
-    if live and redis.call('HGET', node_key(live), 'device_kind') == kind
+    if live and (kind == '*' or redis.call('HGET', node_key(live), 'device_kind') == kind)
         and redis.call('HGET', node_key(live), 'kind_counted') == '1' then
       count = count - 1
     end
@@ -176,7 +182,7 @@ local function task_fits_node(task_id, node_id, now)
     'mem_job_mb', 'mem_total_mb', 'mem_reserved_mb')
   if not n[1] or n[1] ~= 'online' or (n[5] or '') ~= '' then return false end
   local running = tonumber(n[3])
-  if running >= tonumber(n[2]) or n[6] ~= t[1] then return false end
+  if running >= tonumber(n[2]) or (t[1] ~= '*' and n[6] ~= t[1]) then return false end
   if on_probation(n[4]) and running >= 1 then return false end
   for _, name in ipairs(cjson.decode(t[2])) do
     if name == n[4] then return false end
@@ -217,12 +223,14 @@ end
 place_task = function(task_id, now)
   local kind = redis.call('HGET', verify_key(task_id), 'kind')
   if not kind then return false end
-  local class = 'gpu'
-  if kind == 'cpu' then class = 'cpu' end
-  for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
-    if task_fits_node(task_id, node_id, now) then
-      assign_task(task_id, node_id, now)
-      return node_id
+  local classes = {'gpu'}
+  if kind == 'cpu' then classes = {'cpu'} elseif kind == '*' then classes = NODE_CLASSES end
+  for _, class in ipairs(classes) do
+    for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
+      if task_fits_node(task_id, node_id, now) then
+        assign_task(task_id, node_id, now)
+        return node_id
+      end
     end
   end
   return false
@@ -279,14 +287,15 @@ local function end_task(task_id, outcome)
   redis.call('PEXPIRE', verify_key(task_id), RETENTION_MS)
 end
 
-local function create_task(job_id, round, index, from, to, exclude, now, recheck, first_verifier)
+local function create_task(job_id, round, index, from, to, exclude, now, recheck, first_verifier, kind)
+  kind = kind or to.kind or 'cpu'
   local task_id = 'v-' .. string.sub(job_id, 3) .. '-' .. round .. '-' .. now .. '-' .. redis.call('INCR', JOB_SEQ)
   local from_id, from_artifact, from_step = '', '', 0
   if from then from_id, from_artifact, from_step = from.id, from.artifact or '', from.step end
   redis.call('HSET', verify_key(task_id), 'task_id', task_id, 'job_id', job_id, 'round', round, 'index', index,
     'from', from_id, 'to', to.id, 'from_artifact', from_artifact, 'from_step', from_step,
     'to_artifact', to.artifact or '', 'to_step', to.step, 'to_final', to.final and '1' or '0',
-    'threads', tonumber(to.threads) or 0, 'kind', to.kind or 'cpu', 'producer', to.node or '',
+    'threads', tonumber(to.threads) or 0, 'kind', kind, 'producer', to.node or '',
     'exclude', cjson.encode(exclude),
     'status', 'queued', 'node_id', '', 'attempt', 0, 'created_ms', now, 'recheck', recheck and '1' or '0',
     'first_verifier', first_verifier or '', 'memory_mb', redis.call('HGET', job_key(job_id), 'memory_mb') or '0',
@@ -422,13 +431,17 @@ local function begin_audit(job_id, now, draw, draw2)
     return 'skipped'
   end
   local kind = seg.to.kind or 'cpu'
+  if not verifier_possible(kind, {seg.to.node}) and on_probation(seg.to.node)
+      and verifier_possible('*', {seg.to.node}) then
+    kind = '*'  -- nobody else has what a new identity claims to have: a replay elsewhere, with a loose tolerance
+  end
   if not verifier_possible(kind, {seg.to.node}) then
     redis.call('HSET', jk, 'verify_status', 'skipped', 'verify_segment', cjson.encode({seg.index - 1, seg.index}),
       'verify_note', 'no other live node of device kind ' .. kind .. ' to replay it')
     note_unaudited(job_id, 0, now)
     return 'skipped'
   end
-  create_task(job_id, 1, seg.index, seg.from, seg.to, {seg.to.node}, now, false, nil)
+  create_task(job_id, 1, seg.index, seg.from, seg.to, {seg.to.node}, now, false, nil, kind)
   return 'pending'
 end
 
@@ -463,7 +476,7 @@ local function conclude(task_id, t, outcome, verifier_id, distance, now)
     local from, to = get_state(job_id, t.from), get_state(job_id, t['to'])
     if to and (t.from == '' or has_bytes(job_id, from)) and verifier_possible(t.kind, exclude) then
       redis.call('HSET', jk, 'verify_first', verifier_id)
-      create_task(job_id, 2, tonumber(t.index), from, to, exclude, now, false, verifier_name)
+      create_task(job_id, 2, tonumber(t.index), from, to, exclude, now, false, verifier_name, t.kind)
       return 'second_opinion'
     end
     redis.call('HSET', jk, 'verify_status', 'failed', 'verify_verifier', verifier_id, 'verify_distance', distance,
@@ -590,7 +603,11 @@ if phase == 'digest' then
 elseif phase == 'distance' then
   if t.phase ~= 'compare' then return fail('conflict', 'report the replay\'s digests first') end
   shown = tostring(distance)
-  if distance ~= nil and distance <= AUDIT_TOLERANCE then outcome = 'match' else outcome = 'mismatch' end
+  -- a replay on another kind of device than the trainer claims (a new identity nobody else can check)
+  -- cannot be close, only not absurd
+  local tolerance = AUDIT_TOLERANCE
+  if t.kind == '*' then tolerance = AUDIT_CROSS_TOLERANCE end
+  if distance ~= nil and distance <= tolerance then outcome = 'match' else outcome = 'mismatch' end
 else
   return fail('invalid_field', 'unknown phase ' .. phase)
 end

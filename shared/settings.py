@@ -104,6 +104,7 @@ class Settings:
     probation_audits: int = 3                # a new node identity is on probation until this many audits passed
     audit_fraction: float = 0.1              # of trusted nodes' results, this fraction is audited (at least one a day)
     audit_tolerance: float = 0.01            # a replay within this distance (relative to the segment's update) passes
+    audit_cross_tolerance: float = 0.5       # ... on another device kind (a new identity no peer can check)
     keep_checkpoints: int = 4                # checkpoints of a job kept as possible audit starts (plus the latest)
 
     @classmethod
@@ -165,5 +166,6 @@ class Settings:
             probation_audits=_read_int(env, "CYXWIZ_PROBATION_AUDITS", 3),
             audit_fraction=min(1.0, _read_float(env, "CYXWIZ_AUDIT_FRACTION", 0.1)),
             audit_tolerance=_read_float(env, "CYXWIZ_AUDIT_TOLERANCE", 0.01),
+            audit_cross_tolerance=_read_float(env, "CYXWIZ_AUDIT_CROSS_TOLERANCE", 0.5),
             keep_checkpoints=_read_int(env, "CYXWIZ_KEEP_CHECKPOINTS", 4, minimum=1),
         )

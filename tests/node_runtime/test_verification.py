@@ -103,7 +103,7 @@ class RogueNode:
         while self.alive:
             try:
                 self.http.post(f"/v1/nodes/{self.node_id}/heartbeat", json={}, headers=self.headers)
-            except httpx.HTTPError:
+            except (httpx.HTTPError, RuntimeError):  # RuntimeError: the test closed the client
                 pass
             time.sleep(0.3)
 
@@ -233,29 +233,47 @@ def test_garbage_results_are_refused_or_caught(cluster_factory: Callable[..., Cl
     rogue.alive = False
 
 
-def test_lying_hardware_gets_one_job_and_no_credit_for_its_claims(cluster_factory: Callable[..., Cluster]) -> None:
+def test_lying_hardware_holds_one_job_then_is_caught(cluster_factory: Callable[..., Cluster]) -> None:
+    """A CPU process registered as 8x H200 with 256 slots, 512 cores and 4 TB of RAM: on probation it
+    ranks on nothing it claims and holds one job at a time; a job it black-holes ends at its wall-clock
+    limit; its forged result is replayed on a node of another kind (no peer has what it claims) and
+    caught, and the job waits for a node that really fits."""
     cluster = cluster_factory()
     api = cluster.api
     claims = {"device": "cuda", "cpu_cores": 512, "ram_mb": 4 * 2**20,
               "gpus": [{"name": "NVIDIA H200", "memory_mb": 143771, "compute_capability": "9.0"}] * 8}
     rogue = RogueNode(cluster, claims, slots=256)
+    big = {"gpu": True, "min_gpu_memory_mb": 140000}
+    # (the black hole's 10 s limit only has to outlast the next two requests)
+    black_hole = api.submit({**digits(3, "black-hole", max_duration_s=10), "requirements": big})
+    assert rogue.assignment()["job_id"] == black_hole
+    rogue.report(black_hole, 1, status="running")  # and then nothing, while it keeps heartbeating
+    forged_job = api.submit({**digits(3, "forged"), "requirements": big})
+    assert api.job(forged_job)["status"] == "queued"  # only the fake fits it, and the fake is at its cap
+    fake = cluster.node(rogue.name)
+    assert fake["probation"] is True and fake["running_jobs"] == 1  # one job at a time, whatever its slots
+    assert fake["capability"] == 0.0 and fake["claimed_capability"] > 0.5  # its claims earn it nothing
     honest = [cluster.start(), cluster.start()]
     api.wait_nodes(3)
-    fake = cluster.node(rogue.name)
-    assert fake["probation"] is True and fake["capability"] == 0.0 and fake["claimed_capability"] > 0.5
-    black_hole = api.submit({**digits(3, "black-hole"), "requirements": {"gpu": True, "min_gpu_memory_mb": 140000},
-                             "training": {**digits(3)["training"], "max_duration_s": 5}})
-    entry = rogue.assignment()
-    assert entry["job_id"] == black_hole
-    rogue.report(black_hole, 1, status="running")  # and then nothing, while it keeps heartbeating
-    jobs = [api.submit(digits(2, f"small-{i}")) for i in range(10)]
-    assert cluster.node(rogue.name)["running_jobs"] == 1  # on probation: one job at a time
-    for job_id in jobs:
-        job = wait_completed_and_verified(api, job_id, 240)
-        assert job["node_id"] != rogue.node_id
+    jobs = [api.submit(digits(2, f"small-{i}")) for i in range(6)]
     job = api.wait_status(black_hole, ("failed",), 60)  # the wall-clock limit ends the black hole
     assert "wall-clock" in job["error"]
-    rogue.leave()
+    entry = rogue.assignment()
+    assert entry["job_id"] == forged_job  # older than the small jobs: the fake's one slot goes to it
+    spec, info, model = forged_model(parse_job_spec(json.loads(entry["spec"])), None)
+    assert rogue.upload(forged_job, 1, "model.safetensors",
+                        encode_weights(spec, info, model, device_kind="NVIDIA H200")).status_code == 201
+    resp = rogue.report(forged_job, 1, status="completed", epoch=3, step=69, total_steps=69,
+                        metrics={"val_accuracy": 0.99, "samples_per_s": 9e9}, artifacts=["model.safetensors"])
+    assert resp.status_code == 200 and resp.json()["status"] == "running", resp.text  # held for its audit
+    job = wait_until(lambda: (j := api.job(forged_job))["verification"]["status"] == "failed" and j, 240,
+                     what="the forged result to be caught")
+    assert job["status"] == "queued" and job["pending_reason"] == "no_node_fits"  # waits for a real GPU
+    assert float(cluster.store.hget(keys.REPUTATION, rogue.name)) == 0.0
+    assert cluster.store.hexists(keys.NODES_BANNED, rogue.name)
+    for job_id in jobs:
+        assert wait_completed_and_verified(api, job_id, 240)["node_id"] != rogue.node_id
+    rogue.alive = False
     assert len(honest) == 2
 
 
