@@ -322,12 +322,14 @@ async def attempt_state(store: Store, node_id: str, job_id: str, attempt: str) -
     (not cancelled, ended or moved on while the entry waited)? 404 no job, 403 another node's attempt."""
     if not is_number(attempt):
         raise errors.InvalidField("attempt must be an integer", field="attempt")
-    status, current, holder = await store.redis.hmget(keys.job_key(job_id), ["status", "attempt", f"node:{attempt}"])
+    status, current, holder, held = await store.redis.hmget(keys.job_key(job_id),
+                                                            ["status", "attempt", f"node:{attempt}", "held"])
     if status is None:
         raise errors.NotFound(f"no job {job_id}")
     if holder != node_id:
         raise errors.Forbidden(f"attempt {attempt} of job {job_id} is not assigned to node {node_id}")
-    live = status not in TERMINAL and current == str(int(attempt))
+    # a result held for its audit is over for its node: training it again would help nobody
+    live = status not in TERMINAL and current == str(int(attempt)) and held != "1"
     return {"job_id": job_id, "attempt": int(attempt), "status": status, "current": live}
 
 

@@ -559,6 +559,7 @@ local function end_job(job_id, to, error_text, now)
   local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant', 'seq', 'node_id', 'req_gpu')
   set_status(job_id, j[1], to, j[2], j[3])
   redis.call('HSET', job_key(job_id), 'finished_ms', now, 'error', error_text)
+  redis.call('HDEL', job_key(job_id), 'held')  -- a result awaiting its audit is dropped with the job
   dequeue(job_id, job_class(j[5]), j[2])
   if j[4] ~= '' then
     redis.call('SADD', node_cancels_key(j[4]), job_id)

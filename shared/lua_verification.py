@@ -174,6 +174,18 @@ local function verifier_possible(kind, exclude)
   return count > 0
 end
 
+-- Is the task still wanted: its job's current audit, the job held (or completed, for a re-check)? A task
+-- of a job cancelled or retrained meanwhile ends here instead of costing a replay.
+local function task_wanted(task_id)
+  local job_id = redis.call('HGET', verify_key(task_id), 'job_id')
+  local j = job_id and redis.call('HMGET', job_key(job_id), 'status', 'verify_task', 'held')
+  if j and j[2] == task_id and ((j[3] == '1' and not TERMINAL[j[1]]) or j[1] == 'completed') then return true end
+  redis.call('ZREM', VERIFY_QUEUE, task_id)
+  redis.call('HSET', verify_key(task_id), 'status', 'done', 'outcome', 'obsolete')
+  redis.call('PEXPIRE', verify_key(task_id), RETENTION_MS)
+  return false
+end
+
 -- Could this node replay this task now?
 local function task_fits_node(task_id, node_id, now)
   local t = redis.call('HMGET', verify_key(task_id), 'kind', 'exclude', 'memory_mb', 'status')
@@ -222,7 +234,7 @@ end
 -- A queued task onto the best free node of its kind, if one can take it now.
 place_task = function(task_id, now)
   local kind = redis.call('HGET', verify_key(task_id), 'kind')
-  if not kind then return false end
+  if not kind or not task_wanted(task_id) then return false end
   local classes = {'gpu'}
   if kind == 'cpu' then classes = {'cpu'} elseif kind == '*' then classes = NODE_CLASSES end
   for _, class in ipairs(classes) do
@@ -238,7 +250,7 @@ end
 
 pull_tasks = function(node_id, now)
   for _, task_id in ipairs(redis.call('ZRANGE', VERIFY_QUEUE, 0, TASK_SCAN - 1)) do
-    if task_fits_node(task_id, node_id, now) then assign_task(task_id, node_id, now) end
+    if task_fits_node(task_id, node_id, now) and task_wanted(task_id) then assign_task(task_id, node_id, now) end
   end
 end
 
@@ -302,6 +314,7 @@ local function create_task(job_id, round, index, from, to, exclude, now, recheck
     'segment_ms', math.max(0, (tonumber(to.ms) or now) - (from and tonumber(from.ms) or
       tonumber(redis.call('HGET', job_key(job_id), 'assigned_ms:' .. (to.attempt or 0)) or now) or now)))
   redis.call('ZADD', VERIFY_QUEUE, now, task_id)
+  if not recheck then redis.call('HSET', job_key(job_id), 'held', '1') end  -- its result waits for the verdict
   redis.call('HSET', job_key(job_id), 'verify_task', task_id, 'verify_status', 'pending', 'verify_round', round,
     'verify_segment', cjson.encode({index - 1, index}), 'verify_steps', cjson.encode({from_step, to.step}),
     'verify_verifier', '', 'verify_distance', '', 'verify_note', '')

@@ -272,3 +272,19 @@ async def test_a_task_nobody_may_take_any_more_ends_and_releases_the_result(stor
     assert job["status"] == "completed" and job["verify_status"] == "skipped"
     assert "no other live node" in job["verify_note"]
     assert r.zscore(keys.VERIFY_QUEUE, task) is None
+
+
+async def test_a_cancelled_jobs_audit_ends_instead_of_costing_a_replay(store: Store, r: redis.Redis) -> None:
+    await register(store, "t1", slots=2)
+    await submit(store, "j1")
+    await submit(store, "j2")  # t1 is on probation: j2 waits, so t1 stays busy
+    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
+    await register(store, "v1")
+    await store.run("REPORT_PROGRESS", ["j2", "v1", 1, 1, "running", "{}", "{}", "", "job"])  # v1 is busy
+    await complete(store, "j1", "t1", 1, 50)
+    task = r.hget(keys.job_key("j1"), "verify_task")
+    assert r.zscore(keys.VERIFY_QUEUE, task) is not None  # queued: no free verifier
+    await store.run("CANCEL_JOB", ["j1", ""])
+    await store.run("CANCEL_JOB", ["j2", ""])  # v1 frees up and pulls work
+    await store.run("HEARTBEAT", ["v1", ""])
+    assert r.hget(keys.verify_key(task), "outcome") == "obsolete" and not r.smembers(keys.node_tasks_key("v1"))
