@@ -395,23 +395,23 @@ async def report_verification(store: Store, node_id: str, task_id: str, body: An
 
 
 FLOPS_FLOOR, FLOPS_TOP = 1e8, 1e14  # capability 0 and 1: a slow CPU core, an H200's dense bf16 range
-FLAG_RATIO = 4.0  # a producer this many times slower than its verifier (same claimed kind) is flagged
+FLAG_RATIO = 4.0  # a producer this many times slower than its verifier (same claimed kind) is flagged ...
+FLAG_MIN_MS = 60_000  # ... on a segment long enough that process start-up does not decide it
 
 
 async def observe_speed(store: Store, producer: str, job_id: str, steps: int | str, from_ms: str, to_ms: str,
-                        verifier_speed: str) -> None:
+                        verifier_ms: str) -> None:
     """After a passed audit: the producer's confirmed training speed in FLOP/s (its reported samples/s,
     capped by the steps the control plane saw it finish in wall-clock time), as a capability 0..1 on a
-    log scale; flagged when it is far slower than the verifier replaying the same segment on hardware
-    claimed to be the same kind."""
+    log scale; flagged when the segment took it far longer than the verifier's replay of the same
+    segment took, on hardware claimed to be the same kind (both timed by the control plane)."""
     spec_raw, progress_raw = await store.redis.hmget(keys.job_key(job_id), ["spec", "progress"])
-    elapsed_s = (int(to_ms) - int(from_ms)) / 1000 if from_ms and to_ms else 0
-    if not spec_raw or not producer or elapsed_s <= 0 or int(steps) <= 0:
+    took_ms = int(to_ms) - int(from_ms) if from_ms and to_ms else 0
+    if not spec_raw or not producer or took_ms <= 0 or int(steps) <= 0:
         return
     spec = orjson.loads(spec_raw)
     metrics = (orjson.loads(progress_raw) if progress_raw else {}).get("metrics") or {}
-    samples = int(steps) * spec["training"]["batch_size"]
-    speed = samples / elapsed_s
+    speed = int(steps) * spec["training"]["batch_size"] / (took_ms / 1000)
     reported = metrics.get("samples_per_s")
     if isinstance(reported, (int, float)) and 0 < reported < speed:
         speed = float(reported)
@@ -426,8 +426,9 @@ async def observe_speed(store: Store, producer: str, job_id: str, steps: int | s
     flops = 6.0 * params * per_sample * speed
     capability = min(1.0, max(0.0, math.log10(max(flops, 1.0) / FLOPS_FLOOR) / math.log10(FLOPS_TOP / FLOPS_FLOOR)))
     flag = ""
-    if verifier_speed and float(verifier_speed) > FLAG_RATIO * speed:
-        flag = (f"trained job {job_id} at {speed:,.0f} samples/s, {float(verifier_speed) / speed:.0f}x slower than "
-                "another node of the device kind it claims: its claimed hardware is doubted")
+    replay_ms = int(verifier_ms) if verifier_ms and verifier_ms.isdigit() else 0
+    if took_ms >= FLAG_MIN_MS and replay_ms > 0 and took_ms > FLAG_RATIO * replay_ms:
+        flag = (f"took {took_ms / 1000:,.0f} s for a segment of job {job_id} that another node of the device kind "
+                f"it claims replayed in {replay_ms / 1000:,.0f} s: its claimed hardware is doubted")
         capability /= 2
     await store.run("OBSERVE", [producer, repr(capability), flag])

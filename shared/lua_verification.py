@@ -632,7 +632,7 @@ local from = cjson.decode(redis.call('HGET', job_states_key(t.job_id), t.from) o
 local from_ms = redis.call('HGET', job_key(t.job_id), 'assigned_ms:' .. (to.attempt or 0)) or '0'
 if from and from ~= cjson.null and from.attempt == to.attempt then from_ms = from.ms end
 return {'ok', verdict, t.producer, t.job_id, tonumber(t.to_step) - tonumber(t.from_step), tostring(from_ms),
-  tostring(to.ms or 0), redis.call('HGET', vk, 'v_samples_per_s') or ''}
+  tostring(to.ms or 0), tostring(now - tonumber(t.assigned_ms or now))}
 """
 
 # Observed capability of an identity (0..1, from audited throughput; Python computes it) and, when its
