@@ -188,6 +188,18 @@ def node_results_key(name: str) -> str:
     return PREFIX + "nodes:results:" + name
 
 
+def job_logs_key(job_id: str, attempt: int | str) -> str:
+    """Stream: one attempt's log lines (the job process's output and the training loop's own lines),
+    field ``line``, ``MAXLEN ~`` :data:`LOG_MAXLEN`; purged with the job."""
+    return JOB + job_id + ":logs:" + str(attempt)
+
+
+LOG_MAXLEN = 5000  # lines kept per attempt (the newest); each line is cut to 2,000 characters
+
+# HASH of counters the scripts keep, for /metrics (functions are stateless, so cluster totals live in the
+# store): jobs_submitted, jobs_finished:{status}, reassignments, nodes_reaped
+STATS = PREFIX + "stats"
+
 JOBS_FINISHED = PREFIX + "retention:jobs"  # ZSET job_id -> ms it ended: purged after the retention period
 JOBS_DEADLINE = PREFIX + "deadline:jobs"  # ZSET job_id -> ms by which it must end (training.max_duration_s)
 
@@ -215,7 +227,8 @@ def idempotency_key(tenant: str, key: str) -> str:
 IDEMPOTENCY_TTL_S = 86400
 
 # --- auth ------------------------------------------------------------------------------------
-API_KEYS = PREFIX + "auth:api_keys"  # HASH sha256(key) -> JSON {"tenant", "admin"}
+API_KEYS = PREFIX + "auth:api_keys"  # HASH sha256(key) -> JSON {"tenant", "admin", "created", "key_id"}
+API_KEY_IDS = PREFIX + "auth:key_ids"  # HASH key_id -> sha256(key): list and revoke keys without ever showing them
 JOIN_TOKENS = PREFIX + "auth:join_tokens"  # HASH sha256(token) -> created-at; any entry may register
 TENANTS = PREFIX + "tenants"  # SET tenant names that have a key
 
@@ -281,4 +294,6 @@ local NODES_OBSERVED = '{NODES_OBSERVED}'
 local NODES_FLAGS = '{NODES_FLAGS}'
 local NODES_KINDS = '{NODES_KINDS}'
 local function node_results_key(name) return '{PREFIX}nodes:results:' .. name end
+local STATS = '{STATS}'
+local function job_logs_key(id, attempt) return K_JOB .. id .. ':logs:' .. attempt end
 """

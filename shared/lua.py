@@ -188,6 +188,7 @@ end
 local now = now_ms()
 reap_expired(now)
 local seq = redis.call('INCR', JOB_SEQ)
+redis.call('HINCRBY', STATS, 'jobs_submitted', 1)
 redis.call('HSET', job_key(job_id), 'job_id', job_id, 'name', name, 'tenant', tenant, 'status', 'queued',
   'node_id', '', 'attempt', 1, 'lost_count', 0, 'max_attempts', max_attempts, 'priority', priority,
   'band', band, 'seq', seq, 'spec', spec, 'req_gpu', req_gpu, 'req_gpu_mem', req_gpu_mem,

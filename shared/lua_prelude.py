@@ -57,6 +57,7 @@ local function set_status(job_id, from, to, tenant, seq)
   redis.call('ZADD', jobs_index_key(nil, to), seq, job_id)
   if TERMINAL[from] then redis.call('ZREM', JOBS_FINISHED, job_id) end  -- an audit re-runs a completed job
   if TERMINAL[to] then
+    redis.call('HINCRBY', STATS, 'jobs_finished:' .. to, 1)
     redis.call('ZADD', JOBS_FINISHED, now_ms(), job_id)
     redis.call('ZREM', JOBS_DEADLINE, job_id)
     redis.call('ZREM', QUEUE_PARKED, job_id)
@@ -454,6 +455,7 @@ local function requeue(job_id, now, lost, reason)
     'req_gpu')
   local lost_count = tonumber(j[5])
   if lost then lost_count = lost_count + 1 end
+  redis.call('HINCRBY', STATS, 'reassignments', 1)
   redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'lost_count', lost_count, 'node_id', '')
   if lost_count >= tonumber(j[6]) then
     set_status(job_id, j[1], 'failed', j[2], j[3])
@@ -587,7 +589,7 @@ local function purge_expired(now)
   local before = now - RETENTION_MS
   for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', JOBS_FINISHED, '-inf', before, 'LIMIT', 0, REAP_BATCH)) do
     local jk = job_key(job_id)
-    local j = redis.call('HMGET', jk, 'tenant', 'status', 'artifacts')
+    local j = redis.call('HMGET', jk, 'tenant', 'status', 'artifacts', 'attempt')
     if j[1] then
       for _, name in ipairs(cjson.decode(j[3] or '[]')) do redis.call('DEL', artifact_key(job_id, name)) end
       for _, raw in ipairs(redis.call('HVALS', job_states_key(job_id))) do  -- checkpoints kept per (attempt, step)
@@ -600,6 +602,7 @@ local function purge_expired(now)
       end
     end
     redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id), job_states_key(job_id))
+    for attempt = 1, tonumber(j[4] or '0') do redis.call('DEL', job_logs_key(job_id, attempt)) end
     redis.call('ZREM', JOBS_FINISHED, job_id)
   end
   for _, name in ipairs(redis.call('ZRANGEBYSCORE', NODES_LAST_SEEN, '-inf', before, 'LIMIT', 0, REAP_BATCH)) do
@@ -619,6 +622,7 @@ local function reap_expired(now)
   local reaped = {}
   for _, node_id in ipairs(redis.call('ZRANGEBYSCORE', NODES_DEADLINE, '-inf', now, 'LIMIT', 0, REAP_BATCH)) do
     remove_node(node_id, now, true)
+    redis.call('HINCRBY', STATS, 'nodes_reaped', 1)
     table.insert(reaped, node_id)
   end
   return reaped

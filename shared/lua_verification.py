@@ -356,6 +356,7 @@ local function rerun(job_id, now, reason)
   if j[1] ~= 'running' and j[1] ~= 'assigned' and j[1] ~= 'completed' then return end
   if j[7] ~= '' then release(job_id, j[7], now) end
   redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'node_id', '', 'error', reason)
+  redis.call('HINCRBY', STATS, 'reassignments', 1)
   set_status(job_id, j[1], 'queued', j[2], j[3])
   enqueue(job_id, job_class(j[6]), j[2], tonumber(j[5]) * PRIORITY_SCALE + tonumber(j[3]))
   place_or_park(job_id, now)
