@@ -4,7 +4,8 @@ A function module lists its routes and calls :func:`make_app`; the gateway joins
 all four. Handlers raise :class:`shared.errors.ApiError`; the table below turns those, store outages
 and Starlette's own 404/405 into the contract's error shape. Client input never reaches a 500.
 Every app runs behind :class:`shared.edge.EdgeLimits` (in-flight caps, body and request deadlines,
-and the drain of a body left unread by an early answer).
+and the drain of a body left unread by an early answer), inside :class:`shared.metrics.RequestMetrics`
+(request latencies), and serves /healthz and /metrics.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from shared import errors
+from shared import auth, errors
 from shared.edge import EdgeLimits, body_timeout_error
+from shared.metrics import CONTENT_TYPE, ProcessMetrics, RequestMetrics, render_metrics
 from shared.nodes import reap_forever
 from shared.settings import Settings
 from shared.store import RedisError, Store, is_full, is_unavailable
@@ -180,9 +182,21 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (admin API key): the cluster read from the store now, and this process's
+    request latencies (shared/metrics.py, docs/metrics.md)."""
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    if not who.admin:
+        raise errors.Forbidden("only an admin API key may read /metrics")
+    body = await render_metrics(store, request.app.state.process_metrics)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> Starlette:
-    """An app behind the edge's limits, with the store opened at start-up and closed at shut-down,
-    plus /healthz. Settings are read here, once: the edge needs them before the store exists."""
+    """An app behind the edge's limits and the latency middleware, with the store opened at start-up and
+    closed at shut-down, plus /healthz and /metrics. Settings are read here, once: the edge needs them
+    before the store exists. Each app has its own metrics registry."""
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
@@ -196,6 +210,10 @@ def make_app(routes: Sequence[BaseRoute], settings: Settings | None = None) -> S
             await asyncio.gather(reaper, return_exceptions=True)
             await app.state.store.close()
 
-    all_routes = [*routes, Route("/healthz", healthz, methods=["GET"])]
-    return Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
-                     middleware=[Middleware(EdgeLimits, settings=settings)])
+    all_routes = [*routes, Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    process = ProcessMetrics()
+    app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan,
+                    middleware=[Middleware(RequestMetrics, routes=all_routes, histogram=process.request_duration),
+                                Middleware(EdgeLimits, settings=settings)])
+    app.state.process_metrics = process
+    return app

@@ -86,27 +86,36 @@ def test_the_estimate_is_on_the_job_and_placement_respects_free_memory(http: htt
     assert job(http, key, second["job_id"])["node_id"] == large["node_id"]
 
 
-def test_unplaceable_jobs_of_one_tenant_do_not_starve_another(http: httpx.Client, creds: dict[str, str],
+def test_unplaceable_jobs_of_one_tenant_do_not_starve_another(valkey: EmbeddedValkey, creds: dict[str, str],
                                                                r: redis.Redis) -> None:
-    admin = creds["api_key"]
-    hog, victim = tenant_key(http, admin, "hog"), tenant_key(http, admin, "victim")
-    reg = register(http, creds["join_token"], labels={"zone": "a"})
-    blocker = submit(http, hog, DIGITS_SPEC)["job_id"]  # holds the node's one slot
-    unplaceable = {**DIGITS_SPEC, "priority": "high", "requirements": {"labels": {"zone": "nowhere"}}}
-    for _ in range(210):  # more than a node's queue scan looked at before
-        submit(http, hog, unplaceable)
-    waiting = submit(http, victim, DIGITS_SPEC)["job_id"]
-    assert job(http, victim, waiting)["pending_reason"] == "waiting_for_capacity"
-    assert r.zcard(keys.QUEUE_PARKED) == 210
-    # the node's slot frees up; its next heartbeat places the fitting job, not one of the 210
-    r.hset(keys.job_key(blocker), mapping={"artifacts": '["model.safetensors"]', "final:1": '{"weights": "w"}'})
-    resp = http.post(f"/v1/jobs/{blocker}/progress", headers=bearer(reg["session_token"]),
-                     json={"attempt": 1, "seq": 1, "status": "completed", "artifacts": ["model.safetensors"]})
-    assert resp.status_code == 200, resp.text
-    heartbeat(http, reg)
-    assert job(http, victim, waiting)["status"] == "assigned"
-    listed = http.get("/v1/jobs?status=queued&limit=3", headers=bearer(hog)).json()["jobs"]
-    assert [j["pending_reason"] for j in listed] == ["no_node_fits"] * 3
+    # a gateway whose nodes live 10 minutes: 211 submissions on a busy machine can outlast the session's 2 s TTL
+    proc, url = start_gateway(valkey.gateway_url, {"CYXWIZ_TTL_S": "600"})
+    try:
+        with httpx.Client(base_url=url, timeout=10) as http:
+            admin = creds["api_key"]
+            hog, victim = tenant_key(http, admin, "hog"), tenant_key(http, admin, "victim")
+            reg = register(http, creds["join_token"], labels={"zone": "a"})
+            blocker = submit(http, hog, DIGITS_SPEC)["job_id"]  # holds the node's one slot
+            unplaceable = {**DIGITS_SPEC, "priority": "high", "requirements": {"labels": {"zone": "nowhere"}}}
+            for _ in range(210):  # more than a node's queue scan looked at before
+                submit(http, hog, unplaceable)
+            waiting = submit(http, victim, DIGITS_SPEC)["job_id"]
+            assert job(http, victim, waiting)["pending_reason"] == "waiting_for_capacity"
+            assert r.zcard(keys.QUEUE_PARKED) == 210
+            # the node's slot frees up; its next heartbeat places the fitting job, not one of the 210
+            r.hset(keys.job_key(blocker), mapping={"artifacts": '["model.safetensors"]',
+                                                   "final:1": '{"weights": "w"}'})
+            resp = http.post(f"/v1/jobs/{blocker}/progress", headers=bearer(reg["session_token"]),
+                             json={"attempt": 1, "seq": 1, "status": "completed",
+                                   "artifacts": ["model.safetensors"]})
+            assert resp.status_code == 200, resp.text
+            heartbeat(http, reg)
+            assert job(http, victim, waiting)["status"] == "assigned"
+            listed = http.get("/v1/jobs?status=queued&limit=3", headers=bearer(hog)).json()["jobs"]
+            assert [j["pending_reason"] for j in listed] == ["no_node_fits"] * 3
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_capacity_is_shared_between_tenants(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
