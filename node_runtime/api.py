@@ -113,6 +113,10 @@ class JobApi:
                                             json={**body, "attempt": self.attempt}).json()
         return answer
 
+    def append_logs(self, lines: list[dict[str, str]]) -> None:
+        """POST log lines (``{"time", "line"}``, oldest first) of this attempt; fenced like reports."""
+        self._send("POST", f"/v1/jobs/{self.job_id}/logs", json={"attempt": self.attempt, "lines": lines})
+
     def upload(self, name: str, data: bytes) -> None:
         """PUT an artifact of this attempt (fenced: a stale attempt is refused)."""
         self._send("PUT", f"/v1/jobs/{self.job_id}/artifacts/{name}", content=data,

@@ -20,6 +20,7 @@ from typing import Any
 
 from node_runtime.api import STOP_CODES, ApiRefused, ApiUnavailable, JobApi
 from node_runtime.job_control import JobControl, JobLaunch, StopReason
+from node_runtime.log_shipper import LogShipper, capture_output
 from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender, checkpoint_step
 
 log = logging.getLogger("cyxwiz.node.job")
@@ -27,6 +28,7 @@ MODEL_ARTIFACT = "model.safetensors"
 EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the node's TTL lapses
 EXIT_UNSETTLED = 71  # ended with no outcome in the control plane's hands: the runtime reports a node fault
 EARLY_STEPS = 3  # out of memory before this many steps: loading the data or the first batches did it
+LOG_FLUSH_S = 10.0  # how long the job's log may take to get out before its final report, and at exit
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -45,19 +47,44 @@ def job_process_main(launch: JobLaunch, control: JobControl) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
                  ca_file=launch.ca_file)
-    if launch.task_id:
+    shipping: _ShippedLog | None = None
+    if launch.task_id:  # a verification task keeps no log: its attempt numbers are not the job's
         from node_runtime.replay import ReplayAttempt
 
         api.client.headers["X-CyxWiz-Task"] = launch.task_id  # the task is what lets it read the job's artifacts
         attempt: JobAttempt | ReplayAttempt = ReplayAttempt(launch, control, api)
     else:
-        attempt = JobAttempt(launch, control, api)
+        shipping = _ShippedLog(launch, control)
+        attempt = JobAttempt(launch, control, api, shipping.shipper)
     try:
         attempt.run()
+    except Exception:
+        log.exception("job %s attempt %d: the job process failed", launch.job_id, launch.attempt)
+        raise
     finally:
         api.close()
+        if shipping is not None:
+            shipping.close()
     if not attempt.settled and control.stop_reason == StopReason.NONE:
         sys.exit(EXIT_UNSETTLED)  # e.g. a report refused for a reason that does not end the attempt
+
+
+class _ShippedLog:
+    """The job's log in the control plane: this process's logging and output, sent by a LogShipper
+    with an HTTP client of its own (a slow log never holds up a report)."""
+
+    def __init__(self, launch: JobLaunch, control: JobControl) -> None:
+        self.api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
+                          ca_file=launch.ca_file)
+        self.shipper = LogShipper(self.api.append_logs, give_up=lambda: control.stop_reason >= StopReason.CANCEL,
+                                  retry_max_s=launch.retry_max_s).start()
+        self.release = capture_output(self.shipper)
+
+    def close(self) -> None:
+        self.release()
+        if not self.shipper.close(LOG_FLUSH_S):
+            log.warning("job %s: the end of its log could not be sent", self.api.job_id)
+        self.api.close()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -74,8 +101,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 class JobAttempt:
     """One attempt: resume, train, upload, report."""
 
-    def __init__(self, launch: JobLaunch, control: JobControl, api: JobApi) -> None:
-        self.launch, self.control, self.api = launch, control, api
+    def __init__(self, launch: JobLaunch, control: JobControl, api: JobApi, logs: LogShipper | None = None) -> None:
+        self.launch, self.control, self.api, self.logs = launch, control, api, logs
         self.sender = ProgressSender(api, control, self._refused)
         self.job = f"job {launch.job_id} attempt {launch.attempt}"
         self.resumed_from_step = 0  # where this attempt started: the chaos run checks it never goes back
@@ -107,12 +134,12 @@ class JobAttempt:
         try:
             result = run_training(self.launch.spec, ctx)
         except JobError as error:
-            log.info("%s failed: %s", self.job, error)
+            log.error("%s failed: %s", self.job, error)
             return self._final({"status": "failed", "error": str(error), "fault": "job"})
         except Exception as error:  # out of memory, a driver error: another node may well succeed
             if is_out_of_memory(error) and self.steps < EARLY_STEPS:
                 # the job asked for more than it said it needed, before it could even train: its fault
-                log.info("%s ran out of memory after %d steps: %s", self.job, self.steps, error)
+                log.error("%s ran out of memory after %d steps: %s", self.job, self.steps, error)
                 return self._final({"status": "failed", "fault": "job",
                                     "error": f"out of memory while loading data or in its first steps "
                                              f"({type(error).__name__}): make the job smaller"})
@@ -188,6 +215,8 @@ class JobAttempt:
         """Send a final report after everything queued before it; retried until delivered or refused."""
         self.sender.flush()
         self.sender.close()
+        if self.logs is not None:  # the log first, while the attempt is surely current: a failure's traceback
+            self.logs.flush(LOG_FLUSH_S)
         if self._abandoned():
             return
         report = {**body, "seq": self.control.next_seq()}  # one seq for every retry: the API dedupes

@@ -64,7 +64,7 @@ def request_deadline(method: str, path: str) -> Deadline:
     """Which part of a request ``request_timeout_s`` covers."""
     if _ARTIFACT.fullmatch(path):
         return Deadline.NONE if method == "PUT" else Deadline.UNTIL_RESPONSE
-    if _STREAM.fullmatch(path):
+    if method == "GET" and _STREAM.fullmatch(path):  # a node's POST of log lines is an ordinary request
         return Deadline.UNTIL_RESPONSE
     return Deadline.WHOLE
 

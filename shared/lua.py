@@ -8,6 +8,7 @@ which :mod:`shared.store` turns into the matching :class:`shared.errors.ApiError
 
 from __future__ import annotations
 
+from shared.keys import LOG_MAXLEN
 from shared.lua_verification import OBSERVE, VERIFY_RESULT
 
 __all__ = ["OBSERVE", "VERIFY_RESULT"]  # with the scripts below
@@ -495,4 +496,36 @@ local name = ARGV[2]
 local upload_id = ARGV[3]
 if holds_upload(job_id, name, upload_id) then redis.call('HDEL', job_uploads_key(job_id), name) end
 return {'ok'}
+"""
+
+# A node's log lines of one attempt (the job process's output and the training loop's own lines), fenced
+# like progress reports. Lines still land once the job ended for the attempt that held it last, so the
+# traceback of the failure that ended a job gets in: a job that failed (or completed) keeps its attempt,
+# and one that failed as its last attempt was lost moved on to an attempt no node ever held.
+APPEND_LOGS = _FENCE + f"local LOG_MAXLEN = {LOG_MAXLEN}\n" + r"""
+local job_id = ARGV[1]
+local node_id = ARGV[2]
+local attempt = ARGV[3]
+local token_hash = ARGV[4]  -- optional: the caller's session-token digest, checked before any change
+local first_line = 5        -- ARGV[5], ARGV[6], ...: time and text of each line, oldest first
+if token_hash ~= '' and not session_ok(node_id, token_hash) then
+  return fail('unauthorized', SESSION_UNKNOWN)
+end
+local refused = fence(job_id, node_id, attempt)
+if refused and refused[2] == 'stale_attempt' then
+  local j = redis.call('HMGET', job_key(job_id), 'status', 'attempt')
+  local current = tonumber(j[2])
+  if TERMINAL[j[1]] and tonumber(attempt) == current - 1
+      and redis.call('HEXISTS', job_key(job_id), 'node:' .. current) == 0 then
+    refused = nil  -- the attempt that held the job last: the job ended with it
+  end
+end
+if refused then return refused end
+local key = job_logs_key(job_id, attempt)
+local added = 0
+for i = first_line, #ARGV - 1, 2 do
+  redis.call('XADD', key, 'MAXLEN', '~', LOG_MAXLEN, '*', 'time', ARGV[i], 'line', ARGV[i + 1])
+  added = added + 1
+end
+return {'ok', added}
 """

@@ -1,21 +1,23 @@
 """Progress function: nodes report progress and upload artifacts; users read, stream and download.
 
-POST /v1/jobs/{id}/progress, PUT /v1/jobs/{id}/artifacts/{name} and GET /v1/jobs/{id}/attempts/{n}
-(node session token);
-GET /v1/jobs/{id}/progress, GET /v1/jobs/{id}/events (SSE) and GET /v1/jobs/{id}/artifacts/{name}
-(API key; HTTP Range honoured). Run alone: ``hypercorn functions.progress.app:app``.
+POST /v1/jobs/{id}/progress, POST /v1/jobs/{id}/logs, PUT /v1/jobs/{id}/artifacts/{name} and
+GET /v1/jobs/{id}/attempts/{n} (node session token);
+GET /v1/jobs/{id}/progress, GET /v1/jobs/{id}/events (SSE), GET /v1/jobs/{id}/logs (text, or followed)
+and GET /v1/jobs/{id}/artifacts/{name} (API key; HTTP Range honoured).
+Run alone: ``hypercorn functions.progress.app:app``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from shared import auth, errors, jobs, keys
+from shared import auth, errors, jobs, keys, logs
 from shared.artifacts import CHECKED, ArtifactCheck, RangeNotSatisfiable, RedisArtifactStore, check_name, parse_range
 from shared.http import JSONResponse, make_app, read_json, store_of
 from shared.sse import CountedEventStream, admit_stream, job_event_stream
@@ -29,19 +31,45 @@ async def _node(request: Request) -> str:
     return await auth.authenticate_node_token(store_of(request), request.headers.get("authorization"))
 
 
-async def report(request: Request) -> Response:
+async def _as_node(request: Request, operation: Callable[..., Awaitable[dict[str, Any]]], target: str) -> Response:
+    """A node's report in one round trip: the operation's script checks the session token before anything
+    else; a bad token still answers 401 first, as when it was checked on its own."""
     store = store_of(request)
     node_id, token_hash = auth.session_claim(request.headers.get("authorization"))
     if node_id is None:
         node_id = await _node(request)  # not a session token: 401
     try:
-        # One round trip: the REPORT_PROGRESS script checks the session token before anything else.
-        answer = await jobs.report_progress(store, node_id, request.path_params["job_id"], await read_json(request),
-                                            token_hash)
+        answer = await operation(store, node_id, target, await read_json(request), token_hash)
     except errors.ApiError:
-        await _node(request)  # a bad token still answers first, as when it was checked on its own
+        await _node(request)
         raise
     return JSONResponse(answer)
+
+
+async def report(request: Request) -> Response:
+    return await _as_node(request, jobs.report_progress, request.path_params["job_id"])
+
+
+async def append_logs(request: Request) -> Response:
+    return await _as_node(request, logs.append_logs, request.path_params["job_id"])
+
+
+async def read_logs(request: Request) -> Response:
+    """The job's log of one attempt: text, JSON, or followed while the job runs (docs/logs.md)."""
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    job_id = request.path_params["job_id"]
+    query = logs.LogQuery.parse(request.query_params)
+    await jobs.check_job_visible(store, who, job_id)
+    attempt = await logs.resolve_attempt(store, job_id, query.attempt)
+    if query.follow:
+        admit_stream(store, who.tenant)  # counted out by the response, however the stream ends
+        return logs.CountedLogStream(store, who.tenant, logs.follow_lines(
+            store, job_id, attempt, explicit=query.attempt is not None, tail=query.tail))
+    lines = await logs.read_lines(store, job_id, attempt, query.tail)
+    if query.json:
+        return JSONResponse({"job_id": job_id, "attempt": attempt, "lines": lines})
+    return Response(logs.as_text(lines), media_type=logs.TEXT)
 
 
 async def attempt(request: Request) -> Response:
@@ -126,17 +154,7 @@ async def download(request: Request) -> Response:
 
 async def verification(request: Request) -> Response:
     """A verifier reports on the segment it replayed (node session token of the task's node)."""
-    store = store_of(request)
-    node_id, token_hash = auth.session_claim(request.headers.get("authorization"))
-    if node_id is None:
-        node_id = await _node(request)
-    try:
-        answer = await jobs.report_verification(store, node_id, request.path_params["task_id"],
-                                                await read_json(request), token_hash)
-    except errors.ApiError:
-        await _node(request)
-        raise
-    return JSONResponse(answer)
+    return await _as_node(request, jobs.report_verification, request.path_params["task_id"])
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -147,6 +165,8 @@ routes = [
     Route("/v1/jobs/{job_id:job}/progress", report, methods=["POST"]),
     Route("/v1/jobs/{job_id:job}/progress", list_progress, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/events", events, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/logs", append_logs, methods=["POST"]),
+    Route("/v1/jobs/{job_id:job}/logs", read_logs, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/attempts/{attempt}", attempt, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", upload, methods=["PUT"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", download, methods=["GET"]),

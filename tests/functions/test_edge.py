@@ -305,10 +305,11 @@ async def test_streams_and_uploads_outlive_the_request_deadline() -> None:
             await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    wire = Wire()
-    await asyncio.wait_for(EdgeLimits(stream, edge_settings())(
-        wire.scope("GET", "/v1/jobs/j-0123456789abcdef0123/events"), wire.receive, wire.send), 30)
-    assert wire.status() == 200 and len(wire.sent) == 6
+    for path in ("/v1/jobs/j-0123456789abcdef0123/events", "/v1/jobs/j-0123456789abcdef0123/logs"):
+        wire = Wire()  # an event stream, a followed log
+        edge = EdgeLimits(stream, edge_settings())
+        await asyncio.wait_for(edge(wire.scope("GET", path), wire.receive, wire.send), 30)
+        assert wire.status() == 200 and len(wire.sent) == 6
 
     async def slow_commit(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
@@ -328,6 +329,8 @@ def test_which_requests_the_deadline_covers() -> None:
     assert request_deadline("POST", "/v1/jobs") is Deadline.WHOLE
     assert request_deadline("POST", f"{job}/progress") is Deadline.WHOLE
     assert request_deadline("GET", f"{job}/events") is Deadline.UNTIL_RESPONSE
+    assert request_deadline("GET", f"{job}/logs") is Deadline.UNTIL_RESPONSE  # ?follow=1 streams (no query here)
+    assert request_deadline("POST", f"{job}/logs") is Deadline.WHOLE  # a node's batch of lines
     assert request_deadline("GET", f"{job}/artifacts/model.safetensors") is Deadline.UNTIL_RESPONSE
     assert request_deadline("PUT", f"{job}/artifacts/model.safetensors") is Deadline.NONE
 
