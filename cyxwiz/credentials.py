@@ -16,16 +16,28 @@ ENV = {"api_url": "CYXWIZ_API_URL", "api_key": "CYXWIZ_API_KEY", "join_token": "
        "redis_url": "CYXWIZ_REDIS_URL"}
 
 
+class CredentialsError(ValueError):
+    """The credentials file cannot be read (not JSON, not an object, unreadable): one line for the user."""
+
+
 def credentials_path(data_dir: Path | None = None) -> Path:
     return (data_dir or default_data_dir()) / FILE_NAME
 
 
 def read_credentials(data_dir: Path | None = None) -> dict[str, Any]:
-    """The file's contents, or {} when there is none."""
+    """The file's contents, or {} when there is none; :class:`CredentialsError` when it is unusable."""
     path = credentials_path(data_dir)
-    if not path.exists():
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CredentialsError(f"{path} is not valid JSON ({exc}); `cyxwiz serve` writes it") from None
+    if not isinstance(data, dict):
+        raise CredentialsError(f"{path} must hold a JSON object; `cyxwiz serve` writes it")
+    return data
 
 
 def write_credentials(data: dict[str, Any], data_dir: Path | None = None) -> Path:

@@ -203,6 +203,7 @@ def _serve_locked(opts: ServeOptions, lock: IO[bytes]) -> int:
     embedded = _start_store(opts, creds) if not opts.redis_url else None
     try:
         creds.setdefault("api_key", auth.new_token("cwk"))
+        creds["api_key_id"] = auth.key_id_of(auth.hash_token(creds["api_key"]))  # what `cyxwiz keys list` shows
         creds.setdefault("join_token", auth.new_token("cwj"))
         creds["api_url"] = opts.public_url or opts.local_api_url
         if embedded is not None:

@@ -13,23 +13,33 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from redis.exceptions import ExecAbortError, OutOfMemoryError
 
 from shared import errors, keys
 from shared.store import Store
+from shared.views import rfc3339
 
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch: "$" would accept a final newline
 # The node id a session token names: the same form as NodeIdConvertor's in shared/http.py, so a token can
 # never name another key ("n-...:assignments" is a stream) and turn a refusal into a 500.
 NODE_ID_RE = re.compile(r"n-[0-9a-f]{16}")
 ADMIN_TENANT = "admin"
+KEY_ID_RE = re.compile(r"k-[0-9a-f]{16}")  # with fullmatch: what key_id_of makes
 
 
 def hash_token(token: str) -> str:
     """The stored form of a token."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def key_id_of(key_hash: str) -> str:
+    """An API key's id, from its digest: ``k-`` and the digest's first 16 hex digits. Lists show it and
+    revocation takes it, so a key is never shown again after it is created. Derived, not drawn, so a key
+    stored before keys had ids has the same id as if it had been given one."""
+    return "k-" + key_hash[:16]
 
 
 def new_token(kind: str) -> str:
@@ -39,10 +49,11 @@ def new_token(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who an API key belongs to. ``admin`` sees every tenant."""
+    """Who an API key belongs to. ``admin`` sees every tenant; ``key_id`` is the key that was used."""
 
     tenant: str
     admin: bool
+    key_id: str = ""
 
     def scope(self) -> str:
         """The tenant filter for Lua scripts: '' means every tenant."""
@@ -69,7 +80,7 @@ async def authenticate_api_key(store: Store, authorization: str | None) -> Princ
     limit = store.settings.rate_limit_per_s
     if limit:
         await _check_rate(store, hash_token(token), limit)
-    return Principal(tenant=entry["tenant"], admin=bool(entry.get("admin")))
+    return Principal(tenant=entry["tenant"], admin=bool(entry.get("admin")), key_id=key_id_of(hash_token(token)))
 
 
 async def _check_rate(store: Store, key_hash: str, limit: int) -> None:
@@ -152,22 +163,78 @@ async def create_api_key(store: Store, tenant: str, *, admin: bool = False) -> s
         raise errors.InvalidField("tenant must be 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
                                   field="tenant")
     token = new_token("cwk")
-    entry = orjson.dumps({"tenant": tenant, "admin": admin, "created": int(time.time())})
+    key_hash = hash_token(token)
+    entry = orjson.dumps({"tenant": tenant, "admin": admin, "created": int(time.time()),
+                          "key_id": key_id_of(key_hash)})
     async with store.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.API_KEYS, hash_token(token), entry)
+        pipe.hset(keys.API_KEYS, key_hash, entry)
+        pipe.hset(keys.API_KEY_IDS, key_id_of(key_hash), key_hash)
         pipe.sadd(keys.TENANTS, tenant)
         await pipe.execute()
     return token
 
 
 async def install_credentials(store: Store, *, admin_key: str, join_token: str) -> None:
-    """Make sure the admin key and join token of a credentials file are known to this store (idempotent)."""
-    entry = orjson.dumps({"tenant": ADMIN_TENANT, "admin": True, "created": int(time.time())})
+    """Make sure the admin key and join token of a credentials file are known to this store (idempotent);
+    the admin key gets its id like any other key."""
+    key_hash = hash_token(admin_key)
+    entry = orjson.dumps({"tenant": ADMIN_TENANT, "admin": True, "created": int(time.time()),
+                          "key_id": key_id_of(key_hash)})
     async with store.redis.pipeline(transaction=True) as pipe:
-        pipe.hsetnx(keys.API_KEYS, hash_token(admin_key), entry)
+        pipe.hsetnx(keys.API_KEYS, key_hash, entry)
+        pipe.hsetnx(keys.API_KEY_IDS, key_id_of(key_hash), key_hash)
         pipe.hsetnx(keys.JOIN_TOKENS, hash_token(join_token), int(time.time()))
         pipe.sadd(keys.TENANTS, ADMIN_TENANT)
         await pipe.execute()
+
+
+async def list_api_keys(store: Store) -> list[dict[str, Any]]:
+    """Every API key as ``{"key_id", "tenant", "admin", "created"}``, oldest first; never the key.
+
+    A key stored before keys had ids is listed with its derived id, and that id is added to
+    :data:`keys.API_KEY_IDS` (only that index: :data:`keys.API_KEYS` is not written here, so a key revoked
+    meanwhile cannot come back)."""
+    stored = await store.redis.hgetall(keys.API_KEYS)
+    listed = []
+    missing: dict[str, str] = {}
+    for key_hash, raw in stored.items():
+        entry = orjson.loads(raw)
+        key_id = entry.get("key_id") or key_id_of(key_hash)
+        if "key_id" not in entry:
+            missing[key_id] = key_hash
+        listed.append({"key_id": key_id, "tenant": entry["tenant"], "admin": bool(entry.get("admin")),
+                       "created": rfc3339(int(entry.get("created") or 0) * 1000)})
+    if missing:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for key_id, key_hash in missing.items():
+                pipe.hsetnx(keys.API_KEY_IDS, key_id, key_hash)
+            await pipe.execute()
+    return sorted(listed, key=lambda key: (key["created"] or "", key["key_id"]))
+
+
+async def revoke_api_key(store: Store, who: Principal, key_id: str) -> dict[str, Any]:
+    """Delete an API key by its id (admin): 404 for an unknown id, 409 for the key making the request
+    (an admin locking itself out is never what was meant). The key answers 401 from then on."""
+    if not who.admin:
+        raise errors.Forbidden("only an admin API key may revoke API keys")
+    if not KEY_ID_RE.fullmatch(key_id):
+        raise errors.NotFound(f"no API key {key_id!r} (key ids look like k-0123456789abcdef)")
+    if key_id == who.key_id:
+        raise errors.Conflict(f"{key_id} is the key making this request; revoke it with another admin key",
+                              code="own_key")
+    key_hash = await store.redis.hget(keys.API_KEY_IDS, key_id)
+    if key_hash is None:  # a key stored before ids existed, never listed since
+        key_hash = next((h for h in await store.redis.hkeys(keys.API_KEYS) if key_id_of(h) == key_id), None)
+    if key_hash is None:
+        raise errors.NotFound(f"no API key {key_id}")
+    async with store.redis.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.API_KEYS, key_hash)
+        pipe.hdel(keys.API_KEYS, key_hash)
+        pipe.hdel(keys.API_KEY_IDS, key_id)
+        raw, removed, _ = await pipe.execute()
+    if not removed:
+        raise errors.NotFound(f"no API key {key_id}")
+    return {"key_id": key_id, "tenant": orjson.loads(raw)["tenant"], "revoked": True}
 
 
 async def authenticate_job_reader(store: Store, job_id: str, authorization: str | None,

@@ -17,7 +17,7 @@ import msgspec
 import orjson
 
 from shared import errors, keys, resources
-from shared.auth import Principal
+from shared.auth import TENANT_RE, Principal
 from shared.jobspec import known_data_info, parse_job_spec
 from shared.store import Store
 from shared.transitions import JOB_STATUSES, PRIORITY_BANDS, PRIORITY_SCALE, TERMINAL
@@ -219,10 +219,15 @@ def _list_args(status: str | None, limit: str | None, cursor: str | None) -> tup
 
 
 async def list_jobs(store: Store, who: Principal, status: str | None, limit: str | None,
-                    cursor: str | None) -> dict[str, Any]:
-    """Newest first, one page; ``next_cursor`` continues after the last job shown."""
+                    cursor: str | None, tenant: str | None = None) -> dict[str, Any]:
+    """Newest first, one page; ``next_cursor`` continues after the last job shown. ``tenant`` narrows an
+    admin's listing to one tenant; a tenant's key may name only its own tenant (another is 403)."""
     status, count, top = _list_args(status, limit, cursor)
-    index = keys.jobs_index_key(None if who.admin else who.tenant, status)
+    if tenant is not None and not TENANT_RE.fullmatch(tenant):
+        raise errors.InvalidField("tenant must be 1-63 of a-z, 0-9, '_' and '-'", field="tenant")
+    if tenant is not None and not who.admin and tenant != who.tenant:
+        raise errors.Forbidden("only an admin API key may list another tenant's jobs")
+    index = keys.jobs_index_key(tenant if who.admin else who.tenant, status)
     page = await store.redis.zrevrangebyscore(index, top, "-inf", start=0, num=count, withscores=True)
     async with store.redis.pipeline(transaction=False) as pipe:
         for job_id, _ in page:

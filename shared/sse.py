@@ -70,10 +70,15 @@ class CountedEventStream(StreamingResponse):
 
 
 async def job_event_stream(store: Store, job_id: str) -> AsyncIterator[bytes]:
-    """Yield SSE frames until the job ends."""
+    """Yield SSE frames until the job ends: first a ``status`` event with the job's status now (so a
+    client knows where the job stands before any progress), then progress events oldest first and a
+    ``status`` event at each change."""
     progress_key = keys.job_progress_key(job_id)
     last_id = "0-0"
-    last_status = None
+    last_status = await store.events.hget(keys.job_key(job_id), "status")
+    if last_status is None:
+        return
+    yield _frame("status", {"job_id": job_id, "status": last_status})
     last_sent = time.monotonic()
     while True:
         status = await store.events.hget(keys.job_key(job_id), "status")

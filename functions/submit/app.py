@@ -1,7 +1,8 @@
-"""Submit function: users create, list, read and cancel jobs; admins create API keys.
+"""Submit function: users create, list, read and cancel jobs; admins create, list and revoke API keys.
 
 POST /v1/jobs, GET /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}/cancel (API key);
-POST /v1/keys, GET and PUT /v1/tenants/{tenant} (admin API key). Run alone: ``hypercorn functions.submit.app:app``.
+POST /v1/keys, GET /v1/keys, DELETE /v1/keys/{key_id}, GET and PUT /v1/tenants/{tenant} (admin API key).
+Run alone: ``hypercorn functions.submit.app:app``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ async def list_jobs(request: Request) -> Response:
     store = store_of(request)
     who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
     q = request.query_params
-    return JSONResponse(await jobs.list_jobs(store, who, q.get("status") or None, q.get("limit"), q.get("cursor")))
+    return JSONResponse(await jobs.list_jobs(store, who, q.get("status") or None, q.get("limit"), q.get("cursor"),
+                                             tenant=q.get("tenant") or None))
 
 
 async def get_job(request: Request) -> Response:
@@ -57,7 +59,20 @@ async def create_key(request: Request) -> Response:
     if not isinstance(tenant, str):
         raise errors.InvalidField("tenant is required and must be a string", field="tenant")
     key = await auth.create_api_key(store, tenant)
-    return JSONResponse({"api_key": key, "tenant": tenant}, status_code=201)
+    return JSONResponse({"api_key": key, "tenant": tenant, "key_id": auth.key_id_of(auth.hash_token(key))},
+                        status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    store = store_of(request)
+    await _admin(store, request, "list API keys")
+    return JSONResponse({"keys": await auth.list_api_keys(store)})
+
+
+async def revoke_key(request: Request) -> Response:
+    store = store_of(request)
+    who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
+    return JSONResponse(await auth.revoke_api_key(store, who, request.path_params["key_id"]))
 
 
 async def get_tenant(request: Request) -> Response:
@@ -72,10 +87,10 @@ async def set_tenant_limits(request: Request) -> Response:
     return JSONResponse(await tenants.set_limits(store, request.path_params["tenant"], await read_json(request)))
 
 
-async def _admin(store: Store, request: Request) -> None:
+async def _admin(store: Store, request: Request, what: str = "read or change tenants' limits") -> None:
     who = await auth.authenticate_api_key(store, request.headers.get("authorization"))
     if not who.admin:
-        raise errors.Forbidden("only an admin API key may read or change tenants' limits")
+        raise errors.Forbidden(f"only an admin API key may {what}")
 
 
 routes = [
@@ -84,6 +99,8 @@ routes = [
     Route("/v1/jobs/{job_id:job}", get_job, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/cancel", cancel_job, methods=["POST"]),
     Route("/v1/keys", create_key, methods=["POST"]),
+    Route("/v1/keys", list_keys, methods=["GET"]),
+    Route("/v1/keys/{key_id}", revoke_key, methods=["DELETE"]),
     Route("/v1/tenants/{tenant}", get_tenant, methods=["GET"]),
     Route("/v1/tenants/{tenant}", set_tenant_limits, methods=["PUT"]),
 ]

@@ -1,70 +1,56 @@
-"""The `cyxwiz` client commands against a real `cyxwiz serve`, configured only by its credentials file."""
+"""The `cyxwiz` client commands against a real `cyxwiz serve`, configured only by its credentials file.
+More of them (every command's output, user mistakes, keys, redis-cli) in test_cli_more.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from cyxwiz.embedded import free_port
-from cyxwiz.server import wait_healthy
 from tests.conftest import REPO, bearer, model_weights
+from tests.cyxwiz.conftest import assert_one_line_error, cli
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[dict[str, str]]:
-    data_dir = tempfile.mkdtemp(prefix="cyxwiz-cli-")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | {"CYXWIZ_DATA_DIR": data_dir}
-    server = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--port", str(port), "--workers", "2"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_healthy(f"http://127.0.0.1:{port}", 30)
-    creds = json.loads((Path(data_dir) / "credentials.json").read_text())
-    yield {**creds, "data_dir": data_dir, "env": env}  # type: ignore[dict-item]
-    server.terminate()
-    assert server.wait(30) == 0
-
-
-def cli(served: dict, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cyxwiz.cli", *args], env=served["env"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_credentials_file(served: dict) -> None:
+def test_credentials_file(served: dict[str, Any]) -> None:
     path = Path(served["data_dir"]) / "credentials.json"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert {"api_url", "api_key", "join_token", "redis_url"} <= set(served)
+    listed = json.loads(cli(served, "keys", "list", "--json").stdout)["keys"]  # the admin key has its id
+    assert [(k["key_id"], k["tenant"], k["admin"]) for k in listed] == [(served["api_key_id"], "admin", True)]
 
 
-def test_submit_status_jobs_cancel_watch(served: dict) -> None:
+def test_submit_status_jobs_cancel_watch(served: dict[str, Any]) -> None:
     out = cli(served, "submit", str(REPO / "examples" / "digits-mlp.json"))
     assert out.returncode == 0, out.stderr
-    job_id = json.loads(out.stdout)["job_id"]
-    status = json.loads(cli(served, "status", job_id).stdout)
+    first = out.stdout.splitlines()[0]
+    job_id = first.split()[2].rstrip(":")
+    assert first.startswith(f"submitted job {job_id}: queued (no_node_fits: ")  # no node yet: it says why it waits
+    assert f"cyxwiz watch {job_id}" in out.stdout
+    status = json.loads(cli(served, "status", job_id, "--json").stdout)
     assert status["status"] == "queued" and status["spec"]["model"]["hidden"] == [128, 64]
-    assert job_id in cli(served, "jobs").stdout
-    assert json.loads(cli(served, "cancel", job_id).stdout)["status"] == "cancelled"
+    summary = cli(served, "status", job_id).stdout
+    assert summary.startswith(f"job           {job_id}  digits-mlp") and "status        queued: no_node_fits" in summary
+    assert len(summary.splitlines()) < 10  # a summary, not the object
+    table = cli(served, "jobs").stdout.splitlines()
+    assert table[0].split() == ["JOB", "NAME", "STATUS", "NODE", "PROGRESS", "PENDING", "VERIFIED"]
+    assert any(row.startswith(job_id) for row in table[1:])
+    cancelled = cli(served, "cancel", job_id)
+    assert cancelled.returncode == 0 and cancelled.stdout == f"cancelled {job_id}\n"
     watched = cli(served, "watch", job_id)
-    assert watched.returncode == 1 and "cancelled" in watched.stdout  # ended, but not completed
+    assert watched.returncode == 1 and f"job {job_id} was cancelled" in watched.stdout  # ended, not completed
     again = cli(served, "cancel", job_id)
-    assert again.returncode == 1 and "job_terminal" in again.stderr
+    assert again.returncode == 1 and "job_terminal" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_keys_nodes_download(served: dict, tmp_path: Path) -> None:
-    created = cli(served, "keys", "create", "--tenant", "acme")
+def test_keys_nodes_download(served: dict[str, Any], tmp_path: Path) -> None:
+    created = cli(served, "keys", "create", "--tenant", "acme", "--json")
     assert created.returncode == 0 and json.loads(created.stdout)["tenant"] == "acme"
     api = served["api_url"]
     reg = httpx.post(f"{api}/v1/nodes", json={"name": "cli-node"}, headers=bearer(served["join_token"])).json()
     assert "cli-node" in cli(served, "nodes").stdout
-    job_id = json.loads(cli(served, "submit", str(REPO / "examples" / "digits-mlp.json")).stdout)["job_id"]
+    job_id = cli(served, "submit", str(REPO / "examples" / "digits-mlp.json"), "--quiet").stdout.strip()
     weights = model_weights()
     httpx.put(f"{api}/v1/jobs/{job_id}/artifacts/model.safetensors", content=weights,
               headers=bearer(reg["session_token"]))
@@ -73,12 +59,12 @@ def test_keys_nodes_download(served: dict, tmp_path: Path) -> None:
     assert target.read_bytes() == weights
 
 
-def test_bad_input_is_reported(served: dict, tmp_path: Path) -> None:
+def test_bad_input_is_reported(served: dict[str, Any], tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 0}}')
     out = cli(served, "submit", str(bad))
-    assert out.returncode == 1 and "invalid_field" in out.stderr and "training.epochs" in out.stderr
-    assert cli(served, "status", "j-nope").returncode == 1
+    assert_one_line_error(out, "(422 invalid_field, field training.epochs)")
+    assert_one_line_error(cli(served, "status", "j-nope"), "'j-nope' is not a job id (they look like j-0123")
 
 
 def test_server_strings_cannot_drive_the_terminal(served: dict[str, Any], tmp_path: Path) -> None:
@@ -106,11 +92,13 @@ def test_server_strings_cannot_drive_the_terminal(served: dict[str, Any], tmp_pa
     bad_spec = tmp_path / "bad.json"
     bad_spec.write_text(json.dumps({**DIGITS_SPEC, "\x1b[2Jfield": 1}))
     raw = ("\x1b", "\x7f", "\x9b", "\x07", "\r", "\u202e")
-    outputs = {args: cli(served, *args) for args in (("status", job_id), ("jobs",), ("watch", job_id), ("nodes",),
+    outputs = {args: cli(served, *args) for args in (("status", job_id), ("status", job_id, "--json"), ("jobs",),
+                                                      ("watch", job_id), ("nodes",), ("nodes", "--json"),
                                                       ("submit", str(bad_spec)))}
     for args, out in outputs.items():
         assert not any(c in out.stdout + out.stderr for c in raw), (args, out.stdout, out.stderr)
-    assert json.loads(outputs[("status", job_id)].stdout)["error"] == error  # still the exact JSON
+    assert json.loads(outputs[("status", job_id, "--json")].stdout)["error"] == error  # still the exact JSON
+    assert "boom \\x1b[31mred" in outputs[("status", job_id)].stdout
     watched = outputs[("watch", job_id)]
     assert "boom \\x1b[31mred\\x1b[0m\\x0d\nTraceback line 2\\x7f\\x9b2J\\u202e" in watched.stdout
     assert "evil\\x1b]0;pwned\\x07node" in outputs[("nodes",)].stdout
@@ -122,17 +110,24 @@ def test_server_strings_cannot_drive_the_terminal(served: dict[str, Any], tmp_pa
 
 def test_tenants_limits_and_pending_reasons(served: dict[str, Any]) -> None:
     assert cli(served, "keys", "create", "--tenant", "limited").returncode == 0
-    shown = cli(served, "tenants", "set", "limited", "--max-queued", "5", "--max-running", "default")
+    shown = cli(served, "tenants", "set", "limited", "--max-queued", "5", "--max-running", "default", "--json")
     assert shown.returncode == 0, shown.stderr
     limits = json.loads(shown.stdout)
     assert limits["max_queued_jobs"] == 5 and limits["custom_limits"] == ["max_queued_jobs"]
-    assert json.loads(cli(served, "tenants", "show", "limited").stdout)["max_queued_jobs"] == 5
-    assert cli(served, "tenants", "show", "nobody").returncode == 1
+    assert json.loads(cli(served, "tenants", "show", "limited", "--json").stdout)["max_queued_jobs"] == 5
+    human = cli(served, "tenants", "show", "limited").stdout.splitlines()
+    assert human[0] == "tenant limited" and human[1].split() == ["queued", "0", "of", "at", "most", "5", "(its", "own)"]
+    assert "(the default)" in human[2]
+    assert_one_line_error(cli(served, "tenants", "show", "nobody"), "(404 not_found)")
+    assert_one_line_error(cli(served, "tenants", "set", "limited", "--max-queued", "lots"), "--max-queued takes")
     gpu_job = Path(served["data_dir"]) / "gpu-job.json"
     spec = json.loads((REPO / "examples" / "digits-mlp.json").read_text())
     gpu_job.write_text(json.dumps({**spec, "requirements": {"gpu": True}}))
-    job_id = json.loads(cli(served, "submit", str(gpu_job)).stdout)["job_id"]
-    assert json.loads(cli(served, "status", job_id).stdout)["pending_reason"] == "no_node_fits"
+    submitted = cli(served, "submit", str(gpu_job)).stdout  # a GPU job and no GPU node: it says so at once
+    job_id = submitted.split()[2].rstrip(":")
+    assert "queued (no_node_fits: no live node can ever hold it" in submitted and "registers; it needs a GPU)" in submitted
+    assert json.loads(cli(served, "status", job_id, "--json").stdout)["pending_reason"] == "no_node_fits"
+    assert "status        queued: no_node_fits" in cli(served, "status", job_id).stdout
     line = next(row for row in cli(served, "jobs").stdout.splitlines() if row.startswith(job_id))
-    assert "(no_node_fits)" in line
+    assert line.split()[2:4] == ["queued", "-"] and "no_node_fits" in line.split()
     cli(served, "cancel", job_id)

@@ -183,7 +183,7 @@ def test_event_stream(http: httpx.Client, creds: dict[str, str]) -> None:
         assert resp.headers["content-type"].startswith("text/event-stream")
         text = "".join(resp.iter_text())
     kinds = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
-    assert kinds == ["progress", "progress", "status"]
+    assert kinds == ["status", "progress", "progress"]  # where the job stands first, then its history
     assert '"status":"completed"' in text
 
 

@@ -275,3 +275,88 @@ def test_job_page_bounds_are_client_errors(http: httpx.Client, creds: dict[str, 
     resp = http.get(f"/v1/jobs?{query}", headers=bearer(creds["api_key"]))
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["field"] == query.split("=")[0]
+
+
+def test_keys_have_ids_and_admins_list_and_revoke_them(http: httpx.Client, creds: dict[str, str],
+                                                       r: redis.Redis) -> None:
+    import hashlib
+
+    admin = bearer(creds["api_key"])
+    created = http.post("/v1/keys", json={"tenant": "acme"}, headers=admin).json()
+    key_id = created["key_id"]
+    assert key_id == "k-" + hashlib.sha256(created["api_key"].encode()).hexdigest()[:16]
+    assert r.hget("cyxwiz:auth:key_ids", key_id) == hashlib.sha256(created["api_key"].encode()).hexdigest()
+    listed = http.get("/v1/keys", headers=admin).json()["keys"]
+    assert {(k["tenant"], k["admin"]) for k in listed} == {("admin", True), ("acme", False)}
+    assert all(set(k) == {"key_id", "tenant", "admin", "created"} and k["created"].endswith("Z") for k in listed)
+    assert created["api_key"] not in str(listed) and creds["api_key"] not in str(listed)
+    own_id = next(k["key_id"] for k in listed if k["admin"])
+    user = bearer(created["api_key"])
+    assert http.get("/v1/keys", headers=user).status_code == 403
+    assert http.delete(f"/v1/keys/{own_id}", headers=user).status_code == 403
+    before = keyspace(r)
+    for unknown in ("k-0123456789abcdef", "nope", "k-0123"):
+        resp = http.delete(f"/v1/keys/{unknown}", headers=admin)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    own = http.delete(f"/v1/keys/{own_id}", headers=admin)
+    assert own.status_code == 409 and own.json()["error"]["code"] == "own_key"
+    assert "making this request" in own.json()["error"]["message"]
+    assert keyspace(r) == before
+    assert http.get("/v1/jobs", headers=user).status_code == 200
+    revoked = http.delete(f"/v1/keys/{key_id}", headers=admin)
+    assert revoked.status_code == 200 and revoked.json() == {"key_id": key_id, "tenant": "acme", "revoked": True}
+    assert http.get("/v1/jobs", headers=user).status_code == 401
+    assert http.delete(f"/v1/keys/{key_id}", headers=admin).status_code == 404
+    assert [k["key_id"] for k in http.get("/v1/keys", headers=admin).json()["keys"]] == [own_id]
+
+
+def test_keys_stored_before_ids_get_one(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    """A key stored without ``key_id`` still works, is listed with the id derived from its digest (which
+    is then indexed), and can be revoked by that id, listed first or not."""
+    import hashlib
+    import json
+
+    admin = bearer(creds["api_key"])
+    old_keys = ["cwk_old-key-one", "cwk_old-key-two"]
+    for key in old_keys:
+        r.hset("cyxwiz:auth:api_keys", hashlib.sha256(key.encode()).hexdigest(),
+               json.dumps({"tenant": "legacy", "admin": False, "created": 1700000000}))
+    ids = ["k-" + hashlib.sha256(key.encode()).hexdigest()[:16] for key in old_keys]
+    assert http.get("/v1/jobs", headers=bearer(old_keys[0])).status_code == 200
+    assert http.delete(f"/v1/keys/{ids[1]}", headers=admin).status_code == 200  # never listed
+    assert http.get("/v1/jobs", headers=bearer(old_keys[1])).status_code == 401
+    listed = {k["key_id"]: k for k in http.get("/v1/keys", headers=admin).json()["keys"]}
+    assert listed[ids[0]] == {"key_id": ids[0], "tenant": "legacy", "admin": False,
+                              "created": "2023-11-14T22:13:20.000Z"}
+    assert ids[1] not in listed
+    assert r.hget("cyxwiz:auth:key_ids", ids[0]) == hashlib.sha256(old_keys[0].encode()).hexdigest()
+    admin_id = next(key_id for key_id, k in listed.items() if k["admin"])
+    assert r.hexists("cyxwiz:auth:key_ids", admin_id)  # the installed admin key has its id too
+    assert http.delete(f"/v1/keys/{ids[0]}", headers=admin).status_code == 200
+    assert http.get("/v1/jobs", headers=bearer(old_keys[0])).status_code == 401
+
+
+def test_admin_lists_one_tenants_jobs(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
+    """``GET /v1/jobs?tenant=T``: an admin sees that tenant's jobs only; a tenant's key may name itself,
+    and naming another tenant is 403 (not an empty page, which would hide the mistake)."""
+    admin = bearer(creds["api_key"])
+    alpha, beta = tenant_key(http, creds["api_key"], "alpha"), tenant_key(http, creds["api_key"], "beta")
+    alpha_jobs = [submit(http, alpha)["job_id"] for _ in range(2)]
+    beta_job = submit(http, beta)["job_id"]
+    http.post(f"/v1/jobs/{alpha_jobs[0]}/cancel", headers=admin)
+
+    def listed(query: str, key: dict[str, str] = admin) -> list[str]:
+        resp = http.get(f"/v1/jobs?{query}", headers=key)
+        assert resp.status_code == 200, resp.text
+        return [job["job_id"] for job in resp.json()["jobs"]]
+
+    assert listed("tenant=alpha") == alpha_jobs[::-1]
+    assert listed("tenant=alpha&status=cancelled") == [alpha_jobs[0]]
+    assert listed("tenant=beta") == [beta_job]
+    assert listed("tenant=nobody") == []
+    assert set(listed("")) == {*alpha_jobs, beta_job}
+    assert listed("tenant=alpha", bearer(alpha)) == alpha_jobs[::-1]
+    other = http.get("/v1/jobs?tenant=beta", headers=bearer(alpha))
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+    bad = http.get("/v1/jobs?tenant=Not%20Valid", headers=admin)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "tenant"
