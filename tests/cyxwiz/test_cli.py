@@ -125,7 +125,8 @@ def test_tenants_limits_and_pending_reasons(served: dict[str, Any]) -> None:
     gpu_job.write_text(json.dumps({**spec, "requirements": {"gpu": True}}))
     submitted = cli(served, "submit", str(gpu_job)).stdout  # a GPU job and no GPU node: it says so at once
     job_id = submitted.split()[2].rstrip(":")
-    assert "queued (no_node_fits: no live node can ever hold it" in submitted and "registers; it needs a GPU)" in submitted
+    assert "queued (no_node_fits: no live node can ever hold it" in submitted
+    assert "registers; it needs a GPU)" in submitted
     assert json.loads(cli(served, "status", job_id, "--json").stdout)["pending_reason"] == "no_node_fits"
     assert "status        queued: no_node_fits" in cli(served, "status", job_id).stdout
     line = next(row for row in cli(served, "jobs").stdout.splitlines() if row.startswith(job_id))
