@@ -41,8 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = sub.add_parser("up", help="serve plus N local node runtimes: a whole cluster on one machine")
     p.add_argument("--nodes", type=int, default=1, help="node runtimes to start (default 1)")
     p.add_argument("--slots", type=int, default=1, help="slots of each node runtime (default 1)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway and the embedded store listen on")
+    p.add_argument("--port", type=int, default=8080, help="the API's port")
     p.add_argument("--data-dir", help="default: $CYXWIZ_DATA_DIR or ~/.cyxwiz")
     p.set_defaults(handler=cmd_up)
 

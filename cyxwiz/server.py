@@ -19,6 +19,7 @@ import fcntl
 import math
 import os
 import resource
+import shutil
 import signal
 import ssl
 import subprocess
@@ -219,6 +220,11 @@ def _serve_locked(opts: ServeOptions, lock: IO[bytes]) -> int:
         restored = asyncio.run(_prepare_store(creds["redis_url"], creds["api_key"], creds["join_token"],
                                               restore_users=True))
         env = {**os.environ, "CYXWIZ_REDIS_URL": gateway_url}  # the environment: never on a command line
+        if opts.workers > 1:  # each worker times its own requests: /metrics adds them up from files here
+            metrics_dir = opts.data_dir / "prometheus"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         if opts.public_redis_host:
             address = store_users.without_credentials(creds["redis_url"])
             env["CYXWIZ_NODE_STORE_URL"] = store_users.with_host(address, opts.public_redis_host)
