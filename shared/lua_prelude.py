@@ -211,30 +211,40 @@ local function fits_some_node(r)
   return fitting_nodes(r, 1) >= 1
 end
 
+-- Has this node room for one more job or verification task needing ``memory`` MiB now: online and healthy,
+-- a free slot (one piece of work at a time while on probation), its deadline not passed, not cooling off,
+-- and that much memory left? ``n`` starts with the node's status, slots, running, name, health, mem_job_mb,
+-- mem_total_mb, mem_reserved_mb (callers HMGET these first, then what else they check).
+local function node_has_room(node_id, n, memory, now)
+  local running = tonumber(n[3])
+  if n[1] ~= 'online' or (n[5] or '') ~= '' or running >= tonumber(n[2]) then return false end
+  -- a new identity takes one job at a time until it has passed its probation audits
+  if running >= 1 and on_probation(n[4]) then return false end
+  -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
+  if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
+  if tonumber(redis.call('HGET', COOLOFF, n[4]) or '0') > now then return false end
+  local per_job = tonumber(n[6] or '0')
+  if memory > 0 and per_job > 0 then
+    if memory > per_job or tonumber(n[8] or '0') + memory > tonumber(n[7]) then return false end
+  end
+  return true
+end
+
 -- Can this node take this job now?
 local function node_can_take(node_id, r, now)
-  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'gpu', 'gpu_memory_mb',
-    'ram_mb', 'labels', 'name', 'class', 'health', 'mem_job_mb', 'mem_total_mb', 'mem_reserved_mb')
+  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'name', 'health', 'mem_job_mb',
+    'mem_total_mb', 'mem_reserved_mb', 'gpu', 'gpu_memory_mb', 'ram_mb', 'labels')
   if not n[1] then
     for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
     return false
   end
-  if n[1] ~= 'online' or (n[10] or '') ~= '' or tonumber(n[3]) >= tonumber(n[2]) then return false end
-  -- a new identity takes one job at a time until it has passed its probation audits
-  if tonumber(n[3]) >= 1 and on_probation(n[8]) then return false end
+  if not node_has_room(node_id, n, tonumber(r[5] or '0'), now) then return false end
   -- see avoid(): another node first, unless this is the only one that could hold the job
   if r[6] == node_id and tonumber(r[7] or '0') > now and fitting_nodes(r, 2) >= 2 then return false end
-  -- lapsed, not yet reaped (or silent through an outage and not back yet): no new work
-  if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
-  if tonumber(redis.call('HGET', COOLOFF, n[8]) or '0') > now then return false end
-  if r[1] == '1' and n[4] ~= '1' then return false end
-  if tonumber(r[2]) > tonumber(n[5]) then return false end
-  if tonumber(r[3]) > tonumber(n[6]) then return false end
-  local memory, per_job = tonumber(r[5] or '0'), tonumber(n[11] or '0')
-  if memory > 0 and per_job > 0 then
-    if memory > per_job or tonumber(n[13] or '0') + memory > tonumber(n[12]) then return false end
-  end
-  return labels_match(r[4], n[7])
+  if r[1] == '1' and n[9] ~= '1' then return false end
+  if tonumber(r[2]) > tonumber(n[10]) then return false end
+  if tonumber(r[3]) > tonumber(n[11]) then return false end
+  return labels_match(r[4], n[12])
 end
 
 -- Give a queued job to a node: status, slot, memory, the node's job set, and the node's stream entry.
@@ -428,23 +438,26 @@ end
 -- A job leaves a node (ended, cancelled, lost or handed back): free its slot.
 local remove_node  -- defined below; a draining node that runs its last job out is removed
 
+-- Give back one slot of a node and ``memory`` MiB of its reservation (a job or a verification task left
+-- it); a draining node that runs its last work out is removed.
+local function free_slot(node_id, memory, now)
+  local nk = node_key(node_id)
+  if redis.call('EXISTS', nk) == 0 then return end
+  if tonumber(redis.call('HGET', nk, 'running')) > 0 then redis.call('HINCRBY', nk, 'running', -1) end
+  if memory > 0 and tonumber(redis.call('HINCRBY', nk, 'mem_reserved_mb', -memory)) < 0 then
+    redis.call('HSET', nk, 'mem_reserved_mb', 0)
+  end
+  if redis.call('HGET', nk, 'status') == 'draining' and tonumber(redis.call('HGET', nk, 'running')) == 0 then
+    remove_node(node_id, now, false)
+  else
+    rescore(node_id, now)
+  end
+end
+
 local function release(job_id, node_id, now)
   if not node_id or node_id == '' then return end
   if redis.call('SREM', node_jobs_key(node_id), job_id) == 0 then return end  -- released already
-  local nk = node_key(node_id)
-  if redis.call('EXISTS', nk) == 1 then
-    if tonumber(redis.call('HGET', nk, 'running')) > 0 then redis.call('HINCRBY', nk, 'running', -1) end
-    local memory = tonumber(redis.call('HGET', job_key(job_id), 'memory_mb') or '0')
-    if memory > 0 then
-      local left = tonumber(redis.call('HINCRBY', nk, 'mem_reserved_mb', -memory))
-      if left < 0 then redis.call('HSET', nk, 'mem_reserved_mb', 0) end
-    end
-    if redis.call('HGET', nk, 'status') == 'draining' and tonumber(redis.call('HGET', nk, 'running')) == 0 then
-      remove_node(node_id, now, false)
-    else
-      rescore(node_id, now)
-    end
-  end
+  free_slot(node_id, tonumber(redis.call('HGET', job_key(job_id), 'memory_mb') or '0'), now)
 end
 
 -- Put an assigned/running job back in the queue with attempt + 1. lost = the node failed it, which

@@ -190,23 +190,13 @@ end
 local function task_fits_node(task_id, node_id, now)
   local t = redis.call('HMGET', verify_key(task_id), 'kind', 'exclude', 'memory_mb', 'status')
   if not t[1] or t[4] ~= 'queued' then return false end
-  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'name', 'health', 'device_kind',
-    'mem_job_mb', 'mem_total_mb', 'mem_reserved_mb')
-  if not n[1] or n[1] ~= 'online' or (n[5] or '') ~= '' then return false end
-  local running = tonumber(n[3])
-  if running >= tonumber(n[2]) or (t[1] ~= '*' and n[6] ~= t[1]) then return false end
-  if on_probation(n[4]) and running >= 1 then return false end
+  local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'name', 'health', 'mem_job_mb',
+    'mem_total_mb', 'mem_reserved_mb', 'device_kind')
+  if not n[1] or (t[1] ~= '*' and n[9] ~= t[1]) or is_banned(n[4]) then return false end
   for _, name in ipairs(cjson.decode(t[2])) do
     if name == n[4] then return false end
   end
-  if is_banned(n[4]) then return false end
-  if tonumber(redis.call('ZSCORE', NODES_DEADLINE, node_id) or '0') < now then return false end
-  if tonumber(redis.call('HGET', COOLOFF, n[4]) or '0') > now then return false end
-  local memory, per_job = tonumber(t[3] or '0'), tonumber(n[7] or '0')
-  if memory > 0 and per_job > 0 then
-    if memory > per_job or tonumber(n[9] or '0') + memory > tonumber(n[8]) then return false end
-  end
-  return true
+  return node_has_room(node_id, n, tonumber(t[3] or '0'), now)
 end
 
 local function assign_task(task_id, node_id, now)
@@ -258,18 +248,7 @@ end
 local function release_task(task_id, node_id, now)
   if not node_id or node_id == '' then return end
   if redis.call('SREM', node_tasks_key(node_id), task_id) == 0 then return end
-  local nk = node_key(node_id)
-  if redis.call('EXISTS', nk) == 0 then return end
-  if tonumber(redis.call('HGET', nk, 'running')) > 0 then redis.call('HINCRBY', nk, 'running', -1) end
-  local memory = tonumber(redis.call('HGET', verify_key(task_id), 'memory_mb') or '0')
-  if memory > 0 and tonumber(redis.call('HINCRBY', nk, 'mem_reserved_mb', -memory)) < 0 then
-    redis.call('HSET', nk, 'mem_reserved_mb', 0)
-  end
-  if redis.call('HGET', nk, 'status') == 'draining' and tonumber(redis.call('HGET', nk, 'running')) == 0 then
-    remove_node(node_id, now, false)
-  else
-    rescore(node_id, now)
-  end
+  free_slot(node_id, tonumber(redis.call('HGET', verify_key(task_id), 'memory_mb') or '0'), now)
 end
 
 -- Back to the verification queue; ``exclude`` (a name) may not take it again.
