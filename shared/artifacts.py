@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import orjson
 
 from shared import errors, keys
 from shared import safetensors_check as st
+from shared.jobs import draw
 from shared.store import Store
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # with fullmatch: "$" would accept a final newline
@@ -138,7 +138,7 @@ class RedisArtifactStore:
         try:
             await self.store.run("COMMIT_ARTIFACT", [job_id, node_id, attempt, name, size,
                                                      settings.max_job_artifact_bytes, upload_id, kind, state,
-                                                     secrets.randbelow(2**53) / 2**53],
+                                                     draw()],
                                  keys=[upload, keys.artifact_key(job_id, stored)])
         except errors.ApiError as error:
             if error.code == "invalid_artifact":  # refused after the reservation was dropped: tidy up

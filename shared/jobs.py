@@ -130,7 +130,7 @@ async def _job_hash(store: Store, who: Principal, job_id: str) -> dict[str, str]
     return found  # type: ignore[no-any-return]
 
 
-def _draw() -> float:
+def draw() -> float:
     """Uniform in [0, 1) from the OS's generator: which result is audited, and which segment, must not
     be predictable by the node that trained it."""
     return secrets.randbelow(2**53) / 2**53
@@ -283,7 +283,7 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
         job_id, node_id, report.attempt, report.seq, report.status,
         orjson.dumps(progress).decode() if report.status != "queued" else "",
         orjson.dumps(event).decode(), error, report.fault, token_hash, commitment,
-        _draw(), _draw(),
+        draw(), draw(),
     ])
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
 

@@ -3,39 +3,14 @@ retry: a client that lost the answer will send the same call again)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import orjson
 import pytest
 import redis
 
 from shared import errors, keys
-from shared.settings import Settings
 from shared.store import SCRIPTS, Store
 
 W = [0.4, 0.3, 0.2, 0.1]
-
-
-def alone(redis_url: str) -> str:
-    """Database 1 of the session's store: the session gateway, whose reaper timer runs a script every
-    0.25 s against database 0, never touches it, so these scripts run alone and the clock is theirs."""
-    return redis_url.rsplit("/", 1)[0] + "/1"
-
-
-@pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(alone(redis_url), decode_responses=True)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture()
-async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url), "CYXWIZ_PROBATION_AUDITS": "0",
-                                 "CYXWIZ_AUDIT_FRACTION": "0"}))
-    yield s
-    await s.close()
 
 
 async def register(store: Store, node_id: str, slots: int = 1, gpu: int = 0, ttl_ms: int = 60000,

@@ -3,33 +3,14 @@ like progress reports, and still land for the attempt that held a job last once 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import pytest
 import redis
 
 from shared import errors, keys
-from shared.settings import Settings
 from shared.store import Store
-from tests.shared.test_lua import alone, register, state, submit
+from tests.shared.test_lua import register, state, submit
 
 T = "2026-01-31T12:00:00.000Z"
-
-
-@pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(alone(redis_url), decode_responses=True)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture()
-async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url), "CYXWIZ_PROBATION_AUDITS": "0",
-                                 "CYXWIZ_AUDIT_FRACTION": "0"}))
-    yield s
-    await s.close()
 
 
 async def append(store: Store, job: str, node: str, attempt: int, *lines: str, token_hash: str = "") -> list[object]:

@@ -4,32 +4,23 @@ runtimes are in tests/node_runtime/test_verification.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 import redis
 
 from shared import errors, keys
-from shared.settings import Settings
 from shared.store import Store
-from tests.shared.test_lua import alone, register, submit
+from tests.shared.conftest import script_store
+from tests.shared.test_lua import register, submit
 
 W1, W2, BAD = "1" * 64, "2" * 64, "f" * 64
 
 
 @pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(alone(redis_url), decode_responses=True)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture()
 async def store(r: redis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = Store(Settings.from_env({"CYXWIZ_REDIS_URL": alone(redis_url), "CYXWIZ_PROBATION_AUDITS": "2",
-                                 "CYXWIZ_AUDIT_FRACTION": "0.1"}))
+    s = script_store(redis_url, CYXWIZ_PROBATION_AUDITS="2", CYXWIZ_AUDIT_FRACTION="0.1")
     yield s
     await s.close()
 
@@ -60,6 +51,19 @@ async def verdict(store: Store, task: str, node: str, weights: str, attempt: int
     if reply[0] == "compare":
         reply = await store.run("VERIFY_RESULT", [task, node, attempt, "distance", "", "", "", "0.5", "", "", ""])
     return reply
+
+
+async def audited(store: Store, r: redis.Redis) -> tuple[str, str]:
+    """Job j1 trained by t1 (its weights W1) and completed, with v1 and v2 to replay it: (the node that
+    got the verification task, the other one)."""
+    await register(store, "t1")
+    await submit(store, "j1")
+    await register(store, "v1")
+    await register(store, "v2")
+    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
+    await complete(store, "j1", "t1", 1, 50)
+    first = "v1" if r.smembers(keys.node_tasks_key("v1")) else "v2"
+    return first, "v2" if first == "v1" else "v1"
 
 
 def task_on(r: redis.Redis, node: str) -> str:
@@ -120,14 +124,7 @@ async def test_a_mismatch_goes_to_a_third_node_and_the_liar_is_slashed(store: St
 
 
 async def test_a_verifier_that_lies_is_slashed_and_the_result_stands(store: Store, r: redis.Redis) -> None:
-    await register(store, "t1")
-    await submit(store, "j1")
-    await register(store, "v1")
-    await register(store, "v2")
-    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
-    await complete(store, "j1", "t1", 1, 50)
-    first = "v1" if r.smembers(keys.node_tasks_key("v1")) else "v2"
-    second = "v2" if first == "v1" else "v1"
+    first, second = await audited(store, r)
     await verdict(store, task_on(r, first), first, BAD)
     reply = await verdict(store, task_on(r, second), second, W1)
     assert reply[1] == "passed"
@@ -202,14 +199,7 @@ async def test_with_no_other_node_of_its_kind_the_audit_is_skipped(store: Store,
 
 
 async def test_a_verifier_lost_or_failing_gives_the_task_to_another(store: Store, r: redis.Redis) -> None:
-    await register(store, "t1")
-    await submit(store, "j1")
-    await register(store, "v1")
-    await register(store, "v2")
-    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
-    await complete(store, "j1", "t1", 1, 50)
-    first = "v1" if r.smembers(keys.node_tasks_key("v1")) else "v2"
-    second = "v2" if first == "v1" else "v1"
+    first, second = await audited(store, r)
     task = task_on(r, first)
     await store.run("VERIFY_RESULT", [task, first, 1, "failed", "", "", "", "", "crashed", "", ""])
     assert task_on(r, second) == task and r.hget(keys.verify_key(task), "attempt") == "2"
@@ -241,13 +231,7 @@ async def test_observed_speed_sets_capability_and_flags_doubtful_claims(store: S
 
 
 async def test_a_verifier_that_goes_quiet_loses_the_task_at_its_deadline(store: Store, r: redis.Redis) -> None:
-    await register(store, "t1")
-    await submit(store, "j1")
-    await register(store, "v1")
-    await register(store, "v2")
-    await commit(store, r, "j1", "t1", 1, "weights", {"weights": W1})
-    await complete(store, "j1", "t1", 1, 50)
-    first = "v1" if r.smembers(keys.node_tasks_key("v1")) else "v2"
+    first, _ = await audited(store, r)
     task = task_on(r, first)
     await store.run("HEARTBEAT", [first, ""])
     assert task_on(r, first) == task  # within its deadline: kept
