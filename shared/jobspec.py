@@ -20,7 +20,10 @@ MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits o
 MAX_WIDTH = 65_536
 DEFAULT_MAX_DURATION_S = 7 * 86400.0  # the platform's default limit on training.max_duration_s
 NORMS = ("none", "layernorm", "rmsnorm")
-BUILTIN_DATASETS = ("digits", "tiny-text", "blobs", "spirals")
+BUILTIN_DATASETS = ("digits", "tiny-text", "tiny-shakespeare", "blobs", "spirals")
+TEXT_DATASETS = ("tiny-text", "tiny-shakespeare")  # byte-level language-modelling corpora, split contiguously
+MAX_STEPS = 1_000_000_000
+WEIGHT_DECAY_ON = ("matrices", "all")  # training.weight_decay_on: see node_runtime/training/layers.py
 # The contract's example job: the digits MLP that ``cyxwiz demo`` trains (examples/digits-mlp.json).
 DIGITS_MLP_EXAMPLE: dict[str, Any] = {
     "name": "digits-mlp",
@@ -162,7 +165,16 @@ def _parse_dataset(raw: object) -> dict[str, Any]:
             dataset.update(n_samples=fields.integer("n_samples", 1000, 20, 1_000_000),
                            n_classes=fields.integer("n_classes", 2, 2, 16),
                            noise=fields.number("noise", 0.2, 0.0, 10.0))
-    dataset["val_fraction"] = fields.number("val_fraction", 0.2, 0.0, 0.9)
+    # tiny-shakespeare holds out its last 10 % by default, as nanoGPT's shakespeare_char does
+    default_val = 0.1 if dataset["name"] == "tiny-shakespeare" and "url" not in dataset else 0.2
+    dataset["val_fraction"] = fields.number("val_fraction", default_val, 0.0, 0.9)
+    # a held-out test split, evaluated once at the end (test_loss, test_accuracy)
+    dataset["test_fraction"] = fields.number("test_fraction", 0.0, 0.0, 0.5)
+    if dataset["val_fraction"] + dataset["test_fraction"] > 0.9:
+        raise InvalidField("dataset.val_fraction + dataset.test_fraction must be at most 0.9",
+                           field="dataset.test_fraction")
+    # which samples are held out: fixed by split_seed, so a sweep over training.seed keeps one validation set
+    dataset["split_seed"] = fields.integer("split_seed", 0, 0, 2**63 - 1)
     fields.finish()
     return dataset
 
@@ -223,7 +235,7 @@ def known_data_info(dataset: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if name == "digits":
         return data_info("classification", num_features=64, image_shape=[1, 8, 8], num_classes=10)
-    if name == "tiny-text":
+    if name in TEXT_DATASETS:
         return data_info("lm", vocab_size=TEXT_VOCAB_SIZE)
     if name == "blobs":
         return data_info("classification", num_features=dataset["n_features"], num_classes=dataset["n_classes"])
@@ -304,12 +316,24 @@ def _parse_layer(fields: _Fields, info: dict[str, Any] | None) -> dict[str, Any]
 
 def _parse_training(fields: _Fields, max_duration_s: float) -> dict[str, Any]:
     checkpoint = fields.child("checkpoint")
+    # the length: epochs, max_steps, or both (whichever ends first); the schedule follows the result
+    max_steps = fields.value("max_steps", None)
+    if max_steps is not None:
+        max_steps = fields.integer("max_steps", None, 1, MAX_STEPS)
+    epochs = fields.value("epochs", None)  # null (as normalized) or absent: only with max_steps
+    if epochs is None and max_steps is None:
+        raise InvalidField("training.epochs is required (or give training.max_steps)", field="training.epochs")
+    if epochs is not None:
+        epochs = fields.integer("epochs", _REQUIRED, 1, 10_000)
     training = {
-        "epochs": fields.integer("epochs", _REQUIRED, 1, 10_000),
+        "epochs": epochs,
+        "max_steps": max_steps,
         "batch_size": fields.integer("batch_size", 64, 1, 65_536),
         "optimizer": fields.choice("optimizer", "adamw", ("sgd", "adam", "adamw")),
         "learning_rate": fields.number("learning_rate", 1e-3, 0.0, 10.0, above_low=True),
         "weight_decay": fields.number("weight_decay", 0.01, 0.0, 10.0),
+        # "matrices": weights of linear and conv layers only (not biases, norm gains or embeddings); "all"
+        "weight_decay_on": fields.choice("weight_decay_on", "matrices", WEIGHT_DECAY_ON),
         "momentum": fields.number("momentum", 0.9, 0.0, 0.999),  # sgd only
         "betas": _betas(fields),  # adam and adamw only
         "lr_schedule": fields.choice("lr_schedule", "constant", ("constant", "cosine")),
@@ -322,7 +346,8 @@ def _parse_training(fields: _Fields, max_duration_s: float) -> dict[str, Any]:
         # wall-clock limit of the whole job, from its first start: then it fails (the job's fault)
         "max_duration_s": fields.number("max_duration_s", max_duration_s, 1.0, max_duration_s),
         "checkpoint": {"enabled": checkpoint.boolean("enabled", True),
-                       # at most one epoch-end checkpoint per interval: tiny epochs would upload constantly
+                       # saved at the first step boundary (or epoch end) once this long has passed since the
+                       # last one: a crash loses at most this plus one step
                        "min_interval_s": checkpoint.number("min_interval_s", 60.0, 0.0, 86_400.0)},
     }
     checkpoint.finish()

@@ -197,8 +197,29 @@ def expected_state_shapes(spec: dict[str, Any], info: dict[str, Any]) -> dict[st
 
 
 def expected_parameter_shapes(spec: dict[str, Any], info: dict[str, Any]) -> list[tuple[int, ...]]:
-    """The shapes of ``model.parameters()`` in order: an optimizer's state index ``i`` is parameter ``i``."""
-    return list(expected_state_shapes(spec, info).values())  # no buffers: the state is the parameters
+    """The shapes of the optimizer's parameters in its order: its state index ``i`` is parameter ``i``."""
+    shapes = expected_state_shapes(spec, info)  # no buffers: the state is the parameters
+    return [shapes[name] for name in optimizer_order(spec, shapes)]
+
+
+def decayed_parameters(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """The parameters weight decay applies to. ``training.weight_decay_on`` "matrices" (the default, as
+    common practice has it): the weights of linear and conv layers, not biases, norm gains or embedding
+    tables, which decay would pull toward zero for no gain in generalization; "all": every parameter."""
+    if spec["training"].get("weight_decay_on", "matrices") == "all":
+        return set(shapes)
+    model = spec["model"]
+    embeddings = {"token_embedding.weight", "position_embedding.weight"} if model["type"] == "transformer" else {
+        f"layers.{index}.weight" for index, layer in enumerate(model.get("layers", []))
+        if layer["type"] == "embedding"}
+    return {name for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
+
+
+def optimizer_order(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Parameter names in the optimizer's order: one group with decay, then one without (each in the
+    model's order), so checkpoints of the node and the gateway's check agree on what index ``i`` is."""
+    decayed = decayed_parameters(spec, shapes)
+    return [name for name in shapes if name in decayed] + [name for name in shapes if name not in decayed]
 
 
 def _linear_state(shapes: dict[str, tuple[int, ...]], prefix: str, inputs: int, outputs: int,

@@ -33,7 +33,7 @@ from shared.model_shapes import expected_parameter_shapes, expected_state_shapes
 __all__ = ["CHECKPOINT_FORMAT", "MAX_HEADER_BYTES", "WEIGHTS_FORMAT", "ArtifactDigest", "Header",
            "InvalidArtifact", "StreamingDigest", "TensorInfo", "batches_per_epoch", "check_checkpoint",
            "check_weights", "digest_bytes", "expected_parameter_shapes", "expected_state_shapes",
-           "parse_header", "placeholder_weights", "spec_fingerprint"]
+           "parse_header", "placeholder_weights", "spec_fingerprint", "total_steps"]
 
 CHECKPOINT_FORMAT = "cyxwiz-checkpoint/1"
 WEIGHTS_FORMAT = "cyxwiz-weights/1"
@@ -46,6 +46,8 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
 # tests/shared/test_safetensors_check.py checks them against the files.
 DIGITS_SAMPLES = 1797
 TINY_TEXT_BYTES = 195_723
+TINY_SHAKESPEARE_BYTES = 1_115_394  # the text, not its gzip file
+_TEXT_BYTES = {"tiny-text": TINY_TEXT_BYTES, "tiny-shakespeare": TINY_SHAKESPEARE_BYTES}
 # the optimizer state tensors the node saves, per training.optimizer; "step" is a scalar
 _OPTIMIZER_STATE = {"adam": {"step", "exp_avg", "exp_avg_sq"}, "adamw": {"step", "exp_avg", "exp_avg_sq"},
                     "sgd": {"momentum_buffer"}}
@@ -351,16 +353,29 @@ def batches_per_epoch(spec: dict[str, Any]) -> int | None:
     """Training batches in one epoch of a shipped dataset (as node_runtime/training/datasets.py splits and
     batches it), or None for user data, whose size is known only to the node."""
     dataset, batch_size = spec["dataset"], int(spec["training"]["batch_size"])
-    fraction = float(dataset["val_fraction"])
     if "url" in dataset:
         return None
-    if dataset["name"] == "tiny-text":  # the tail is held out; windows of context + 1 bytes, one offset spare
-        context = int(spec["model"].get("context", 64))
-        train = TINY_TEXT_BYTES - int(TINY_TEXT_BYTES * fraction)
+    # jobs stored before the test split existed have no test_fraction: they hold out no test data
+    val_fraction, test_fraction = float(dataset["val_fraction"]), float(dataset.get("test_fraction", 0.0))
+    if dataset["name"] in _TEXT_BYTES:  # the tail is held out; windows of context + 1 bytes, one offset spare
+        size, context = _TEXT_BYTES[dataset["name"]], int(spec["model"].get("context", 64))
+        train = size - int(size * val_fraction) - int(size * test_fraction)
         return math.ceil(max(0, (train - context - 1) // context) / batch_size)
     count = DIGITS_SAMPLES if dataset["name"] == "digits" else int(dataset["n_samples"])
-    held_out = min(count - 1, max(1, round(count * fraction))) if fraction > 0 else 0
-    return math.ceil((count - held_out) / batch_size)
+    val = min(count - 1, max(1, round(count * val_fraction))) if val_fraction > 0 else 0
+    test = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
+    return math.ceil(max(0, count - val - test) / batch_size)
+
+
+def total_steps(spec: dict[str, Any], per_epoch: int | None) -> int | None:
+    """The optimizer steps a job trains: epochs x batches per epoch, capped by ``training.max_steps``
+    (None when neither bound is known here: user data with no max_steps)."""
+    training = spec["training"]
+    bounds = [training.get("max_steps")]
+    if training["epochs"] is not None and per_epoch is not None:
+        bounds.append(training["epochs"] * per_epoch)
+    known = [int(bound) for bound in bounds if bound is not None]
+    return min(known) if known else None
 
 
 def _json_metadata(metadata: dict[str, str], field: str, name: str) -> Any:
@@ -473,13 +488,13 @@ def _position(metadata: dict[str, str], spec: dict[str, Any], name: str) -> dict
             and all(_is_count(position[field], 0) for field in fields)):
         raise InvalidArtifact(f"{name} has metadata position that is not {{epoch, batch, step}} as integers >= 0")
     epochs, per_epoch = spec["training"]["epochs"], batches_per_epoch(spec)
-    if position["epoch"] > epochs:
+    if epochs is not None and position["epoch"] > epochs:
         raise InvalidArtifact(f"{name} is at epoch {position['epoch']}, but the job trains {epochs} epochs")
     if per_epoch is not None and position["batch"] > per_epoch:
         raise InvalidArtifact(f"{name} is at batch {position['batch']} of an epoch that has {per_epoch} batches")
-    if per_epoch is not None and position["step"] > epochs * per_epoch:
-        raise InvalidArtifact(f"{name} is at step {position['step']}, but the job trains {epochs * per_epoch} "
-                              "steps")
+    total = total_steps(spec, per_epoch)
+    if total is not None and position["step"] > total:
+        raise InvalidArtifact(f"{name} is at step {position['step']}, but the job trains {total} steps")
     return {field: int(position[field]) for field in fields}
 
 

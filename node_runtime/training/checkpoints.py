@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from node_runtime.training.context import JobError
-from shared.jobspec import known_data_info
+from shared.errors import ApiError
+from shared.jobspec import known_data_info, parse_job_spec
+from shared.model_shapes import expected_state_shapes
 from shared.safetensors_check import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, digest_bytes, spec_fingerprint
 
 # The formats and the spec fingerprint live in shared/ because the gateway checks uploads with them too.
-__all__ = ["CHECKPOINT_FORMAT", "WEIGHTS_FORMAT", "Position", "encode_checkpoint", "encode_weights",
-           "load_trained_model", "read_metadata", "restore_checkpoint", "spec_fingerprint", "state_digests"]
+__all__ = ["CHECKPOINT_FORMAT", "WEIGHTS_FORMAT", "Position", "Snapshot", "encode_checkpoint", "encode_weights",
+           "load_trained_model", "read_metadata", "restore_checkpoint", "snapshot_checkpoint", "spec_fingerprint",
+           "state_digests"]
 
 
 @dataclass
@@ -36,16 +39,24 @@ class Position:
     step: int = 0
 
 
-def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                      position: Position, metrics: dict[str, Any], device: torch.device, *,
-                      threads: int | None = None, device_kind: str = "", data_digest: str = "",
-                      data_info: dict[str, Any] | None = None) -> bytes:
-    """Serialize the full training state to safetensors bytes.
+@dataclass
+class Snapshot:
+    """A training state copied off the live model and optimizer (CPU tensors that training no longer
+    touches) with its metadata: :meth:`encode` may then run on another thread while training goes on."""
 
-    ``threads``, ``device_kind`` and ``data_digest`` record how the state was computed (a replay needs
-    the same thread count to be bitwise equal); ``data_info`` is the loaded data's shape record, which
-    the gateway needs to check a user dataset's checkpoint (a shipped dataset's is known without it).
-    """
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def encode(self) -> bytes:
+        return safetensors.torch.save(self.tensors, metadata=self.metadata)
+
+
+def snapshot_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                        position: Position, metrics: dict[str, Any], device: torch.device, *,
+                        threads: int | None = None, device_kind: str = "", data_digest: str = "",
+                        data_info: dict[str, Any] | None = None) -> Snapshot:
+    """Copy the full training state: the copy (a memcpy, or one device-to-host transfer) is all the
+    training thread pays for a checkpoint; see ``encode_checkpoint`` for the arguments."""
     tensors = {f"model/{name}": value for name, value in model.state_dict().items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, state in optimizer.state_dict()["state"].items():
@@ -63,7 +74,21 @@ def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.o
     info = data_info if data_info is not None else known_data_info(spec["dataset"])
     if info is not None:
         metadata["data_info"] = json.dumps(info, sort_keys=True)
-    return safetensors.torch.save(_storable(tensors), metadata=metadata)
+    return Snapshot(_storable(tensors), metadata)
+
+
+def encode_checkpoint(spec: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                      position: Position, metrics: dict[str, Any], device: torch.device, *,
+                      threads: int | None = None, device_kind: str = "", data_digest: str = "",
+                      data_info: dict[str, Any] | None = None) -> bytes:
+    """Serialize the full training state to safetensors bytes.
+
+    ``threads``, ``device_kind`` and ``data_digest`` record how the state was computed (a replay needs
+    the same thread count to be bitwise equal); ``data_info`` is the loaded data's shape record, which
+    the gateway needs to check a user dataset's checkpoint (a shipped dataset's is known without it).
+    """
+    return snapshot_checkpoint(spec, model, optimizer, position, metrics, device, threads=threads,
+                               device_kind=device_kind, data_digest=data_digest, data_info=data_info).encode()
 
 
 def state_digests(data: bytes) -> dict[str, str]:
@@ -118,22 +143,60 @@ def encode_weights(spec: dict[str, Any], info: dict[str, Any], model: nn.Module,
 def load_trained_model(path_or_bytes: str | Path | bytes) -> nn.Module:
     """Rebuild the model described in a ``model.safetensors`` file's metadata and load its weights.
 
-    The model is built from torch modules (no Triton needed), on the CPU, in eval mode.
+    The model is built from torch modules (no Triton needed), on the CPU, in eval mode. The stored spec
+    is validated as a submitted one is (``shared.jobspec.parse_job_spec``) and every tensor is checked
+    against it before anything is built, so any malformed, tampered or damaged file (not safetensors,
+    broken metadata, an impossible model, missing, extra or misshapen tensors, NaN or infinite weights)
+    raises one ``ValueError`` saying what is wrong. Nothing in the file is executed.
     """
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    spec, info, weights = _read_trained_model(data)
     from node_runtime.training.models import build_model  # models imports nothing from here; avoids a cycle
 
-    if isinstance(path_or_bytes, bytes):
-        data = path_or_bytes
-        weights = safetensors.torch.load(data)
-    else:
-        data = Path(path_or_bytes).read_bytes()
-        weights = safetensors.torch.load_file(str(path_or_bytes))
+    try:
+        model = build_model(spec, info)
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, KeyError, TypeError, JobError) as error:  # checked above: a last guard
+        raise ValueError(f"not a usable CyxWiz model file: {error}") from error
+    return model.eval()
+
+
+def _read_trained_model(data: bytes) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """The stored spec, data info and weights of a ``model.safetensors``, each checked."""
     metadata = read_metadata(data)
     if metadata.get("cyxwiz_format") != WEIGHTS_FORMAT:
         raise ValueError("not a CyxWiz model file: its metadata lacks the spec to rebuild the model")
-    model = build_model(json.loads(metadata["spec"]), json.loads(metadata["data_info"]))
-    model.load_state_dict(weights)
-    return model.eval()
+    try:
+        raw_spec, info = json.loads(metadata["spec"]), json.loads(metadata["data_info"])
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"the model file's metadata is damaged: {error}") from error
+    try:
+        spec = parse_job_spec(raw_spec)
+        known = known_data_info(spec["dataset"])
+        if not isinstance(info, dict) or info.get("task") not in ("classification", "regression", "lm") or (
+                known is not None and info != known):
+            raise ValueError("its data_info does not describe the spec's dataset")
+        expected = expected_state_shapes(spec, info)
+    except ApiError as error:
+        raise ValueError(f"the model file's spec is not valid: {error.field or 'spec'}: {error.message}") from error
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the model file's metadata is not valid: {error}") from error
+    try:
+        weights = safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as error:
+        raise ValueError(f"not a readable safetensors file: {error}") from error
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ValueError(f"the model file's tensors do not fit its spec: "
+                         f"{'missing ' + repr(missing[0]) if missing else 'unexpected ' + repr(extra[0])}")
+    for name, shape in expected.items():
+        tensor = weights[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} of shape {tuple(tensor.shape)}; the spec's model "
+                             f"has float32 of shape {shape}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+    return spec, info, weights
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""Datasets in memory: built-in (digits, tiny-text), synthetic (blobs, spirals) and user npz/csv.
+"""Datasets in memory: built-in (digits, tiny-text, tiny-shakespeare), synthetic (blobs, spirals) and user npz/csv.
 
-Each is split into train and validation by the job's seed and served in batches whose order is a
-pure function of (seed, epoch), so a resumed run can skip to any batch without replaying RNG.
+Which samples are held out (validation, and an optional test split) is fixed by ``dataset.split_seed``
+alone, as are the synthetic samples themselves, so a sweep over ``training.seed`` trains and validates
+on the same data. The training batches come in an order that is a pure function of (training.seed,
+epoch), so a resumed run can skip to any batch without replaying RNG.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,48 +26,69 @@ from node_runtime.training.user_data import (
     prepare_arrays,
     read_dataset_bytes,
 )
-from shared.jobspec import data_info
+from shared.jobspec import TEXT_DATASETS, data_info
 from shared.model_shapes import TEXT_VOCAB_SIZE
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# the shipped corpora of the text datasets (node_runtime/data/README.md says where they come from)
+TEXT_FILES = {"tiny-text": "tiny_text.txt", "tiny-shakespeare": "tiny_shakespeare.txt.gz"}
 MAX_VAL_BATCH = 1024  # validation needs no gradients, so larger batches are cheaper per sample
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class ArrayDataset:
-    """Samples x (N, ...) float32 and targets y: class ids (N,) int64 or regression values (N, k) float32."""
+    """Samples x (N, ...) float32 and targets y: class ids (N,) int64 or regression values (N, k) float32.
+
+    ``test_x``/``test_y`` hold the test split; empty when the spec asks for none (test_fraction 0).
+    """
 
     info: dict[str, Any]
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    test_y: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.train_x) / batch_size)
 
-    def train_batches(self, seed: int, epoch: int, batch_size: int,
-                      first_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, seed: int, epoch: int, batch_size: int, first_batch: int = 0) -> Iterator[Batch]:
         """This epoch's shuffled batches, starting at ``first_batch`` (to resume mid-epoch)."""
         order = torch.randperm(len(self.train_x), generator=_epoch_generator(seed, epoch))
         for start in range(first_batch * batch_size, len(order), batch_size):
             index = order[start:start + batch_size]
             yield self.train_x[index], self.train_y[index]
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The validation split in order, in batches of at least ``batch_size``."""
+        return self._held_out_batches(self.val_x, self.val_y, batch_size)
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The test split, as :meth:`val_batches` serves validation; nothing when there is no test split."""
+        return self._held_out_batches(self.test_x, self.test_y, batch_size)
+
+    @staticmethod
+    def _held_out_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[Batch]:
         size = max(batch_size, MAX_VAL_BATCH)
-        for start in range(0, len(self.val_x), size):
-            yield self.val_x[start:start + size], self.val_y[start:start + size]
+        for start in range(0, len(x), size):
+            yield x[start:start + size], y[start:start + size]
 
 
 @dataclass
 class TextDataset:
-    """Byte tokens split in two contiguous parts; samples are windows of ``context`` + 1 bytes."""
+    """Byte tokens split in contiguous parts, train | val | test; samples are windows of ``context`` + 1 bytes.
+
+    ``test_tokens`` is the test split at the very end of the text; empty when the spec asks for none.
+    """
 
     info: dict[str, Any]
     train_tokens: torch.Tensor
     val_tokens: torch.Tensor
     context: int
+    test_tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
 
     def _windows_per_epoch(self) -> int:
         # room for a random offset in [0, context) so each epoch sees different window boundaries
@@ -74,21 +97,31 @@ class TextDataset:
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self._windows_per_epoch() / batch_size)
 
-    def train_batches(self, seed: int, epoch: int, batch_size: int,
-                      first_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, seed: int, epoch: int, batch_size: int, first_batch: int = 0) -> Iterator[Batch]:
         generator = _epoch_generator(seed, epoch)
         offset = int(torch.randint(self.context, (1,), generator=generator))
         starts = offset + self.context * torch.randperm(self._windows_per_epoch(), generator=generator)
         for first in range(first_batch * batch_size, len(starts), batch_size):
             yield self._windows(self.train_tokens, starts[first:first + batch_size])
 
-    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        starts = torch.arange(0, max(0, len(self.val_tokens) - self.context - 1), self.context)
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Consecutive windows of the validation split, in batches of at least ``batch_size``."""
+        return self._held_out_batches(self.val_tokens, batch_size)
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The test split, as :meth:`val_batches` serves validation; nothing when there is no test split."""
+        return self._held_out_batches(self.test_tokens, batch_size)
+
+    def _held_out_starts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.arange(0, max(0, len(tokens) - self.context - 1), self.context)
+
+    def _held_out_batches(self, tokens: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        starts = self._held_out_starts(tokens)
         size = max(batch_size, MAX_VAL_BATCH // 4)
         for first in range(0, len(starts), size):
-            yield self._windows(self.val_tokens, starts[first:first + size])
+            yield self._windows(tokens, starts[first:first + size])
 
-    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Batch:
         windows = tokens[starts[:, None] + torch.arange(self.context + 1)].long()
         return windows[:, :-1], windows[:, 1:]  # inputs and their next-byte targets
 
@@ -103,10 +136,9 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def load_dataset(spec: dict[str, Any], data_root: Path | None = None, allow_http: bool = False,
                  limits: DatasetLimits = DEFAULT_LIMITS) -> Dataset:
     """Load and split the dataset of a normalized spec; raises ``JobError`` when it cannot be used."""
-    dataset, seed = spec["dataset"], spec["training"]["seed"]
-    fraction = dataset["val_fraction"]
-    if dataset["name"] == "tiny-text" and "url" not in dataset:
-        return _split_text((DATA_DIR / "tiny_text.txt").read_bytes(), fraction, spec["model"].get("context", 64))
+    dataset = spec["dataset"]
+    if dataset["name"] in TEXT_DATASETS and "url" not in dataset:
+        return _split_text(read_text(dataset["name"]), dataset, spec["model"].get("context", 64))
     if "url" in dataset:
         raw = read_dataset_bytes(dataset["url"], data_root, allow_http, limits)
         x, y, info = prepare_arrays(*parse_arrays(raw, dataset["format"], limits.max_bytes), task=dataset["task"])
@@ -117,23 +149,49 @@ def load_dataset(spec: dict[str, Any], data_root: Path | None = None, allow_http
         x, y = table[:, :-1] / 16.0, table[:, -1].astype(np.int64)  # pixels 0..16 -> 0..1
         info = data_info("classification", num_features=64, image_shape=[1, 8, 8], num_classes=10)
     else:
-        x, y = _synthetic(dataset, seed)
+        x, y = _synthetic(dataset, dataset["split_seed"])
         info = data_info("classification", num_features=x.shape[1], num_classes=dataset["n_classes"])
-    order = np.random.default_rng(seed).permutation(len(x))
-    val_count = min(len(x) - 1, max(1, round(len(x) * fraction))) if fraction > 0 else 0
-    val, train = order[:val_count], order[val_count:]
+    return _split_arrays(x, y, info, dataset)
+
+
+def read_text(name: str) -> bytes:
+    """The shipped corpus of a text dataset (``TEXT_FILES``), as bytes."""
+    path = DATA_DIR / TEXT_FILES[name]
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def _split_arrays(x: np.ndarray, y: np.ndarray, info: dict[str, Any], dataset: dict[str, Any]) -> ArrayDataset:
+    """Validation first, then test, from one permutation of dataset.split_seed; the rest trains."""
+    count = len(x)
+    val_fraction, test_fraction = dataset["val_fraction"], dataset["test_fraction"]
+    # val keeps at least one sample for training; this formula (and seed 0's permutation) predates the test split
+    val_count = min(count - 1, max(1, round(count * val_fraction))) if val_fraction > 0 else 0
+    test_count = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
+    if val_count + test_count >= count:
+        raise JobError(f"dataset.test_fraction: {count} samples leave none to train on after {val_count} for "
+                       f"validation and {test_count} for test: lower dataset.val_fraction or dataset.test_fraction")
+    order = np.random.default_rng(dataset["split_seed"]).permutation(count)
+    val, test, train = np.split(order, [val_count, val_count + test_count])
     return ArrayDataset(info, torch.from_numpy(x[train]), torch.from_numpy(y[train]),
-                        torch.from_numpy(x[val]), torch.from_numpy(y[val]))
+                        torch.from_numpy(x[val]), torch.from_numpy(y[val]),
+                        torch.from_numpy(x[test]), torch.from_numpy(y[test]))
 
 
-def _split_text(data: bytes, fraction: float, context: int) -> TextDataset:
+def _split_text(data: bytes, dataset: dict[str, Any], context: int) -> TextDataset:
+    """Contiguous train | val | test: the held-out parts are the tail, so no window straddles a split."""
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    split = len(tokens) - int(len(tokens) * fraction)  # the tail is held out: windows must not straddle the split
+    val_bytes, test_bytes = int(len(tokens) * dataset["val_fraction"]), int(len(tokens) * dataset["test_fraction"])
+    train_end, val_end = len(tokens) - val_bytes - test_bytes, len(tokens) - test_bytes
     info = data_info("lm", vocab_size=TEXT_VOCAB_SIZE)
-    dataset = TextDataset(info, tokens[:split].clone(), tokens[split:].clone(), context)
-    if dataset.batches_per_epoch(1) == 0:
-        raise JobError(f"the text is too short for context {context}: train on a shorter context")
-    return dataset
+    text = TextDataset(info, tokens[:train_end].clone(), tokens[train_end:val_end].clone(), context,
+                       tokens[val_end:].clone())
+    if text.batches_per_epoch(1) == 0:
+        raise JobError(f"model.context: the training split ({train_end:,} bytes) is too short for context "
+                       f"{context}: train on a shorter context or hold out less")
+    if dataset["test_fraction"] > 0 and len(text._held_out_starts(text.test_tokens)) == 0:
+        raise JobError(f"dataset.test_fraction: the test split ({test_bytes:,} bytes) holds no window of "
+                       f"context {context} + 1 bytes: hold out more or train on a shorter context")
+    return text
 
 
 def _synthetic(dataset: dict[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from node_runtime.training.context import JobError
+from shared.model_shapes import decayed_parameters
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +96,29 @@ def cross_entropy(use_kernels: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def make_optimizer(parameters: Any, training: dict[str, Any], use_kernels: bool) -> torch.optim.Optimizer:
-    """The optimizer ``training.optimizer`` names, with the spec's hyperparameters."""
+def make_optimizer(model: nn.Module, spec: dict[str, Any], use_kernels: bool) -> torch.optim.Optimizer:
+    """The optimizer ``training.optimizer`` names, with the spec's hyperparameters.
+
+    Two parameter groups: the parameters ``training.weight_decay_on`` selects get ``weight_decay``, the
+    rest none (``shared.model_shapes.decayed_parameters``); the gateway checks checkpoints in this order.
+    """
+    training = spec["training"]
     lr, decay, betas = training["learning_rate"], training["weight_decay"], tuple(training["betas"])
+    named = dict(model.named_parameters())
+    shapes = {name: tuple(parameter.shape) for name, parameter in named.items()}
+    decayed = decayed_parameters(spec, shapes)
+    groups = [{"params": [named[name] for name in shapes if name in decayed], "weight_decay": decay},
+              {"params": [named[name] for name in shapes if name not in decayed], "weight_decay": 0.0}]
+    groups = [group for group in groups if group["params"]]
     name = training["optimizer"]
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=training["momentum"], weight_decay=decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=training["momentum"])
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, weight_decay=decay)
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
     if use_kernels:
-        optimizer: torch.optim.Optimizer = triton_kernels().AdamW(parameters, lr=lr, betas=betas, eps=1e-8,
-                                                                  weight_decay=decay)
+        optimizer: torch.optim.Optimizer = triton_kernels().AdamW(groups, lr=lr, betas=betas, eps=1e-8)
         return optimizer
-    return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def initialize_parameters(model: nn.Module, seed: int, *, weight_std: float | None = None) -> None:

@@ -10,7 +10,9 @@ import hashlib
 import logging
 import math
 import os
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,13 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from node_runtime.training import layers
-from node_runtime.training.checkpoints import Position, encode_checkpoint, encode_weights, restore_checkpoint
+from node_runtime.training.checkpoints import (
+    Position,
+    Snapshot,
+    encode_weights,
+    restore_checkpoint,
+    snapshot_checkpoint,
+)
 from node_runtime.training.context import JobError, TrainingContext, TrainingResult
 from node_runtime.training.datasets import Dataset, TextDataset, load_dataset
 from node_runtime.training.models import build_model
 from node_runtime.training.user_data import DatasetLimits
 from shared.errors import ApiError
 from shared.jobspec import parse_job_spec
+from shared.safetensors_check import total_steps
 
 log = logging.getLogger("cyxwiz.train")  # the job's log (docs/logs.md): a summary line per epoch
 
@@ -52,7 +61,7 @@ def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
     use_kernels = layers.use_triton_kernels(training["kernels"], device)
     data = load_dataset(spec, ctx.data_root, ctx.allow_http, DatasetLimits.of(ctx))
     model = build_model(spec, data.info, use_kernels=use_kernels).to(device)
-    optimizer = layers.make_optimizer(model.parameters(), training, use_kernels)
+    optimizer = layers.make_optimizer(model, spec, use_kernels)
     return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()
 
 
@@ -71,6 +80,13 @@ def data_digest(data: Dataset) -> str:
     return digest.hexdigest()
 
 
+def reads_every_step(device: torch.device) -> bool:
+    """Whether the loop reads each step's loss back before its backward pass: on the CPU (free, and a NaN
+    is caught before it reaches the weights), not on a GPU, where that sync would stall the queue of
+    kernels each step; there the sums are read at report, checkpoint and epoch boundaries."""
+    return device.type != "cuda"
+
+
 def _default_cpu_threads() -> int:
     """Half the cores this process may use: torch's threads wait for each other at every op, so one
     descheduled thread stalls them all. On a busy 2-core host the digits MLP took 13 s with 2 threads
@@ -79,14 +95,16 @@ def _default_cpu_threads() -> int:
     return max(1, usable // 2)
 
 
-def _epoch_summary(epoch: int, epochs: int, metrics: dict[str, Any]) -> str:
+def _summary(where: str, metrics: dict[str, Any]) -> str:
     """``epoch 3/10: loss 0.3100, accuracy 0.9100, val_loss 0.3500, val_accuracy 0.9000, 5120 samples/s``"""
-    parts = [f"{name} {metrics[name]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy")
+    parts = [f"{name} {metrics[name]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy",
+                                                        "test_loss", "test_accuracy")
              if isinstance(metrics.get(name), float)]
-    parts.append(f"{metrics['samples_per_s']:.0f} samples/s")
+    if "samples_per_s" in metrics:
+        parts.append(f"{metrics['samples_per_s']:.0f} samples/s")
     if "tokens_per_s" in metrics:
         parts.append(f"{metrics['tokens_per_s']:.0f} tokens/s")
-    return f"epoch {epoch}/{epochs}: " + ", ".join(parts)
+    return f"{where}: " + ", ".join(parts)
 
 
 @dataclass
@@ -100,8 +118,58 @@ class _Totals:
     seconds: float = 0.0  # time spent in training steps, so validation does not dilute throughput
 
 
+class _CheckpointWriter:
+    """Encodes checkpoint snapshots and hands the bytes to ``save`` on a thread of its own, so a step
+    pays only for copying the state. One snapshot at a time: a new one waits for the one before, which
+    bounds memory to one extra copy and keeps every due checkpoint (none is silently skipped)."""
+
+    def __init__(self, save: Callable[[bytes], None]) -> None:
+        self.save = save
+        self._changed = threading.Condition()
+        self._pending: Snapshot | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, snapshot: Snapshot) -> None:
+        with self._changed:
+            while self._pending is not None or self._busy:
+                self._changed.wait()
+            self._pending = snapshot
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_forever, name="checkpoint-writer", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Return once every submitted checkpoint has been handed to ``save``."""
+        with self._changed:
+            while self._pending is not None or self._busy:
+                self._changed.wait()
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._changed:
+                while self._pending is None:
+                    self._changed.wait()
+                snapshot, self._pending, self._busy = self._pending, None, True
+            try:
+                self.save(snapshot.encode())
+            except Exception:  # a checkpoint that cannot be written costs a resume point, not the job
+                log.exception("a checkpoint could not be written")
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
+
+
 class _Run:
-    """The state of one run between steps."""
+    """The state of one run between steps.
+
+    The step's loss and accuracy are summed on the device and read back (one host sync) at report,
+    checkpoint and epoch boundaries on a GPU, so steps queue up without waiting for each other; on the
+    CPU, where reading a scalar costs nothing, every step is read before its backward pass, so a loss
+    that turns NaN is caught before it reaches the weights.
+    """
 
     def __init__(self, spec: dict[str, Any], ctx: TrainingContext, data: Dataset, model: nn.Module,
                  optimizer: torch.optim.Optimizer, device: torch.device, use_kernels: bool) -> None:
@@ -111,8 +179,10 @@ class _Run:
         self.task = data.info["task"]
         self.cross_entropy = layers.cross_entropy(use_kernels) if self.task != "regression" else None
         self.batches_per_epoch = data.batches_per_epoch(self.training["batch_size"])
-        self.total_steps = self.training["epochs"] * self.batches_per_epoch
+        # epochs x batches per epoch, or training.max_steps, whichever ends first: the schedule follows it
+        self.total_steps = total_steps(spec, self.batches_per_epoch) or 0
         self.position, self.val_metrics, self.epoch_totals = Position(), {}, _Totals()
+        self.test_metrics: dict[str, float] = {}
         if ctx.initial_checkpoint is not None:
             self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer, device)
             self.val_metrics = saved["val"]
@@ -126,37 +196,73 @@ class _Run:
                               if ctx.replay else None)
         self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
         self.steps_since_report = 0
+        # steps not yet read back from the device: [loss x predictions, correct] and the host-side counts
+        self.sync_every_step = reads_every_step(device)
+        self.unread = torch.zeros(2, dtype=torch.float64, device=device)
+        self.unread_steps, self.unread_predictions, self.unread_samples = 0, 0, 0
+        self.timer = time.perf_counter()  # the training time not yet added to the totals starts here
+        self.writer = _CheckpointWriter(ctx.save_checkpoint)
 
     def train(self) -> TrainingResult:
         self.model.train()
+        try:
+            return self._train()
+        finally:
+            self.writer.wait()  # every checkpoint is in the executor's hands before the result is
+
+    def _train(self) -> TrainingResult:
         batch_size, seed = self.training["batch_size"], self.training["seed"]
         stop_at = self.ctx.stop_at_step
         if stop_at is not None and self.position.step >= stop_at:
             return self._segment()
-        for epoch in range(self.position.epoch, self.training["epochs"]):
+        while self.position.step < self.total_steps:
+            epoch = self.position.epoch
             for inputs, targets in self.data.train_batches(seed, epoch, batch_size, self.position.batch):
                 if self.ctx.should_stop():
                     return self._stop()
                 self._step(inputs, targets)
                 if stop_at is not None and self.position.step >= stop_at:
                     return self._segment()
+                if self.position.step >= self.total_steps:
+                    break  # training.max_steps ends it mid-epoch
                 if (self.steps_since_report >= self.training["progress_every_steps"]
                         or time.monotonic() - self.last_report_at >= self.training["progress_every_s"]):
                     self._report()
+                if self.position.batch < self.batches_per_epoch:  # the epoch's end checkpoints after validation
+                    self._checkpoint_if_due()
+            if self.position.batch < self.batches_per_epoch:
+                break  # ended mid-epoch: validated below
             self.position = Position(epoch + 1, 0, self.position.step)
-            validation = self._validate()
-            if validation is None:
+            if not self._end_of_epoch(f"epoch {epoch + 1}" + (f"/{self.training['epochs']}"
+                                                              if self.training["epochs"] else "")):
                 return self._stop()
-            self.val_metrics = validation
-            self._report()
-            log.info("%s", _epoch_summary(epoch + 1, self.training["epochs"], self._metrics(self.epoch_totals)))
-            if epoch + 1 < self.training["epochs"]:  # the last epoch's state is the result itself
+            if self.position.step < self.total_steps:  # the last epoch's state is the result itself
                 self.epoch_totals = _Totals()
                 self._checkpoint_if_due()
+        if self.position.batch and not self._end_of_epoch(f"step {self.position.step}/{self.total_steps}"):
+            return self._stop()
+        if self._has_test_split():
+            test = self._evaluate(self.data.test_batches(batch_size), "test_")
+            if test is None:
+                return self._stop()
+            self.test_metrics = test
+            log.info("%s", _summary("test", test))
         return self._result("completed")
 
+    def _end_of_epoch(self, where: str) -> bool:
+        """Validate, report and log where the run stands; False if should_stop fired meanwhile."""
+        validation = self._evaluate(self.data.val_batches(self.training["batch_size"]), "val_")
+        if validation is None:
+            return False
+        self.val_metrics = validation
+        self._report()
+        log.info("%s", _summary(where, self._metrics(self.epoch_totals)))
+        return True
+
+    def _has_test_split(self) -> bool:
+        return any(True for _ in self.data.test_batches(self.training["batch_size"]))
+
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        started = time.perf_counter()
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
@@ -164,27 +270,44 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             outputs = self.model(inputs)
             loss = self._loss(outputs, targets)
-        correct = self._correct(outputs, targets)
-        loss_value, correct_count = torch.stack([loss.detach().float(), correct.float()]).tolist()  # one sync
-        if not math.isfinite(loss_value):
-            raise JobError(f"the loss became {loss_value} at step {self.position.step + 1} (epoch "
-                           f"{self.position.epoch + 1}): lower training.learning_rate or check the data")
+        predictions = targets.numel() if self.task == "lm" else len(targets)
+        self.unread += torch.stack([loss.detach().double() * predictions, self._correct(outputs, targets).double()])
+        self.unread_steps += 1
+        self.unread_predictions += predictions
+        self.unread_samples += len(targets)
+        if self.sync_every_step:
+            self._read_back()
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         if self.training["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.training["grad_clip"])
         self.optimizer.step()
-        elapsed = time.perf_counter() - started
-        for totals in (self.epoch_totals, self.window):
-            predictions = targets.numel() if self.task == "lm" else len(targets)
-            totals.loss_sum += loss_value * predictions
-            totals.correct += int(correct_count)
-            totals.predictions += predictions
-            totals.samples += len(targets)
-            totals.seconds += elapsed
         self.position.batch += 1
         self.position.step += 1
         self.steps_since_report += 1
+
+    def _read_back(self) -> None:
+        """Add the unread steps' sums (one host sync) and the training time since the last read to the
+        epoch's and the report window's totals; a NaN or infinite loss fails the job here."""
+        if not self.unread_steps:
+            return
+        loss_sum, correct = self.unread.tolist()
+        now = time.perf_counter()
+        if not math.isfinite(loss_sum):
+            # read on the CPU before its own step is counted, on a GPU after the steps since the last read
+            last = self.position.step + (1 if self.sync_every_step else 0)
+            first = last - self.unread_steps + 1
+            at = f"at step {last}" if first == last else f"between steps {first} and {last}"
+            raise JobError(f"the loss became {loss_sum} {at} (epoch {self.position.epoch + 1}): lower "
+                           "training.learning_rate or check the data")
+        for totals in (self.epoch_totals, self.window):
+            totals.loss_sum += loss_sum
+            totals.correct += int(correct)
+            totals.predictions += self.unread_predictions
+            totals.samples += self.unread_samples
+            totals.seconds += now - self.timer
+        self.unread.zero_()
+        self.unread_steps, self.unread_predictions, self.unread_samples, self.timer = 0, 0, 0, now
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.cross_entropy is None:
@@ -206,29 +329,35 @@ class _Run:
             return float(base * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))))
         return float(base)
 
-    def _validate(self) -> dict[str, float] | None:
-        """Validation metrics over the held-out split; None when should_stop fired meanwhile."""
-        totals = _Totals()
+    def _evaluate(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                  prefix: str) -> dict[str, float] | None:
+        """Loss (and accuracy) over held-out batches, as ``{prefix}loss``; None when should_stop fired."""
+        self._read_back()  # the time below is not training time
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        predictions = 0
         self.model.eval()
         try:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                  enabled=self.device.type == "cuda"):
-                for inputs, targets in self.data.val_batches(self.training["batch_size"]):
+                for inputs, targets in batches:
                     if self.ctx.should_stop():
                         return None
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     outputs = self.model(inputs)
-                    predictions = targets.numel() if self.task == "lm" else len(targets)
-                    totals.loss_sum += float(self._loss(outputs, targets)) * predictions
-                    totals.correct += int(self._correct(outputs, targets))
-                    totals.predictions += predictions
+                    count = targets.numel() if self.task == "lm" else len(targets)
+                    loss_sum += self._loss(outputs, targets).double() * count
+                    correct += self._correct(outputs, targets).double()
+                    predictions += count
         finally:
             self.model.train()
-        if totals.predictions == 0:
+            self.timer = time.perf_counter()
+        if predictions == 0:
             return {}
-        metrics = {"val_loss": totals.loss_sum / totals.predictions}
+        total_loss, total_correct = torch.stack([loss_sum, correct]).tolist()
+        metrics = {f"{prefix}loss": total_loss / predictions}
         if self.task != "regression":
-            metrics["val_accuracy"] = totals.correct / totals.predictions
+            metrics[f"{prefix}accuracy"] = total_correct / predictions
         return metrics
 
     def _metrics(self, totals: _Totals) -> dict[str, Any]:
@@ -238,6 +367,7 @@ class _Run:
             if self.task != "regression":
                 metrics["accuracy"] = self.epoch_totals.correct / self.epoch_totals.predictions
         metrics.update(self.val_metrics)
+        metrics.update(self.test_metrics)
         metrics["samples_per_s"] = totals.samples / totals.seconds if totals.seconds > 0 else 0.0
         if self.task == "lm":
             metrics["tokens_per_s"] = totals.predictions / totals.seconds if totals.seconds > 0 else 0.0
@@ -246,6 +376,7 @@ class _Run:
         return metrics
 
     def _report(self) -> None:
+        self._read_back()
         current_epoch = self.position.epoch + (1 if self.position.batch else 0)
         self.ctx.report({"epoch": max(1, current_epoch), "step": self.position.step,
                          "total_steps": self.total_steps, "metrics": self._metrics(self.window)})
@@ -257,20 +388,24 @@ class _Run:
                                          >= checkpointing["min_interval_s"]):
             self._save_checkpoint()
 
-    def _encode_checkpoint(self) -> bytes:
+    def _snapshot(self) -> Snapshot:
+        self._read_back()  # the epoch's totals go into the checkpoint
         saved = {"val": self.val_metrics, "epoch_totals": asdict(self.epoch_totals)}
-        return encode_checkpoint(self.spec, self.model, self.optimizer, self.position, saved, self.device,
-                                 data_info=self.data.info, threads=self.threads, device_kind=self.device_kind,
-                                 data_digest=self.data_digest)
+        snapshot = snapshot_checkpoint(self.spec, self.model, self.optimizer, self.position, saved, self.device,
+                                       data_info=self.data.info, threads=self.threads, device_kind=self.device_kind,
+                                       data_digest=self.data_digest)
+        self.timer = time.perf_counter()
+        return snapshot
 
     def _save_checkpoint(self) -> None:
-        self.ctx.save_checkpoint(self._encode_checkpoint())
+        """Copy the state here; encoding and uploading happen off the training thread."""
+        self.writer.submit(self._snapshot())
         self.saved_position, self.last_checkpoint_at = Position(**asdict(self.position)), time.monotonic()
 
     def _segment(self) -> TrainingResult:
         """A replay reached its stop: the whole state there, and where it started."""
         result = self._result("segment")
-        result.checkpoint = self._encode_checkpoint()
+        result.checkpoint = self._snapshot().encode()
         return result
 
     def _stop(self) -> TrainingResult:
@@ -280,6 +415,7 @@ class _Run:
         return self._result("stopped")
 
     def _result(self, status: str) -> TrainingResult:
+        self._read_back()
         return TrainingResult(status=status, metrics=self._metrics(self.epoch_totals),
                               weights=encode_weights(self.spec, self.data.info, self.model, threads=self.threads,
                                                      device_kind=self.device_kind, data_digest=self.data_digest),

@@ -163,13 +163,13 @@ def test_a_poisoned_checkpoint_is_caught_and_the_job_trains_again(cluster_factor
     cluster = cluster_factory()
     api = cluster.api
     rogue = RogueNode(cluster)  # alone: the job is its
-    raw_spec = digits(20, checkpoint={"min_interval_s": 0})
+    raw_spec = digits(20, checkpoint={"min_interval_s": 0.5})
     job_id = api.submit(raw_spec)
     entry = rogue.assignment()
     assert entry["job_id"] == job_id
     spec, info, model = forged_model(raw_spec, 0.4242)
     steps = 20 * batches_per_epoch(spec)
-    optimizer = make_optimizer(model.parameters(), spec["training"], False)
+    optimizer = make_optimizer(model, spec, False)
     poisoned = encode_checkpoint(spec, model, optimizer, Position(epoch=20, batch=0, step=steps),
                                  {"val": {"val_accuracy": 0.9999, "val_loss": 0.001},
                                   "epoch_totals": {"loss_sum": 0.0, "correct": 0, "predictions": 0, "samples": 0,
@@ -285,7 +285,7 @@ SPECS = {
                    "model": {"type": "sequential", "layers": [{"type": "linear", "out": 32}, {"type": "gelu"},
                                                               {"type": "dropout", "p": 0.1},
                                                               {"type": "linear", "out": 10}]},
-                   "training": {**DIGITS_SPEC["training"], "epochs": 1, "checkpoint": {"min_interval_s": 0}}},
+                   "training": {**DIGITS_SPEC["training"], "epochs": 1, "checkpoint": {"min_interval_s": 0.5}}},
     "transformer": {"name": "lm", "model": {"type": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2,
                                             "d_ff": 64, "context": 32, "dropout": 0.1},
                     "dataset": {"name": "tiny-text"},

@@ -23,6 +23,7 @@ API_EXAMPLE: dict[str, Any] = {
     "priority": "normal", "max_attempts": 3,
 }
 MINIMAL: dict[str, Any] = {"model": {"type": "mlp"}, "dataset": {"name": "digits"}, "training": {"epochs": 3}}
+SPLIT = {"val_fraction": 0.2, "test_fraction": 0.0, "split_seed": 0}  # a dataset's default held-out splits
 
 
 def with_change(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -43,8 +44,9 @@ def with_change(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 def test_api_example_normalizes_to_itself_plus_defaults() -> None:
     spec = parse_job_spec(API_EXAMPLE)
-    for section in ("model", "dataset", "requirements"):
+    for section in ("model", "requirements"):
         assert spec[section] == API_EXAMPLE[section]
+    assert spec["dataset"] == {**API_EXAMPLE["dataset"], "test_fraction": 0.0, "split_seed": 0}
     assert spec["training"].items() >= API_EXAMPLE["training"].items()
     assert (spec["name"], spec["priority"], spec["max_attempts"]) == ("digits-mlp", "normal", 3)
     assert spec["training"]["kernels"] == "auto"
@@ -57,7 +59,7 @@ def test_minimal_spec_gets_every_default() -> None:
     spec = parse_job_spec(MINIMAL)
     assert spec["name"] == "digits-mlp"
     assert spec["model"] == {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "none", "dropout": 0.0}
-    assert spec["dataset"] == {"name": "digits", "val_fraction": 0.2}
+    assert spec["dataset"] == {"name": "digits", "val_fraction": 0.2, "test_fraction": 0.0, "split_seed": 0}
     training = spec["training"]
     assert (training["batch_size"], training["optimizer"], training["learning_rate"]) == (64, "adamw", 1e-3)
     assert (training["weight_decay"], training["seed"], training["kernels"]) == (0.01, 0, "auto")
@@ -74,22 +76,34 @@ def test_model_defaults_per_type() -> None:
     lm = parse_job_spec({**MINIMAL, "model": {"type": "transformer", "d_model": 64}, "dataset": "tiny-text"})
     assert lm["model"] == {"type": "transformer", "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256,
                            "context": 128, "activation": "gelu", "norm": "layernorm", "dropout": 0.0}
-    assert lm["dataset"] == {"name": "tiny-text", "val_fraction": 0.2} and lm["name"] == "tiny-text-transformer"
+    assert lm["dataset"] == {"name": "tiny-text", **SPLIT} and lm["name"] == "tiny-text-transformer"
 
 
 def test_synthetic_and_url_datasets_normalize() -> None:
     blobs = parse_job_spec({**MINIMAL, "dataset": {"name": "blobs", "n_classes": 4}})["dataset"]
-    assert blobs == {"name": "blobs", "n_samples": 1000, "n_features": 2, "n_classes": 4, "noise": 1.0,
-                     "val_fraction": 0.2}
+    assert blobs == {"name": "blobs", "n_samples": 1000, "n_features": 2, "n_classes": 4, "noise": 1.0, **SPLIT}
     spirals = parse_job_spec({**MINIMAL, "dataset": "spirals"})["dataset"]
-    assert spirals == {"name": "spirals", "n_samples": 1000, "n_classes": 2, "noise": 0.2, "val_fraction": 0.2}
+    assert spirals == {"name": "spirals", "n_samples": 1000, "n_classes": 2, "noise": 0.2, **SPLIT}
     user = parse_job_spec({**MINIMAL, "dataset": {"url": "file:///srv/data/houses.csv.gz"}})
     assert user["dataset"] == {"name": "houses", "url": "file:///srv/data/houses.csv.gz", "format": "csv",
-                               "task": "auto", "val_fraction": 0.2}
+                               "task": "auto", **SPLIT}
     assert user["name"] == "houses-mlp"
     npz = parse_job_spec({**MINIMAL, "dataset": {"url": "https://example.org/get?id=3", "format": "npz",
                                                  "name": "mine", "task": "regression"}})["dataset"]
     assert (npz["name"], npz["format"], npz["task"]) == ("mine", "npz", "regression")
+
+
+def test_tiny_shakespeare_and_the_held_out_splits_normalize() -> None:
+    shakespeare = parse_job_spec({**MINIMAL, "dataset": "tiny-shakespeare", "model": {"type": "transformer"}})
+    # nanoGPT's shakespeare_char holds out the last 10 %, so this dataset does by default
+    assert shakespeare["dataset"] == {"name": "tiny-shakespeare", "val_fraction": 0.1, "test_fraction": 0.0,
+                                      "split_seed": 0}
+    info = known_data_info(shakespeare["dataset"])
+    assert info is not None and info["task"] == "lm" and info == known_data_info({"name": "tiny-text"})
+    chosen = {"name": "blobs", "val_fraction": 0.5, "test_fraction": 0.4, "split_seed": 2**63 - 1}
+    assert parse_job_spec({**MINIMAL, "dataset": chosen})["dataset"].items() >= chosen.items()
+    normalized = parse_job_spec({**MINIMAL, "dataset": {"name": "digits", "test_fraction": 0.1, "split_seed": 3}})
+    assert parse_job_spec(normalized) == normalized
 
 
 def test_sequential_layers_get_defaults_and_shapes() -> None:
@@ -171,6 +185,13 @@ CONV_NO_FLATTEN = [{"type": "conv2d", "out_channels": 4}, {"type": "relu"}, {"ty
     # datasets
     (with_change(MINIMAL, "dataset.name", "mnist"), "dataset.name"),
     (with_change(MINIMAL, "dataset.val_fraction", 0.95), "dataset.val_fraction"),
+    (with_change(MINIMAL, "dataset.test_fraction", 0.6), "dataset.test_fraction"),
+    (with_change(MINIMAL, "dataset.test_fraction", -0.1), "dataset.test_fraction"),
+    (with_change(MINIMAL, "dataset", {"name": "digits", "val_fraction": 0.5, "test_fraction": 0.45}),
+     "dataset.test_fraction"),  # val + test may hold out at most 0.9
+    (with_change(MINIMAL, "dataset.split_seed", -1), "dataset.split_seed"),
+    (with_change(MINIMAL, "dataset.split_seed", 1.5), "dataset.split_seed"),
+    (with_change(MINIMAL, "dataset.split_seed", "7"), "dataset.split_seed"),
     (with_change(MINIMAL, "dataset", {"name": "blobs", "n_classes": 1}), "dataset.n_classes"),
     (with_change(MINIMAL, "dataset", {"url": "ftp://host/data.npz"}), "dataset.url"),
     (with_change(MINIMAL, "dataset", {"url": "file:///srv/data/table"}), "dataset.format"),

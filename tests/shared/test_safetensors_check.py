@@ -3,8 +3,10 @@ saves, in any chunking, and every kind of bad file is refused with a message tha
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import math
 import random
 import struct
 from collections.abc import Callable
@@ -16,12 +18,15 @@ import torch
 
 from node_runtime.training import build_model
 from node_runtime.training.checkpoints import Position, encode_checkpoint, encode_weights, state_digests
-from node_runtime.training.datasets import load_dataset
+from node_runtime.training.datasets import DATA_DIR, load_dataset, read_text
 from node_runtime.training.layers import make_optimizer
 from shared.errors import InvalidArtifact
 from shared.jobspec import data_info, known_data_info, parse_job_spec
 from shared.safetensors_check import (
+    DIGITS_SAMPLES,
     MAX_HEADER_BYTES,
+    TINY_SHAKESPEARE_BYTES,
+    TINY_TEXT_BYTES,
     ArtifactDigest,
     StreamingDigest,
     batches_per_epoch,
@@ -73,7 +78,7 @@ def trained(spec: dict[str, Any], info: dict[str, Any] | None = None) -> tuple[t
     info = info or known_data_info(spec["dataset"])
     assert info is not None
     model = build_model(spec, info)
-    optimizer = make_optimizer(model.parameters(), spec["training"], use_kernels=False)
+    optimizer = make_optimizer(model, spec, use_kernels=False)
     inputs = torch.zeros(2, info["num_features"] or spec["model"]["context"], dtype=torch.long
                          if info["task"] == "lm" else torch.float32)
     model(inputs).float().pow(2).mean().backward()
@@ -135,7 +140,19 @@ def test_expected_shapes_are_those_of_the_built_model(case: str, use_kernels: bo
     model = build_model(spec, info, use_kernels=use_kernels)
     state = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     assert list(expected_state_shapes(spec, info).items()) == list(state.items())  # names, shapes and order
-    assert expected_parameter_shapes(spec, info) == [tuple(p.shape) for p in model.parameters()]
+    # the optimizer's order (its state index i is parameter i): decayed weight matrices first, then the rest
+    optimizer = make_optimizer(model, spec, use_kernels=use_kernels)
+    ordered = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
+    assert expected_parameter_shapes(spec, info) == ordered
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [spec["training"]["weight_decay"], 0.0]
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, parameter in model.named_parameters():  # matrices decay; biases, norm gains and embeddings do not
+        embedding = any(isinstance(module, torch.nn.Embedding) and module.weight is parameter
+                        for module in model.modules())
+        assert (id(parameter) in decayed) == (parameter.ndim >= 2 and not embedding), name
+    everything = make_optimizer(model, {**spec, "training": {**spec["training"], "weight_decay_on": "all"}},
+                                use_kernels=use_kernels)
+    assert [len(group["params"]) for group in everything.param_groups] == [len(list(model.parameters()))]
 
 
 @pytest.mark.parametrize("model_spec", [MLP, {"type": "cnn", "channels": [4], "pool": False, "hidden": [6]},
@@ -161,6 +178,41 @@ def test_batches_per_epoch_are_those_the_node_trains(dataset: Any, model_spec: d
                                                      training: dict[str, Any]) -> None:
     spec = make_spec(model_spec, dataset, **training)
     assert batches_per_epoch(spec) == load_dataset(spec).batches_per_epoch(training["batch_size"])
+
+
+def test_the_shipped_dataset_sizes_are_those_of_the_files() -> None:
+    with gzip.open(DATA_DIR / "digits.csv.gz", "rt") as handle:
+        assert DIGITS_SAMPLES == sum(1 for line in handle if line.strip())
+    assert TINY_TEXT_BYTES == len(read_text("tiny-text"))
+    assert TINY_SHAKESPEARE_BYTES == len(read_text("tiny-shakespeare"))
+
+
+SPLIT_DATASETS = ["digits", {"name": "blobs", "n_samples": 101}, {"name": "spirals", "n_samples": 20},
+                  "tiny-text", "tiny-shakespeare"]
+HELD_OUT = [(0.0, 0.0), (0.2, 0.0), (0.1, 0.05), (0.0, 0.3), (0.4, 0.5)]  # (val_fraction, test_fraction)
+
+
+@pytest.mark.parametrize(("val_fraction", "test_fraction"), HELD_OUT)
+@pytest.mark.parametrize("dataset", SPLIT_DATASETS, ids=["digits", "blobs", "spirals", "tiny-text", "tiny-shakespeare"])
+def test_batches_per_epoch_follow_every_split(dataset: Any, val_fraction: float, test_fraction: float) -> None:
+    """The pure-Python count against the node's split, over held-out fractions, batch sizes and contexts."""
+    named = {"name": dataset} if isinstance(dataset, str) else dataset
+    held_out = {**named, "val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": 5}
+    text = named["name"] in ("tiny-text", "tiny-shakespeare")
+    for context in (2, 64, 100) if text else (None,):
+        model = {"type": "transformer", "d_model": 8, "n_heads": 1, "n_layers": 1, "context": context} if text else MLP
+        spec = make_spec(model, held_out)
+        data = load_dataset(spec)
+        for batch_size in (1, 7, 12, 64, 5000):
+            at_size = {**spec, "training": {**spec["training"], "batch_size": batch_size}}
+            assert batches_per_epoch(at_size) == data.batches_per_epoch(batch_size), (context, batch_size)
+
+
+def test_batches_per_epoch_of_a_spec_stored_before_the_test_split() -> None:
+    spec = make_spec(MLP, {"name": "blobs", "n_samples": 101})
+    stored = {**spec, "dataset": {key: value for key, value in spec["dataset"].items()
+                                  if key not in ("test_fraction", "split_seed")}}
+    assert batches_per_epoch(stored) == batches_per_epoch(spec) == math.ceil(81 / 64)
 
 
 def test_real_artifacts_pass_and_say_where_they_stand(spec: dict[str, Any], artifacts: dict[str, bytes]) -> None:

@@ -88,8 +88,9 @@ def test_a_replay_of_a_segment_is_bitwise_the_trainers(recorder: Callable[..., R
     spec = spec_for({"type": "mlp", "hidden": [16], "dropout": 0.1}, epochs=3, checkpoint={"min_interval_s": 0})
     trainer = recorder()
     result = run_training(spec, trainer.context(cpu_threads=1))
-    assert len(trainer.checkpoints) == 2  # after epochs 1 and 2 (the last epoch's state is the result)
-    first, second = trainer.checkpoints
+    # a checkpoint at every step boundary (min_interval_s 0) but the last: the last state is the result
+    assert len(trainer.checkpoints) == 3 * 23 - 1
+    first, second = trainer.checkpoints[9], trainer.checkpoints[40]  # mid-epoch 1 to mid-epoch 2
     step = json.loads(read_metadata(second)["position"])["step"]
     replay = run_training(spec, recorder().context(cpu_threads=1, initial_checkpoint=first, stop_at_step=step,
                                                     replay=True))
@@ -99,3 +100,62 @@ def test_a_replay_of_a_segment_is_bitwise_the_trainers(recorder: Callable[..., R
     assert state_digests(whole.weights)["weights"] == state_digests(result.weights)["weights"]
     metadata = read_metadata(second)
     assert metadata["threads"] == "1" and metadata["device_kind"] == "cpu" and len(metadata["data"]) == 64
+
+
+def test_a_resume_is_bitwise_on_the_same_thread_count_and_close_on_another(
+        recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    """The resume rule (docs/node-runtime.md): the thread count changes float reduction order. Resumed with
+    the checkpoint's thread count a run is bitwise the uninterrupted one; with another it is close."""
+    model = {"type": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "context": 32, "dropout": 0.1}
+    spec = spec_for(model, "tiny-text", max_steps=60, batch_size=16, progress_every_steps=1)
+    whole = safetensors.torch.load(run_training(spec, recorder().context(cpu_threads=1)).weights)
+    first = recorder(stop_after_steps=20)
+    run_training(spec, first.context(cpu_threads=1))
+    assert read_metadata(first.checkpoints[-1])["threads"] == "1"
+    for threads in (1, 2):
+        resumed = run_training(spec, recorder().context(cpu_threads=threads, initial_checkpoint=first.checkpoints[-1]))
+        assert resumed.step == 60
+        weights = safetensors.torch.load(resumed.weights)
+        assert read_metadata(resumed.weights)["threads"] == str(threads)
+        for name, tensor in whole.items():
+            if threads == 1:
+                assert torch.equal(weights[name], tensor), name
+            else:  # measured: at most ~1e-5 absolute after 40 steps (docs/node-runtime.md states 1e-3)
+                torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-3, msg=name)
+
+
+def _weights_file(job: dict[str, Any], tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
+    info = {"task": "classification", "num_features": 64, "image_shape": [1, 8, 8], "num_classes": 10,
+            "target_dim": None, "vocab_size": None}
+    return safetensors.torch.save(tensors, metadata={"format": "pt", "cyxwiz_format": "cyxwiz-weights/1",
+                                                     "spec": json.dumps(job), "data_info": json.dumps(info),
+                                                     **metadata})
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda spec, tensors: b"PK\x03\x04 a zip file, not safetensors", "truncated|not valid JSON|not a CyxWiz"),
+    (lambda spec, tensors: _weights_file({**spec, "model": {"type": "resnet"}}, tensors), "model.type"),
+    (lambda spec, tensors: _weights_file({**spec, "model": {**spec["model"], "hidden": [-5]}}, tensors),
+     "model.hidden.0"),
+    (lambda spec, tensors: _weights_file(spec, tensors, spec="{not json"), "metadata is damaged"),
+    (lambda spec, tensors: _weights_file(spec, tensors, data_info='{"task": "lm"}'), "data_info"),
+    (lambda spec, tensors: _weights_file(spec, {**tensors, "head.weight": torch.full((10, 16), float("nan"))}),
+     "NaN or infinite"),
+    (lambda spec, tensors: _weights_file(spec, {**tensors, "head.weight": torch.zeros(3, 3)}), "shape"),
+    (lambda spec, tensors: _weights_file(spec, {k: v for k, v in tensors.items() if k != "head.bias"}),
+     "missing 'head.bias'"),
+    (lambda spec, tensors: _weights_file(spec, {**tensors, "extra": torch.zeros(1)}), "unexpected 'extra'"),
+    (lambda spec, tensors: _weights_file(spec, {**tensors, "head.bias": tensors["head.bias"].double()}), "float32"),
+])
+def test_a_malformed_model_file_raises_one_clear_value_error(
+        recorder: Callable[..., Recorder], spec_for: SpecFor,
+        tamper: Callable[[dict[str, Any], dict[str, torch.Tensor]], bytes], message: str, tmp_path: Any) -> None:
+    spec = spec_for(MLP)
+    good = run_training(spec, recorder().context()).weights
+    bad = tamper(spec, safetensors.torch.load(good))
+    with pytest.raises(ValueError, match=message):
+        load_trained_model(bad)
+    path = tmp_path / "model.safetensors"  # a path takes the same checks
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match=message):
+        load_trained_model(path)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 
 from node_runtime.training import JobError, TrainingResult, run_training
+from node_runtime.training.checkpoints import read_metadata
 from shared.jobspec import parse_job_spec
 
 API_EXAMPLE = {
@@ -82,11 +87,17 @@ def test_same_spec_gives_the_same_weights(recorder: Callable[..., Recorder], spe
     assert not torch.equal(weights(other_seed)["head.weight"], expected["head.weight"])
 
 
-def test_checkpoints_at_epoch_ends_are_rate_limited(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
-    every_epoch, rate_limited = recorder(), recorder()
-    run_training(spec_for(SMALL_MLP, epochs=3, checkpoint={"min_interval_s": 0}), every_epoch.context())
+def test_checkpoints_at_step_boundaries_are_rate_limited(recorder: Callable[..., Recorder],
+                                                         spec_for: SpecFor) -> None:
+    every_step, rate_limited = recorder(), recorder()
+    run_training(spec_for(SMALL_MLP, epochs=3, checkpoint={"min_interval_s": 0}), every_step.context())
     run_training(spec_for(SMALL_MLP, epochs=3, checkpoint={"min_interval_s": 3600}), rate_limited.context())
-    assert len(every_epoch.checkpoints) == 2  # after epochs 1 and 2; the last epoch's state is the result
+    # due at every step boundary, mid-epoch ones included, each written once and in order; not after the
+    # last step (the final state is the result)
+    positions = [json.loads(read_metadata(data)["position"]) for data in every_step.checkpoints]
+    assert [p["step"] for p in positions] == list(range(1, 3 * 23))
+    assert positions[22] == {"epoch": 1, "batch": 0, "step": 23}  # an epoch end, saved after its validation
+    assert positions[30] == {"epoch": 1, "batch": 8, "step": 31}
     assert rate_limited.checkpoints == []
 
 
@@ -138,3 +149,67 @@ def test_raw_specs_are_normalized_and_invalid_ones_are_job_errors(recorder: Call
     assert run_training(raw, recorder().context()).status == "completed"
     with pytest.raises(JobError, match="model.hiden"):
         run_training({**raw, "model": {"type": "mlp", "hiden": [8]}}, recorder().context())
+
+
+def test_max_steps_sets_the_length_and_ends_mid_epoch(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    record = recorder()
+    spec = spec_for(SMALL_MLP, epochs=None, max_steps=30, lr_schedule="cosine", progress_every_steps=10)
+    assert spec["training"]["epochs"] is None
+    result = run_training(spec, record.context())
+    assert result.status == "completed" and (result.step, result.total_steps, result.epoch) == (30, 30, 1)
+    assert [r["step"] for r in record.reports] == [10, 20, 23, 30] and record.reports[-1]["total_steps"] == 30
+    assert record.reports[-1]["epoch"] == 2  # 23 steps per epoch: the 30th is in the second
+    assert "val_loss" in result.metrics  # validated where it ended
+    # both bounds: whichever ends first
+    assert run_training(spec_for(SMALL_MLP, epochs=1, max_steps=1000), recorder().context()).step == 23
+    assert run_training(spec_for(SMALL_MLP, epochs=5, max_steps=40), recorder().context()).step == 40
+
+
+def test_a_step_budget_resumed_mid_epoch_matches_an_uninterrupted_run(recorder: Callable[..., Recorder],
+                                                                     spec_for: SpecFor) -> None:
+    spec = spec_for(SMALL_MLP, epochs=None, max_steps=50, lr_schedule="cosine", progress_every_steps=1,
+                    checkpoint={"min_interval_s": 0})
+    whole = run_training(spec, recorder().context())
+    first = recorder(stop_after_steps=31)
+    assert run_training(spec, first.context()).status == "stopped"
+    checkpoint = first.checkpoints[-1]
+    assert json.loads(read_metadata(checkpoint)["position"])["batch"] > 0  # mid-epoch
+    resumed = run_training(spec, recorder().context(initial_checkpoint=checkpoint))
+    assert resumed.step == 50
+    assert all(torch.equal(tensor, weights(whole)[name]) for name, tensor in weights(resumed).items())
+
+
+def test_the_test_split_is_evaluated_once_at_the_end(recorder: Callable[..., Recorder], spec_for: SpecFor) -> None:
+    record = recorder()
+    spec = spec_for(SMALL_MLP, {"name": "digits", "test_fraction": 0.1}, epochs=2, progress_every_steps=5)
+    result = run_training(spec, record.context())
+    assert 0 < result.metrics["test_loss"] < 5 and 0 < result.metrics["test_accuracy"] <= 1
+    assert all("test_loss" not in report["metrics"] for report in record.reports)  # only at the end
+    plain = run_training(spec_for(SMALL_MLP, epochs=2), recorder().context())
+    assert "test_loss" not in plain.metrics
+
+
+def test_reading_the_loss_back_only_at_boundaries_gives_the_same_run(
+        recorder: Callable[..., Recorder], spec_for: SpecFor, monkeypatch: pytest.MonkeyPatch,
+        data_root: Path) -> None:
+    """What a GPU does (no host sync per step), exercised on the CPU: the same weights and the same
+    metrics as reading every step, and a NaN loss still fails the job, naming the steps it lies in."""
+    from node_runtime.training import loop
+
+    spec = spec_for(SMALL_MLP, epochs=2, progress_every_steps=7)
+    every_step_record, deferred_record = recorder(), recorder()
+    every_step = run_training(spec, every_step_record.context())
+    monkeypatch.setattr(loop, "reads_every_step", lambda device: False)
+    deferred = run_training(spec, deferred_record.context())
+    assert all(torch.equal(tensor, weights(every_step)[name]) for name, tensor in weights(deferred).items())
+    for before, after in zip(every_step_record.reports, deferred_record.reports, strict=True):
+        assert before["step"] == after["step"]
+        for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            expected = before["metrics"].get(name)
+            assert after["metrics"].get(name) == (expected if expected is None else pytest.approx(expected, rel=1e-12))
+    huge = io.BytesIO()  # regression targets of 1e30: the squared error overflows at the first step
+    np.savez(huge, x=np.ones((512, 2), dtype=np.float32), y=np.full(512, 1e30, dtype=np.float32))
+    (data_root / "huge.npz").write_bytes(huge.getvalue())
+    with pytest.raises(JobError, match="loss became inf between steps 1 and 7"):
+        run_training(spec_for(SMALL_MLP, {"url": "huge.npz"}, batch_size=16, progress_every_steps=7),
+                     recorder().context(data_root=data_root))
