@@ -61,7 +61,18 @@ def _fraction(job: dict[str, Any]) -> float | None:
 
 
 def _epochs(job: dict[str, Any]) -> object:
+    """The spec's epochs; None for a job whose length is a step budget (training.max_steps) alone."""
     return ((job.get("spec") or {}).get("training") or {}).get("epochs", "?")
+
+
+def _where(job: dict[str, Any], short: bool = False) -> str:
+    """``epoch 3/10`` (``e3/10``), or ``step 840/2000`` (``s840/2000``) for a step budget."""
+    progress = job.get("progress") or {}
+    epochs = _epochs(job)
+    if epochs is None:
+        step, total = printable(progress.get("step", 0)), printable(progress.get("total_steps", "?"))
+        return f"{'s' if short else 'step '}{step}/{total}"
+    return f"{'e' if short else 'epoch '}{printable(progress.get('epoch', 0))}/{printable(epochs)}"
 
 
 def progress_cell(job: dict[str, Any]) -> str:
@@ -69,8 +80,7 @@ def progress_cell(job: dict[str, Any]) -> str:
     done = _fraction(job)
     if done is None:
         return "-"
-    epoch = (job.get("progress") or {}).get("epoch", 0)
-    return f"{done * 100:.0f}% e{epoch}/{_epochs(job)}"
+    return f"{done * 100:.0f}% {_where(job, short=True)}"
 
 
 def _metrics(metrics: dict[str, Any], names: tuple[str, ...] | None = None) -> list[str]:
@@ -88,8 +98,7 @@ def progress_line(job: dict[str, Any], width: int | None = None) -> str:
     done = _fraction(job) or 0.0
     bar = "#" * int(done * 30) + "-" * (30 - int(done * 30))
     status = job["status"] + (f" ({job['pending_reason']})" if job.get("pending_reason") else "")
-    parts = [f"[{bar}] {done * 100:5.1f}%", f"{printable(status):<9}",
-             f"epoch {printable(progress.get('epoch', 0))}/{printable(_epochs(job))}"]
+    parts = [f"[{bar}] {done * 100:5.1f}%", f"{printable(status):<9}", _where(job)]
     parts += _metrics(progress.get("metrics") or {}, METRICS_SHOWN)
     line = "  ".join(parts)
     return line[:width] if width else line
@@ -162,8 +171,9 @@ def job_summary(job: dict[str, Any]) -> str:
     if progress:
         done = _fraction(job) or 0.0
         total = progress.get("total_steps") or "?"
+        epochs = _epochs(job)
         lines.append(("progress", f"{done * 100:.1f}%  step {printable(progress.get('step', 0))}/{printable(total)}  "
-                                  f"epoch {printable(progress.get('epoch', 0))}/{printable(_epochs(job))}"))
+                                  f"epoch {printable(progress.get('epoch', 0))}/{printable(epochs or '-')}"))
         shown = _metrics(progress.get("metrics") or {})
         if shown:
             lines.append(("metrics", "  ".join(shown)))

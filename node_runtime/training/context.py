@@ -10,14 +10,16 @@ from typing import Any
 
 @dataclass
 class TrainingContext:
-    """The executor's side of one training run (all callables are called from the training thread).
+    """The executor's side of one training run.
 
-    ``report`` must not block: it receives ``{"epoch", "step", "total_steps", "metrics"}``.
-    ``should_stop`` turning True (job cancelled, node draining) stops the run before the next step;
-    the run then saves one last checkpoint of its exact position, so a drained job loses nothing
-    (make ``save_checkpoint`` a no-op for a cancelled job if that upload is unwanted).
-    ``save_checkpoint`` may be slow; it is called at epoch ends, at most once per
-    ``training.checkpoint.min_interval_s``, and on stop.
+    ``report`` and ``should_stop`` are called from the training thread; ``report`` must not block: it
+    receives ``{"epoch", "step", "total_steps", "metrics"}``. ``should_stop`` turning True (job
+    cancelled, node draining) stops the run before the next step; the run then saves one last
+    checkpoint of its exact position, so a drained job loses nothing (make ``save_checkpoint`` a no-op
+    for a cancelled job if that upload is unwanted). ``save_checkpoint`` receives the encoded bytes on
+    the run's checkpoint-writer thread (the training thread only copies the state), one at a time and
+    in order, at the first step boundary or epoch end once ``training.checkpoint.min_interval_s`` has
+    passed since the last, and on stop; every one has been handed over before ``run_training`` returns.
     """
 
     report: Callable[[dict[str, Any]], None]
