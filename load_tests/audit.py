@@ -35,14 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS = {"name": "digits", "val_fraction": 0.2}
 SPECS: dict[str, dict[str, Any]] = {
     "mlp": {"name": "mlp", "model": {"type": "mlp", "hidden": [128, 64], "norm": "layernorm"}, "dataset": DIGITS,
-            "training": {"epochs": 3, "checkpoint": {"min_interval_s": 0}}},
+            "training": {"epochs": 3, "checkpoint": {"min_interval_s": 0.2}}},
     "cnn": {"name": "cnn", "model": {"type": "cnn", "channels": [8], "hidden": [32]}, "dataset": DIGITS,
             "training": {"epochs": 2}},
     "sequential": {"name": "sequential", "dataset": DIGITS,
                    "model": {"type": "sequential", "layers": [{"type": "linear", "out": 64}, {"type": "gelu"},
                                                               {"type": "dropout", "p": 0.1},
                                                               {"type": "linear", "out": 10}]},
-                   "training": {"epochs": 3, "checkpoint": {"min_interval_s": 0}}},
+                   "training": {"epochs": 3, "checkpoint": {"min_interval_s": 0.2}}},
     "transformer": {"name": "transformer", "dataset": {"name": "tiny-text"},
                     "model": {"type": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
                               "context": 32, "dropout": 0.1},

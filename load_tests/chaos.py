@@ -49,7 +49,7 @@ CHAOS_SPEC: dict[str, Any] = {
     "model": {"type": "mlp", "hidden": [128, 64], "activation": "gelu", "norm": "layernorm"},
     "dataset": {"name": "digits", "val_fraction": 0.2},
     "training": {"epochs": 12, "batch_size": 32, "learning_rate": 0.002, "seed": 0,
-                 "progress_every_steps": 10, "checkpoint": {"enabled": True, "min_interval_s": 0.0}},
+                 "progress_every_steps": 10, "checkpoint": {"enabled": True, "min_interval_s": 0.2}},
     "max_attempts": 10,
 }
 
