@@ -213,3 +213,26 @@ def test_reading_the_loss_back_only_at_boundaries_gives_the_same_run(
     with pytest.raises(JobError, match="loss became inf between steps 1 and 7"):
         run_training(spec_for(SMALL_MLP, {"url": "huge.npz"}, batch_size=16, progress_every_steps=7),
                      recorder().context(data_root=data_root))
+
+
+def test_a_checkpoint_is_taken_at_the_first_step_boundary_after_the_interval(
+        recorder: Callable[..., Recorder], spec_for: SpecFor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock that advances one second per step and min_interval_s 2.5, checkpoints fall after
+    steps 3, 6, 9, ...: the first boundary past each interval, so a crash loses at most interval + step."""
+    from node_runtime.training import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0]),
+                                                         "perf_counter": staticmethod(time.perf_counter)}))
+    record = recorder()
+    real_stop = record.should_stop
+
+    def one_second_per_step() -> bool:
+        clock[0] += 1.0
+        return bool(real_stop())
+
+    record.should_stop = one_second_per_step
+    run_training(spec_for(SMALL_MLP, epochs=None, max_steps=20, checkpoint={"min_interval_s": 2.5}),
+                 record.context())
+    steps = [json.loads(read_metadata(data)["position"])["step"] for data in record.checkpoints]
+    assert steps == [3, 6, 9, 12, 15, 18]  # not after step 20: the final state is the result
