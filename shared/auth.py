@@ -246,7 +246,7 @@ async def authenticate_job_reader(store: Store, job_id: str, authorization: str 
     token = bearer_token(authorization)
     raw = await store.redis.hget(keys.API_KEYS, hash_token(token))
     caller = None if raw is not None else await authenticate_node_token(store, authorization)
-    tenant, node_id = await store.redis.hmget(keys.job_key(job_id), ["tenant", "node_id"])
+    tenant, node_id, attempt = await store.redis.hmget(keys.job_key(job_id), ["tenant", "node_id", "attempt"])
     if tenant is None:
         raise errors.NotFound(f"no job {job_id}")
     if raw is not None:
@@ -255,6 +255,9 @@ async def authenticate_job_reader(store: Store, job_id: str, authorization: str 
             raise errors.NotFound(f"no job {job_id}")
         return
     if caller == node_id:
+        return
+    members = await store.redis.hget(keys.job_key(job_id), f"nodes:{attempt}") if node_id else None
+    if members and caller in orjson.loads(members):  # every rank of a gang resumes from the checkpoint
         return
     if task_id:
         task_job, task_node, status = await store.redis.hmget(keys.verify_key(task_id), ["job_id", "node_id", "status"])

@@ -99,7 +99,7 @@ async def submit_job(store: Store, who: Principal, body: Any,
     """Create a job and place it on the best node that fits, or queue it. 201, or 200 for a repeat
     of an Idempotency-Key."""
     settings = store.settings
-    spec = parse_job_spec(body, max_duration_s=settings.max_job_duration_s)
+    spec = parse_job_spec(body, max_duration_s=settings.max_job_duration_s, max_nodes=settings.max_gang_nodes)
     need = resources.estimate(spec, known_data_info(spec["dataset"]))
     if need.memory_mb > settings.max_job_memory_mb:
         raise errors.InvalidField(
@@ -117,6 +117,7 @@ async def submit_job(store: Store, who: Principal, body: Any,
         int(bool(req["gpu"])), req["min_gpu_memory_mb"], req["min_ram_mb"],
         orjson.dumps(req["labels"], option=orjson.OPT_SORT_KEYS).decode(),
         need.memory_mb, int(spec["training"]["max_duration_s"] * 1000), settings.max_queued_jobs,
+        req["nodes"],
     ])
     kind, job_id, status, node_id = reply
     answer = {"job_id": job_id, "status": status, "node_id": node_id or None}
@@ -190,6 +191,8 @@ async def pending_reasons(store: Store, hashes: list[dict[str, str]]) -> dict[st
             reasons[h["job_id"]] = "no_node_fits"
         elif at_limit[h["tenant"]]:
             reasons[h["job_id"]] = "tenant_limit"
+        elif int(h.get("gang") or 1) > 1:
+            reasons[h["job_id"]] = "gang"  # waits for requirements.nodes nodes free at once
         elif ahead:
             reasons[h["job_id"]] = "priority"
         else:
@@ -254,8 +257,8 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
     report = convert(body, ProgressReport)
     if report.status not in REPORT_STATUSES:
         raise errors.InvalidField(f"status must be one of {', '.join(REPORT_STATUSES)}", field="status")
-    if report.fault not in ("job", "node"):
-        raise errors.InvalidField("fault must be 'job' or 'node'", field="fault")
+    if report.fault not in ("job", "node", "peer"):
+        raise errors.InvalidField("fault must be 'job', 'node' or 'peer'", field="fault")
     if report.attempt < 1 or report.seq < 0:
         raise errors.InvalidField("attempt must be >= 1 and seq >= 0", field="attempt" if report.attempt < 1 else "seq")
     if report.status == "failed" and not report.error:
@@ -286,6 +289,30 @@ async def report_progress(store: Store, node_id: str, job_id: str, body: Any, to
         draw(), draw(),
     ])
     return {"ok": True, "status": reply[1], "duplicate": reply[0] == "duplicate"}
+
+
+async def rendezvous(store: Store, node_id: str, job_id: str, body: Any, token_hash: str = "",
+                     write: bool = True) -> dict[str, Any]:
+    """A gang rank's side of the rendezvous (docs/distributed.md): ``{"attempt", "rank", "port"?, "ready"?}``.
+    Rank 0 publishes the port of its c10d store (the host is its node's registered address); every rank
+    says it arrived, then that it is ready. Answers the state, which ranks > 0 poll for ``master``."""
+    if not isinstance(body, dict):
+        raise errors.MalformedBody("the body must be a JSON object")
+    attempt, rank, port, ready = body.get("attempt"), body.get("rank"), body.get("port"), body.get("ready", False)
+    for name, value in (("attempt", attempt), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PROGRESS_COUNT:
+            raise errors.InvalidField(f"{name} must be a whole number", field=name)
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise errors.InvalidField("port must be a TCP port (1-65535)", field="port")
+    if not isinstance(ready, bool):
+        raise errors.InvalidField("ready must be true or false", field="ready")
+    unknown = sorted(set(body) - {"attempt", "rank", "port", "ready"})
+    if unknown:
+        raise errors.InvalidField(f"unknown field {unknown[0]}", field=unknown[0])
+    reply = await store.run("RENDEZVOUS", [job_id, node_id, attempt, rank, "" if port is None else port,
+                                           "1" if ready else "", token_hash, "1" if write else "0"])
+    return {"job_id": job_id, "attempt": attempt, "master": reply[1] or None, "world_size": int(reply[2]),
+            "arrived": orjson.loads(reply[3]), "ready": orjson.loads(reply[4]), "node_ids": orjson.loads(reply[5])}
 
 
 PROGRESS_PAGE = 500  # events per GET /v1/jobs/{id}/progress page unless ?limit= says otherwise
@@ -327,11 +354,11 @@ async def attempt_state(store: Store, node_id: str, job_id: str, attempt: str) -
     (not cancelled, ended or moved on while the entry waited)? 404 no job, 403 another node's attempt."""
     if not is_number(attempt):
         raise errors.InvalidField("attempt must be an integer", field="attempt")
-    status, current, holder, held = await store.redis.hmget(keys.job_key(job_id),
-                                                            ["status", "attempt", f"node:{attempt}", "held"])
+    status, current, holder, held, members = await store.redis.hmget(
+        keys.job_key(job_id), ["status", "attempt", f"node:{attempt}", "held", f"nodes:{attempt}"])
     if status is None:
         raise errors.NotFound(f"no job {job_id}")
-    if holder != node_id:
+    if holder != node_id and node_id not in orjson.loads(members or "[]"):
         raise errors.Forbidden(f"attempt {attempt} of job {job_id} is not assigned to node {node_id}")
     # a result held for its audit is over for its node: training it again would help nobody
     live = status not in TERMINAL and current == str(int(attempt)) and held != "1"

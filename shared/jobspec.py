@@ -19,6 +19,7 @@ from shared.model_shapes import ACTIVATIONS, SHAPELESS_LAYERS, TEXT_VOCAB_SIZE, 
 MAX_TOKENS_PER_STEP = 1 << 22  # beyond this one step's activations and logits outgrow a large GPU
 MAX_WIDTH = 65_536
 DEFAULT_MAX_DURATION_S = 7 * 86400.0  # the platform's default limit on training.max_duration_s
+DEFAULT_MAX_NODES = 16  # the platform's default limit on requirements.nodes
 NORMS = ("none", "layernorm", "rmsnorm")
 BUILTIN_DATASETS = ("digits", "tiny-text", "tiny-shakespeare", "blobs", "spirals")
 TEXT_DATASETS = ("tiny-text", "tiny-shakespeare")  # byte-level language-modelling corpora, split contiguously
@@ -112,10 +113,12 @@ class _Fields:
             raise InvalidField(f"unknown field {self.name(unknown[0])}", field=self.name(unknown[0]))
 
 
-def parse_job_spec(raw: object, *, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> dict[str, Any]:
+def parse_job_spec(raw: object, *, max_duration_s: float = DEFAULT_MAX_DURATION_S,
+                   max_nodes: int = DEFAULT_MAX_NODES) -> dict[str, Any]:
     """Validate a decoded POST /v1/jobs body; return the normalized spec (plain JSON values).
 
-    ``max_duration_s`` is the platform's limit on ``training.max_duration_s`` (which defaults to it).
+    ``max_duration_s`` is the platform's limit on ``training.max_duration_s`` (which defaults to it),
+    ``max_nodes`` its limit on ``requirements.nodes``.
 
     Raises ``MalformedBody`` when the body is not a JSON object and ``InvalidField`` naming the
     dotted field for anything else: unknown fields, bad values, shapes that cannot connect.
@@ -131,16 +134,22 @@ def parse_job_spec(raw: object, *, max_duration_s: float = DEFAULT_MAX_DURATION_
     if (info or {}).get("task") == "lm" and training["batch_size"] * model["context"] > MAX_TOKENS_PER_STEP:
         raise InvalidField(f"batch_size x context must stay under {MAX_TOKENS_PER_STEP:,} tokens per step",
                            field="training.batch_size")
+    requirements = _parse_requirements(top.child("requirements"), max_nodes)
     spec = {
         "name": top.text("name", f"{dataset['name']}-{model['type']}"),
         "model": model,
         "dataset": dataset,
         "training": training,
-        "requirements": _parse_requirements(top.child("requirements")),
+        "requirements": requirements,
         "priority": top.choice("priority", "normal", ("low", "normal", "high")),
         "max_attempts": top.integer("max_attempts", 3, 1, 10),
     }
     top.finish()
+    nodes = requirements["nodes"]
+    if training["batch_size"] % nodes:  # the global batch is split evenly across the ranks
+        raise InvalidField(f"training.batch_size ({training['batch_size']}) must be a multiple of "
+                           f"requirements.nodes ({nodes}): it is the global batch, split across the nodes",
+                           field="training.batch_size")
     return spec
 
 
@@ -363,7 +372,7 @@ def _betas(fields: _Fields) -> list[float]:
     return [float(b) for b in value]
 
 
-def _parse_requirements(fields: _Fields) -> dict[str, Any]:
+def _parse_requirements(fields: _Fields, max_nodes: int) -> dict[str, Any]:
     labels = fields.value("labels", {})
     if not isinstance(labels, dict) or len(labels) > 32:
         raise InvalidField("requirements.labels must be an object of at most 32 labels", field="requirements.labels")
@@ -376,6 +385,8 @@ def _parse_requirements(fields: _Fields) -> dict[str, Any]:
     requirements = {"gpu": fields.boolean("gpu", False),
                     "min_gpu_memory_mb": fields.integer("min_gpu_memory_mb", 0, 0, 100_000_000),
                     "min_ram_mb": fields.integer("min_ram_mb", 0, 0, 100_000_000),
-                    "labels": dict(labels)}
+                    "labels": dict(labels),
+                    # data-parallel across this many nodes, each meeting the rest (docs/distributed.md)
+                    "nodes": fields.integer("nodes", 1, 1, max(1, max_nodes))}
     fields.finish()
     return requirements

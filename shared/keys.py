@@ -130,6 +130,10 @@ def queue_tenants_key(job_class: str) -> str:
 # ZSET job_id -> score: queued jobs that no live node could ever hold (labels, memory, GPU); out of every
 # scan until a node that fits registers. Their pending_reason is no_node_fits.
 QUEUE_PARKED = PREFIX + "queue:parked"
+# ZSET job_id -> queue score: the queued multi-node jobs (gangs, requirements.nodes > 1), also in their class
+# and tenant queues. Free nodes never take them one by one; placement takes a gang's nodes all at once
+# (docs/distributed.md).
+QUEUE_GANGS = PREFIX + "queue:gangs"
 # HASH node profile (JSON: gpu, gpu_mem, ram, mem, labels) -> live nodes with it: "does any node fit?"
 NODES_PROFILES = PREFIX + "nodes:profiles"
 # ZSET node name -> ms it was last registered or removed; names unseen for the retention period (and not
@@ -149,6 +153,13 @@ def job_states_key(job_id: str) -> str:
     a digest the node committed to in a progress report. Following ``prev`` from the final state back to
     "" (the seed's initial weights) gives the chain an audit draws its segment from."""
     return JOB + job_id + ":states"
+
+
+def job_rendezvous_key(job_id: str) -> str:
+    """Hash: the rendezvous of a gang's current attempt (docs/distributed.md): ``attempt``, ``master``
+    (host:port of rank 0's c10d store), ``arrived:{rank}`` and ``ready:{rank}`` (ms), ``peer:{rank}`` (ms
+    the rank reported that it lost a peer). Reset each time the gang is placed."""
+    return JOB + job_id + ":rendezvous"
 
 
 def checkpoint_artifact_name(attempt: int | str, step: int | str) -> str:
@@ -268,6 +279,9 @@ local function artifact_key(id, name) return K_JOB .. id .. ':artifact:' .. name
 local function tenant_queue_key(class, tenant) return '{PREFIX}queue:' .. class .. ':t:' .. tenant end
 local function queue_tenants_key(class) return '{PREFIX}queue:' .. class .. ':tenants' end
 local QUEUE_PARKED = '{QUEUE_PARKED}'
+-- multi-node jobs: keys, settings and functions in one table (Lua allows a chunk 200 locals)
+local GANG = {{QUEUE = '{QUEUE_GANGS}'}}
+function GANG.rendezvous_key(id) return K_JOB .. id .. ':rendezvous' end
 local NODES_PROFILES = '{NODES_PROFILES}'
 local NODES_LAST_SEEN = '{NODES_LAST_SEEN}'
 local JOBS_FINISHED = '{JOBS_FINISHED}'

@@ -34,6 +34,7 @@ local mem_job_mb = ARGV[20]    -- the most one job may use here (one GPU's memor
 local mem_total_mb = ARGV[21]  -- what all its jobs together may use
 local profile = ARGV[22]       -- JSON of what placement checks statically (see NODES_PROFILES)
 local device_kind = ARGV[23]   -- 'cpu', or the name of its GPUs: who may replay whose training
+-- ARGV[24]: where other nodes reach it (multi-node jobs' rendezvous); not a local: a chunk has 200 at most
 local now = now_ms()
 reap_expired(now)
 if is_banned(name) then
@@ -77,6 +78,7 @@ redis.call('HSET', nk, 'node_id', node_id, 'name', name, 'status', 'online', 'sl
   'registered_ms', now, 'alive_since_ms', now, 'last_heartbeat_ms', now, 'health', '',
   'stream_secret_hash', stream_secret_hash, 'mem_job_mb', mem_job_mb, 'mem_total_mb', mem_total_mb,
   'mem_reserved_mb', 0, 'profile', profile, 'device_kind', device_kind, 'kind_counted', '1')
+redis.call('HSET', nk, 'address', ARGV[24] or '')  -- apart: one call of the above's size is the most a chunk holds
 redis.call('HINCRBY', NODES_PROFILES, profile, 1)
 redis.call('HINCRBY', NODES_KINDS, device_kind, 1)
 redis.call('ZADD', NODES_LAST_SEEN, now, name)
@@ -173,6 +175,7 @@ local req_gpu, req_gpu_mem, req_ram, req_labels = ARGV[9], ARGV[10], ARGV[11], A
 local memory_mb = ARGV[13]        -- the job's estimated peak memory
 local max_duration_ms = ARGV[14]  -- its wall-clock limit from its first start
 local max_queued = tonumber(ARGV[15])  -- the settings' default per-tenant limit
+local gang = ARGV[16] or '1'  -- requirements.nodes: ranks placed together (docs/distributed.md)
 if idem ~= '' then
   local existing = redis.call('GET', idempotency_key(tenant, idem))
   if existing then
@@ -195,7 +198,7 @@ redis.call('HSET', job_key(job_id), 'job_id', job_id, 'name', name, 'tenant', te
   'band', band, 'seq', seq, 'spec', spec, 'req_gpu', req_gpu, 'req_gpu_mem', req_gpu_mem,
   'req_ram', req_ram, 'req_labels', req_labels, 'created_ms', now, 'last_seq', -1,
   'artifacts', '[]', 'artifact_bytes', 0, 'progress', '', 'error', '', 'memory_mb', memory_mb,
-  'max_duration_ms', max_duration_ms, 'handbacks', 0, 'avoid_node', '')
+  'max_duration_ms', max_duration_ms, 'handbacks', 0, 'avoid_node', '', 'gang', gang)
 for _, t in ipairs({tenant, false}) do
   redis.call('ZADD', jobs_index_key(t or nil, nil), seq, job_id)
   redis.call('ZADD', jobs_index_key(t or nil, 'queued'), seq, job_id)
@@ -228,10 +231,12 @@ return {'ok', 'cancelled'}
 # holds this attempt, the job must not be cancelled, and the attempt must be the job's current one.
 # (Terminal jobs are checked by each caller: a retried final report is a duplicate, not a conflict.)
 _FENCE = r"""
-local function fence(job_id, node_id, attempt)
+-- ``members_ok``: any node of a gang's attempt passes (its rank > 0 reports failures and ships logs);
+-- otherwise only the node of rank 0, which reports progress and uploads the results.
+local function fence(job_id, node_id, attempt, members_ok)
   local j = redis.call('HMGET', job_key(job_id), 'status', 'attempt', 'node:' .. attempt)
   if not j[1] then return fail('not_found', 'no job ' .. job_id) end
-  if j[3] ~= node_id then
+  if j[3] ~= node_id and not (members_ok and GANG.rank(job_id, node_id, attempt)) then
     return fail('forbidden', 'attempt ' .. attempt .. ' of job ' .. job_id .. ' is not assigned to node ' .. node_id)
   end
   if j[1] == 'cancelled' then return fail('job_cancelled', 'job ' .. job_id .. ' was cancelled; stop it') end
@@ -262,10 +267,47 @@ local draw, draw2 = tonumber(ARGV[12] or '1'), tonumber(ARGV[13] or '0')  -- uni
 if token_hash and token_hash ~= '' and not session_ok(node_id, token_hash) then
   return fail('unauthorized', SESSION_UNKNOWN)
 end
-local refused = fence(job_id, node_id, attempt)
+local refused = fence(job_id, node_id, attempt, true)
 if refused then return refused end
 local jk = job_key(job_id)
 local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'last_seq', 'artifacts', 'held')
+local rank = GANG.rank(job_id, node_id, attempt)
+if status == 'failed' and fault == 'peer' then
+  -- a rank whose collectives broke because another rank went away: not its node's fault. Its slot is
+  -- free; the attempt waits for the rank at fault (its own failure report, or its node's reaping), or
+  -- fails without blame once every rank has said it lost its peers.
+  if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
+  if not redis.call('HGET', jk, 'nodes:' .. attempt) then
+    return fail('invalid_field', 'fault "peer" is for multi-node jobs', 'fault')
+  end
+  local now = now_ms()
+  local rk = GANG.rendezvous_key(job_id)
+  redis.call('HSET', rk, 'peer:' .. rank, now)
+  redis.call('XADD', job_progress_key(job_id), 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'event', event)
+  if redis.call('SREM', node_jobs_key(node_id), job_id) == 1 then
+    free_slot(node_id, tonumber(redis.call('HGET', jk, 'memory_mb') or '0'), now)
+  end
+  local members = cjson.decode(redis.call('HGET', jk, 'nodes:' .. attempt))
+  for r = 0, #members - 1 do
+    if redis.call('HEXISTS', rk, 'peer:' .. r) == 0 then
+      pull_queue(node_id, now)
+      return {'ok', j[1]}
+    end
+  end
+  release(job_id, node_id, now)
+  if requeue(job_id, now, true, 'every rank lost its peers: ' .. error_text) == 'queued' then
+    place_or_park(job_id, now)
+  end
+  pull_queue(node_id, now)
+  return {'ok', redis.call('HGET', jk, 'status')}
+end
+if rank ~= 0 then
+  -- a gang's other ranks only ever end the attempt: a failure of their own, or a hand-back
+  if status ~= 'failed' and status ~= 'queued' then
+    return fail('forbidden', 'rank ' .. rank .. ' of job ' .. job_id .. ' does not report progress; rank 0 does')
+  end
+  progress, commitment, seq = '', '', tonumber(j[4]) + 1  -- their sequence is not rank 0's
+end
 if seq <= tonumber(j[4]) then return {'duplicate', j[1]} end
 if TERMINAL[j[1]] then return terminal_conflict(job_id, j[1]) end
 if j[6] == '1' then
@@ -511,7 +553,7 @@ local first_line = 5        -- ARGV[5], ARGV[6], ...: time and text of each line
 if token_hash ~= '' and not session_ok(node_id, token_hash) then
   return fail('unauthorized', SESSION_UNKNOWN)
 end
-local refused = fence(job_id, node_id, attempt)
+local refused = fence(job_id, node_id, attempt, true)
 if refused and refused[2] == 'stale_attempt' then
   local j = redis.call('HMGET', job_key(job_id), 'status', 'attempt')
   local current = tonumber(j[2])
@@ -528,4 +570,65 @@ for i = first_line, #ARGV - 1, 2 do
   added = added + 1
 end
 return {'ok', added}
+"""
+
+# A gang's rendezvous (docs/distributed.md): a rank of the current attempt says it arrived (rank 0 with the
+# port of its c10d store, which is published as its node's registered address and that port) or that it is
+# ready (its process group formed). Answers the state: master ("host:port" or ""), world size, the ranks
+# arrived and ready. The first call of each kind counts; the deadline is expire_rendezvous's.
+RENDEZVOUS = _FENCE + r"""
+local job_id = ARGV[1]
+local node_id = ARGV[2]
+local attempt = ARGV[3]
+local rank = tonumber(ARGV[4])
+local port = ARGV[5]       -- rank 0: its store's port; else ''
+local ready = ARGV[6]      -- '1': this rank's process group formed
+local token_hash = ARGV[7]
+local write = ARGV[8] == '1'  -- '0': only read the state
+if token_hash ~= '' and not session_ok(node_id, token_hash) then
+  return fail('unauthorized', SESSION_UNKNOWN)
+end
+local refused = fence(job_id, node_id, attempt, true)
+if refused then return refused end
+local jk = job_key(job_id)
+local members = redis.call('HGET', jk, 'nodes:' .. attempt)
+if not members then return fail('invalid_field', 'job ' .. job_id .. ' is not a multi-node job', 'attempt') end
+members = cjson.decode(members)
+local held = GANG.rank(job_id, node_id, attempt)
+if rank ~= held then
+  return fail('forbidden', 'node ' .. node_id .. ' is rank ' .. held .. ' of attempt ' .. attempt .. ', not rank '
+    .. tostring(rank))
+end
+local status = redis.call('HGET', jk, 'status')
+if TERMINAL[status] then return terminal_conflict(job_id, status) end
+local rk = GANG.rendezvous_key(job_id)
+if redis.call('HGET', rk, 'attempt') ~= attempt then
+  return fail('stale_attempt', 'the rendezvous of job ' .. job_id .. ' is not for attempt ' .. attempt)
+end
+local now = now_ms()
+if write then
+  if port ~= '' then
+    if rank ~= 0 then return fail('invalid_field', 'only rank 0 publishes the store address', 'port') end
+    local address = redis.call('HGET', node_key(node_id), 'address') or ''
+    if address == '' then return fail('invalid_field', 'node ' .. node_id .. ' registered no address', 'port') end
+    if string.find(address, ':', 1, true) then address = '[' .. address .. ']' end  -- IPv6
+    redis.call('HSET', rk, 'master', address .. ':' .. port)
+  end
+  redis.call('HSETNX', rk, 'arrived:' .. rank, now)
+  if ready == '1' then
+    redis.call('HSETNX', rk, 'ready:' .. rank, now)
+    local all = true
+    for r = 0, #members - 1 do
+      if redis.call('HEXISTS', rk, 'ready:' .. r) == 0 then all = false end
+    end
+    if all then redis.call('HSETNX', rk, 'complete', now) end
+  end
+end
+local arrived, ready_ranks = {}, {}
+for r = 0, #members - 1 do
+  if redis.call('HEXISTS', rk, 'arrived:' .. r) == 1 then table.insert(arrived, r) end
+  if redis.call('HEXISTS', rk, 'ready:' .. r) == 1 then table.insert(ready_ranks, r) end
+end
+local function list(t) if #t == 0 then return '[]' end return cjson.encode(t) end
+return {'ok', redis.call('HGET', rk, 'master') or '', #members, list(arrived), list(ready_ranks), cjson.encode(members)}
 """

@@ -94,6 +94,9 @@ local function enqueue(job_id, class, tenant, score)
   redis.call('ZADD', queue_key(class), score, job_id)
   redis.call('ZADD', tenant_queue_key(class, tenant), score, job_id)
   refresh_tenant_head(class, tenant)
+  if tonumber(redis.call('HGET', job_key(job_id), 'gang') or '1') > 1 then
+    redis.call('ZADD', GANG.QUEUE, score, job_id)
+  end
 end
 
 -- Out of the queues (placed, cancelled, failed or parked).
@@ -101,6 +104,7 @@ local function dequeue(job_id, class, tenant)
   redis.call('ZREM', queue_key(class), job_id)
   if redis.call('ZREM', tenant_queue_key(class, tenant), job_id) == 1 then refresh_tenant_head(class, tenant) end
   redis.call('ZREM', QUEUE_PARKED, job_id)
+  redis.call('ZREM', GANG.QUEUE, job_id)
 end
 
 -- Recompute a node's availability, uptime and score, and its place on the boards.
@@ -160,10 +164,15 @@ local function adjust_reputation(node_id, name, outcome, now)
   end
 end
 
--- A job's needs: {req_gpu, req_gpu_mem, req_ram, req_labels, memory_mb, avoid_node, avoid_until_ms}.
+-- A job's needs: {req_gpu, req_gpu_mem, req_ram, req_labels, memory_mb, avoid_node, avoid_until_ms, gang}.
 local function job_requirements(job_id)
   return redis.call('HMGET', job_key(job_id), 'req_gpu', 'req_gpu_mem', 'req_ram', 'req_labels', 'memory_mb',
-    'avoid_node', 'avoid_until_ms')
+    'avoid_node', 'avoid_until_ms', 'gang')
+end
+
+-- How many nodes a job trains on at once (requirements.nodes): 1, or a gang's size.
+function GANG.size(r)
+  return tonumber(r[8] or '1') or 1
 end
 
 -- Is this upload still the one reserved for the artifact name (a newer one replaces it)?
@@ -207,8 +216,10 @@ local function fitting_nodes(r, enough)
   return count
 end
 
+-- Could live nodes hold the job: one that fits, or for a gang as many distinct ones as it has ranks?
 local function fits_some_node(r)
-  return fitting_nodes(r, 1) >= 1
+  local size = GANG.size(r)
+  return fitting_nodes(r, size) >= size
 end
 
 -- Has this node room for one more job or verification task needing ``memory`` MiB now: online and healthy,
@@ -264,17 +275,80 @@ local function assign(job_id, node_id, now)
   rescore(node_id, now)
 end
 
+-- Give a queued gang its nodes, all at once (rank order = the order given): every member a slot and the
+-- job's memory estimate, the job in each member's job set, and on each member's stream an entry with its
+-- rank and the world size. The job's node_id (and node:{attempt}, which fences uploads and completion) is
+-- rank 0's; nodes:{attempt} lists all. The rendezvous of the attempt starts empty.
+function GANG.assign(job_id, members, now)
+  local jk = job_key(job_id)
+  local j = redis.call('HMGET', jk, 'status', 'attempt', 'spec', 'tenant', 'seq', 'req_gpu', 'memory_mb')
+  set_status(job_id, j[1], 'assigned', j[4], j[5])
+  redis.call('HSET', jk, 'node_id', members[1], 'assigned_ms', now, 'node:' .. j[2], members[1], 'last_seq', -1,
+    'assigned_ms:' .. j[2], now, 'node_name:' .. j[2], redis.call('HGET', NODE_NAMES, members[1]) or '',
+    'start:' .. j[2], start_state(job_id), 'nodes:' .. j[2], cjson.encode(members))
+  dequeue(job_id, job_class(j[6]), j[4])
+  redis.call('DEL', GANG.rendezvous_key(job_id))
+  redis.call('HSET', GANG.rendezvous_key(job_id), 'attempt', j[2], 'started_ms', now)
+  for rank, node_id in ipairs(members) do
+    redis.call('HINCRBY', node_key(node_id), 'running', 1)
+    redis.call('HINCRBY', node_key(node_id), 'mem_reserved_mb', tonumber(j[7] or '0'))
+    redis.call('SADD', node_jobs_key(node_id), job_id)
+    redis.call('XADD', node_stream_key(node_id), 'MAXLEN', '~', NODE_STREAM_MAXLEN, '*',
+      'job_id', job_id, 'attempt', j[2], 'spec', j[3], 'memory_mb', j[7] or '0',
+      'rank', rank - 1, 'world_size', #members)
+    rescore(node_id, now)
+  end
+end
+
+-- N distinct free nodes for a gang, all of one class (the top SCHEDULE_SCAN of it, best score first;
+-- CPU gangs try the CPU class first), or nothing: a gang never holds part of what it needs.
+function GANG.place(job_id, r, now)
+  local size = GANG.size(r)
+  local classes = NODE_CLASSES
+  if r[1] == '1' then classes = {'gpu'} end
+  for _, class in ipairs(classes) do
+    local members = {}
+    for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
+      if node_can_take(node_id, r, now) then
+        table.insert(members, node_id)
+        if #members == size then
+          GANG.assign(job_id, members, now)
+          return members[1]
+        end
+      end
+    end
+  end
+  return false
+end
+
+-- The requirements of the gang that reserves free nodes now, or nil: the first queued gang (tenants at
+-- their running limit aside) once it has waited GANG.RESERVE_MS. A node it could use takes no
+-- single-node job until the gang has all its nodes, so a big gang is not starved by small jobs forever.
+function GANG.reserving(now)
+  for _, job_id in ipairs(redis.call('ZRANGE', GANG.QUEUE, 0, GANG.SCAN - 1)) do
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant', 'queued_ms', 'created_ms')
+    if j[1] == 'queued' and not tenant_at_running_limit(j[2]) then
+      if now - tonumber(j[3] or j[4] or now) >= GANG.RESERVE_MS then return job_requirements(job_id) end
+      return nil
+    end
+  end
+  return nil
+end
+
 -- Best node for a job: the top SCHEDULE_SCAN free nodes of each class it may use, best score first.
 -- CPU jobs try CPU nodes first so GPUs stay free for GPU work. A tenant at its running limit waits.
+-- A gang takes all its nodes at once, or none.
 local function place(job_id, now)
   local r = job_requirements(job_id)
   if tenant_at_running_limit(redis.call('HGET', job_key(job_id), 'tenant')) then return false end
+  if GANG.size(r) > 1 then return GANG.place(job_id, r, now) end
+  local reserve = GANG.reserving(now)
   local classes = NODE_CLASSES
   if r[1] == '1' then classes = {'gpu'} end
   for _, class in ipairs(classes) do
     local ids = redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)
     for _, node_id in ipairs(ids) do
-      if node_can_take(node_id, r, now) then
+      if node_can_take(node_id, r, now) and not (reserve and node_can_take(node_id, reserve, now)) then
         assign(job_id, node_id, now)
         return node_id
       end
@@ -316,6 +390,18 @@ local function unpark_for(profile)
   return moved
 end
 
+-- Queued gangs in queue order, GANG.SCAN of them: each is placed if its nodes are free now.
+function GANG.place_waiting(now)
+  for _, job_id in ipairs(redis.call('ZRANGE', GANG.QUEUE, 0, GANG.SCAN - 1)) do
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant')
+    if j[1] ~= 'queued' then
+      redis.call('ZREM', GANG.QUEUE, job_id)
+    elseif not tenant_at_running_limit(j[2]) then
+      GANG.place(job_id, job_requirements(job_id), now)
+    end
+  end
+end
+
 -- Capacity appeared on a node: hand it queued jobs, fairly. Tenants with queued work are looked at in
 -- the order of their best queued job; each offers its first job this node can take (its best band,
 -- then FIFO, within QUEUE_SCAN of its queue). Tenants at their running limit are skipped at no cost;
@@ -330,6 +416,12 @@ local function pull_queue(node_id, now)
   if not n[1] or n[1] ~= 'online' then return assigned end
   local free = tonumber(n[2]) - tonumber(n[3])
   if free <= 0 then return assigned end
+  GANG.place_waiting(now)
+  n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')  -- a gang may have taken it
+  free = tonumber(n[2]) - tonumber(n[3])
+  if free <= 0 then return assigned end
+  local reserve = GANG.reserving(now)
+  if reserve and node_can_take(node_id, reserve, now) then return assigned end  -- held for a waiting gang
   local classes = {'cpu'}
   if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end  -- a GPU node serves both
   local budget = PULL_BUDGET
@@ -342,7 +434,8 @@ local function pull_queue(node_id, now)
         local score = tonumber(window[i + 1])
         if budget <= 0 or (best and score >= best[2]) then break end
         budget = budget - 1
-        if node_can_take(node_id, job_requirements(window[i]), now) then
+        local r = job_requirements(window[i])
+        if GANG.size(r) == 1 and node_can_take(node_id, r, now) then  -- gangs are placed whole, above
           best = {window[i], score}
           break
         end
@@ -454,10 +547,40 @@ local function free_slot(node_id, memory, now)
   end
 end
 
+-- The rank (0-based) a node holds in an attempt of a job: 0 for the node of a one-node job, a gang
+-- member's place in nodes:{attempt}; nil when it holds no part of that attempt.
+function GANG.rank(job_id, node_id, attempt)
+  local j = redis.call('HMGET', job_key(job_id), 'node:' .. attempt, 'nodes:' .. attempt)
+  if j[2] then
+    for index, member in ipairs(cjson.decode(j[2])) do
+      if member == node_id then return index - 1 end
+    end
+    return nil
+  end
+  if j[1] == node_id then return 0 end
+  return nil
+end
+
+-- A job leaves its node(s) (ended, cancelled, lost or handed back): free the slot of every node holding
+-- its current attempt. A gang's other members are told to stop that attempt (``job:attempt`` in their
+-- heartbeat's cancel list; a later attempt of the same job on the same node is not touched).
 local function release(job_id, node_id, now)
   if not node_id or node_id == '' then return end
+  local jk = job_key(job_id)
+  local j = redis.call('HMGET', jk, 'attempt', 'memory_mb')
+  local memory = tonumber(j[2] or '0')
+  local members = redis.call('HGET', jk, 'nodes:' .. (j[1] or ''))
+  if members then
+    for _, member in ipairs(cjson.decode(members)) do
+      if redis.call('SREM', node_jobs_key(member), job_id) == 1 then
+        if member ~= node_id then redis.call('SADD', node_cancels_key(member), job_id .. ':' .. j[1]) end
+        free_slot(member, memory, now)
+      end
+    end
+    return
+  end
   if redis.call('SREM', node_jobs_key(node_id), job_id) == 0 then return end  -- released already
-  free_slot(node_id, tonumber(redis.call('HGET', job_key(job_id), 'memory_mb') or '0'), now)
+  free_slot(node_id, memory, now)
 end
 
 -- Put an assigned/running job back in the queue with attempt + 1. lost = the node failed it, which
@@ -469,7 +592,8 @@ local function requeue(job_id, now, lost, reason)
   local lost_count = tonumber(j[5])
   if lost then lost_count = lost_count + 1 end
   redis.call('HINCRBY', STATS, 'reassignments', 1)
-  redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'lost_count', lost_count, 'node_id', '')
+  redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'lost_count', lost_count, 'node_id', '', 'queued_ms', now,
+    'ended:' .. j[4], string.sub(reason, 1, 1000))
   if lost_count >= tonumber(j[6]) then
     set_status(job_id, j[1], 'failed', j[2], j[3])
     redis.call('HSET', jk, 'finished_ms', now,
@@ -502,9 +626,14 @@ remove_node = function(node_id, now, lost)
   forget_profile(node_id)  -- first, so its jobs are parked if no other node could hold them
   local moved = 0
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
-    local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id')
-    if (j[1] == 'assigned' or j[1] == 'running') and j[2] == node_id then
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'attempt')
+    if (j[1] == 'assigned' or j[1] == 'running') and GANG.rank(job_id, node_id, j[3]) then
       moved = moved + 1
+      if j[2] ~= node_id or redis.call('HEXISTS', job_key(job_id), 'nodes:' .. j[3]) == 1 then
+        -- a gang: its other members stop this attempt and free their slots
+        redis.call('SREM', node_jobs_key(node_id), job_id)
+        release(job_id, node_id, now)
+      end
       if requeue(job_id, now, lost, 'heartbeat of node ' .. node_id .. ' lapsed') == 'queued' then
         place_or_park(job_id, now)
       end
@@ -534,9 +663,45 @@ end
 -- sit on jobs: an assignment not started within ASSIGN_TIMEOUT_MS goes back to the queue and counts
 -- against the node (reputation) and as one of the job's attempts, so a job that keeps bouncing ends
 -- failed with that reason. Time the whole control plane was down does not count.
+-- A gang whose ranks did not all join the rendezvous within GANG.RENDEZVOUS_TIMEOUT_MS of its placement fails
+-- that attempt as the fault of the nodes that did not show up: the ranks that never arrived, or when all
+-- arrived, those that never got ready (connected to rank 0's store). They pay in reputation; the job goes
+-- back to the queue with attempt + 1. Time the whole control plane was down does not count.
+function GANG.expire_rendezvous(job_id, now)
+  local jk = job_key(job_id)
+  local j = redis.call('HMGET', jk, 'status', 'attempt', 'nodes:' .. (redis.call('HGET', jk, 'attempt') or ''))
+  if not j[3] or (j[1] ~= 'assigned' and j[1] ~= 'running') then return end
+  local rk = GANG.rendezvous_key(job_id)
+  local rdv = redis.call('HMGET', rk, 'attempt', 'started_ms', 'complete')
+  if rdv[1] ~= j[2] or rdv[3] then return end
+  local started = math.max(tonumber(rdv[2] or now), tonumber(redis.call('GET', PLANE_RESUMED) or '0'))
+  if now - started <= GANG.RENDEZVOUS_TIMEOUT_MS then return end
+  local members = cjson.decode(j[3])
+  local absent = {}
+  for _, field in ipairs({'arrived:', 'ready:'}) do
+    for rank, member in ipairs(members) do
+      if redis.call('HEXISTS', rk, field .. (rank - 1)) == 0 then table.insert(absent, {rank - 1, member}) end
+    end
+    if #absent > 0 then break end
+  end
+  local names = {}
+  for _, a in ipairs(absent) do
+    local name = redis.call('HGET', NODE_NAMES, a[2])
+    adjust_reputation(a[2], name, 'node_fault', now)
+    avoid(job_id, a[2], now)
+    table.insert(names, 'rank ' .. a[1] .. ' (node ' .. a[2] .. ')')
+  end
+  release(job_id, members[1], now)
+  local reason = table.concat(names, ', ') .. ' did not join the rendezvous within '
+    .. (GANG.RENDEZVOUS_TIMEOUT_MS / 1000) .. ' s'
+  redis.call('HSET', rk, 'complete', 'failed')
+  if requeue(job_id, now, true, reason) == 'queued' then place_or_park(job_id, now) end
+end
+
 local function expire_stale_assignments(node_id, now)
   local resumed = nil
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
+    GANG.expire_rendezvous(job_id, now)
     local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms')
     if j[1] == 'assigned' and j[2] == node_id and now - tonumber(j[3]) > ASSIGN_TIMEOUT_MS then
       resumed = resumed or tonumber(redis.call('GET', PLANE_RESUMED) or '0')
@@ -649,6 +814,7 @@ MAX_HANDBACKS = 10  # hand-backs beyond this count as lost attempts
 PULL_BUDGET = 2000  # queued jobs one pull_queue checks at most, over every tenant
 SWEEP_BATCH = 200  # parked and queued jobs the reaper timer re-checks per tick, per set
 AVOID_MS = 60_000  # a node that failed or handed back a job does not get it again for this long
+GANG_SCAN = 4  # queued gangs a free node's pull tries to place (each needs several nodes at once)
 
 
 def build_prelude(settings: Settings) -> str:
@@ -671,6 +837,9 @@ def build_prelude(settings: Settings) -> str:
         f"local MIN_JOB_MEMORY_MB = {TORCH_MB}\n"
         f"local SWEEP_BATCH = {SWEEP_BATCH}\n"
         f"local AVOID_MS = {AVOID_MS}\n"
+        f"GANG.SCAN = {GANG_SCAN}\n"
+        f"GANG.RESERVE_MS = {int(settings.gang_reserve_s * 1000)}\n"
+        f"GANG.RENDEZVOUS_TIMEOUT_MS = {int(settings.rendezvous_timeout_s * 1000)}\n"
         f"local RETENTION_MS = {int(settings.retention_days * 86_400_000)}\n"
         f"local TERMINAL = {{{terminal}}}\n"
         f"local PRIORITY_SCALE = {PRIORITY_SCALE}\n"

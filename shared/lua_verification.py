@@ -393,6 +393,11 @@ local function begin_audit(job_id, now, draw, draw2)
     note_unaudited(job_id, 0, now)
     return 'skipped'
   end
+  if tonumber(redis.call('HGET', jk, 'gang') or '1') > 1 then
+    -- a replay on one node is not bitwise a gang's all-reduced steps (docs/distributed.md)
+    redis.call('HSET', jk, 'verify_status', 'skipped', 'verify_note', 'multi-node results are not replayed yet')
+    return 'skipped'
+  end
   local candidates, musts = {}, {}
   for _, seg in ipairs(segs) do
     local s, from = seg.to, seg.from

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -47,6 +49,9 @@ class Registration(msgspec.Struct, forbid_unknown_fields=True):
     capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     labels: dict[str, str] = {}
     node_key: str | None = None  # the identity's secret, returned by the first registration of the name
+    # where the other nodes of a multi-node job reach this one (an IP or host name); default: the address
+    # the gateway saw the registration come from (docs/distributed.md)
+    address: str | None = None
 
 
 class HeartbeatBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,8 +122,23 @@ def _validate(reg: Registration, body: Any = None) -> None:
                                    for k, v in reg.labels.items()):
         raise errors.InvalidField("at most 64 labels, printable keys up to 64 and values up to 256 characters",
                                   field="labels")
+    if reg.address is not None and not _is_host(reg.address):
+        raise errors.InvalidField("address must be an IP address or a host name", field="address")
     if reg.node_key is not None and not 16 <= len(reg.node_key) <= 256:
         raise errors.InvalidField("node_key must be the key a first registration returned", field="node_key")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(text: str) -> bool:
+    """An IP address or a DNS host name (letters, digits and hyphens in dot-separated labels)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    return 0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.rstrip(".").split("."))
 
 
 HOST_RESERVE_MB = 1024  # a CPU node's RAM kept for its OS and the runtime itself
@@ -143,7 +163,8 @@ def node_memory(caps: Capabilities, labels: dict[str, str]) -> tuple[int, int, s
     return per_job, total, orjson.dumps(profile, option=orjson.OPT_SORT_KEYS).decode()
 
 
-async def register_node(store: Store, body: Any, request_host: str | None = None) -> dict[str, Any]:
+async def register_node(store: Store, body: Any, request_host: str | None = None,
+                        client_host: str | None = None) -> dict[str, Any]:
     """Register a node (the caller checked the join token); it may be handed queued jobs at once.
 
     Its store user is created first (so it exists before the node can learn of it) and deleted again
@@ -168,7 +189,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
             auth.hash_token(token), int(settings.ttl_s * 1000), capability_score(caps),
             w.reputation, w.availability, w.capability, w.uptime,
             auth.hash_token(reg.node_key) if reg.node_key else "", auth.hash_token(node_key), stream_hash,
-            *node_memory(caps, reg.labels), device_kind(caps),
+            *node_memory(caps, reg.labels), device_kind(caps), reg.address or client_host or "",
         ])
     except BaseException:
         with contextlib.suppress(Exception):  # the store is down, say: the user is orphaned, and harmless
@@ -180,6 +201,7 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
         "session_token": token,
         "heartbeat_interval_s": settings.heartbeat_interval_s,
         "ttl_s": settings.ttl_s,
+        "address": reg.address or client_host or None,
         "assignments": {"stream": keys.node_stream_key(node_id), "group": keys.NODE_GROUP,
                         "redis_url": store_users.with_credentials(address, store_users.node_user(node_id),
                                                                   stream_password)},

@@ -94,6 +94,10 @@ class Settings:
     retention_days: float = 30.0             # finished jobs, their artifacts and unseen node names then go
     max_job_duration_s: float = 7 * 86400.0  # training.max_duration_s may not exceed this (and defaults to it)
     max_artifacts_per_job: int = 32
+    # --- multi-node jobs (docs/distributed.md) ---
+    max_gang_nodes: int = 16                 # requirements.nodes may be at most this
+    gang_reserve_s: float = 60.0             # a gang waiting this long reserves the free nodes it could use
+    rendezvous_timeout_s: float = 120.0      # a gang's ranks must all join within this of its placement
     # --- the HTTP edge ---
     body_timeout_s: float = 10.0             # a request body must arrive within this ...
     min_body_rate_bps: int = 16384           # ... plus its size at this rate (large uploads on slow links)
@@ -158,6 +162,9 @@ class Settings:
             retention_days=_read_float(env, "CYXWIZ_RETENTION_DAYS", 30.0, minimum=1e-6),
             max_job_duration_s=_read_float(env, "CYXWIZ_MAX_JOB_DURATION_S", 7 * 86400.0, minimum=1.0),
             max_artifacts_per_job=_read_int(env, "CYXWIZ_MAX_ARTIFACTS_PER_JOB", 32, minimum=2),
+            max_gang_nodes=_read_int(env, "CYXWIZ_MAX_GANG_NODES", 16, minimum=1),
+            gang_reserve_s=_read_float(env, "CYXWIZ_GANG_RESERVE_S", 60.0, minimum=0.0),
+            rendezvous_timeout_s=_read_float(env, "CYXWIZ_RENDEZVOUS_TIMEOUT_S", 120.0, minimum=1.0),
             body_timeout_s=_read_float(env, "CYXWIZ_BODY_TIMEOUT_S", 10.0, minimum=0.1),
             min_body_rate_bps=_read_int(env, "CYXWIZ_MIN_BODY_RATE_BPS", 16384, minimum=1),
             request_timeout_s=_read_float(env, "CYXWIZ_REQUEST_TIMEOUT_S", 60.0, minimum=1.0),

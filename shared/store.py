@@ -23,7 +23,7 @@ from shared.settings import Settings
 
 # Script names, as ``Store.run`` takes them.
 SCRIPTS = ("REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB",
-           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD",
+           "REPORT_PROGRESS", "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD", "RENDEZVOUS",
            "VERIFY_RESULT", "OBSERVE", "APPEND_LOGS")
 
 _ERROR_CODES: dict[str, type[errors.ApiError]] = {

@@ -38,6 +38,7 @@ def node_view(h: dict[str, str]) -> dict[str, Any]:
         "running_jobs": int(h["running"]),
         "capabilities": orjson.loads(h["capabilities"]),
         "labels": orjson.loads(h["labels"]),
+        "address": h.get("address") or None,
         "score": _float(h.get("score")),
         "reputation": _float(h.get("reputation")),
         "availability": _float(h.get("availability")),
@@ -66,6 +67,8 @@ def job_view(h: dict[str, str], pending_reasons: dict[str, str] | None = None) -
         "tenant": h["tenant"],
         "status": h["status"],
         "node_id": h.get("node_id") or None,
+        "node_ids": node_ids(h),
+        "ranks": ranks_view(h, progress),
         "attempt": int(h["attempt"]),
         "max_attempts": int(h["max_attempts"]),
         "priority": h["priority"],
@@ -83,6 +86,24 @@ def job_view(h: dict[str, str], pending_reasons: dict[str, str] | None = None) -
         "verification": verification_view(h),
         "attempts": attempts_view(h),
     }
+
+
+def node_ids(h: dict[str, str]) -> list[str]:
+    """The nodes holding the current attempt in rank order (``node_id`` is rank 0's); [] while queued."""
+    members = h.get(f"nodes:{h['attempt']}")
+    if members and h.get("node_id"):
+        return list(orjson.loads(members))
+    return [h["node_id"]] if h.get("node_id") else []
+
+
+def ranks_view(h: dict[str, str], progress: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """Per rank of a multi-node job: its node and training throughput (from rank 0's reports, metrics
+    ``samples_per_s/rank{r}``); None for a one-node job."""
+    if int(h.get("gang") or 1) <= 1:
+        return None
+    metrics = (progress or {}).get("metrics") or {}
+    return [{"rank": rank, "node_id": node_id, "samples_per_s": metrics.get(f"samples_per_s/rank{rank}")}
+            for rank, node_id in enumerate(node_ids(h))]
 
 
 def verification_view(h: dict[str, str]) -> dict[str, Any] | None:
@@ -108,6 +129,11 @@ def attempts_view(h: dict[str, str]) -> list[dict[str, Any]]:
     for number in range(1, int(h["attempt"]) + 1):
         node_id = h.get(f"node:{number}")
         if node_id:
-            found.append({"attempt": number, "node_id": node_id, "node": h.get(f"node_name:{number}") or None,
-                          "started_from": h.get(f"start:{number}") or None})
+            entry = {"attempt": number, "node_id": node_id, "node": h.get(f"node_name:{number}") or None,
+                     "started_from": h.get(f"start:{number}") or None}
+            if h.get(f"nodes:{number}"):
+                entry["node_ids"] = orjson.loads(h[f"nodes:{number}"])
+            if h.get(f"ended:{number}"):
+                entry["ended"] = h[f"ended:{number}"]  # why it went back to the queue
+            found.append(entry)
     return found

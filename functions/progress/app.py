@@ -152,6 +152,24 @@ async def download(request: Request) -> Response:
                              media_type="application/octet-stream")
 
 
+async def rendezvous(request: Request) -> Response:
+    """A gang rank arrives, publishes rank 0's store port, or says it is ready (docs/distributed.md)."""
+    return await _as_node(request, jobs.rendezvous, request.path_params["job_id"])
+
+
+async def read_rendezvous(request: Request) -> Response:
+    """The rendezvous state for a rank of the current attempt: ``?attempt=&rank=`` (ranks > 0 poll it)."""
+    node_id = await _node(request)
+    query = {}
+    for name in ("attempt", "rank"):
+        value = request.query_params.get(name, "")
+        if not is_number(value) or len(value) > 16:
+            raise errors.InvalidField(f"{name} must be a whole number", field=name)
+        query[name] = int(value)
+    return JSONResponse(await jobs.rendezvous(store_of(request), node_id, request.path_params["job_id"], query,
+                                              write=False))
+
+
 async def verification(request: Request) -> Response:
     """A verifier reports on the segment it replayed (node session token of the task's node)."""
     return await _as_node(request, jobs.report_verification, request.path_params["task_id"])
@@ -170,6 +188,8 @@ routes = [
     Route("/v1/jobs/{job_id:job}/attempts/{attempt}", attempt, methods=["GET"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", upload, methods=["PUT"]),
     Route("/v1/jobs/{job_id:job}/artifacts/{name}", download, methods=["GET"]),
+    Route("/v1/jobs/{job_id:job}/rendezvous", rendezvous, methods=["POST"]),
+    Route("/v1/jobs/{job_id:job}/rendezvous", read_rendezvous, methods=["GET"]),
     Route("/v1/verifications/{task_id}", verification, methods=["POST"]),
 ]
 app = make_app(routes)

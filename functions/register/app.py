@@ -19,7 +19,8 @@ from shared.validation import is_number
 async def register(request: Request) -> Response:
     store = store_of(request)
     await auth.authenticate_join(store, request.headers.get("authorization"))
-    registration = await nodes.register_node(store, await read_json(request), request.url.hostname)
+    registration = await nodes.register_node(store, await read_json(request), request.url.hostname,
+                                             request.client.host if request.client else None)
     return JSONResponse(registration, status_code=201)
 
 

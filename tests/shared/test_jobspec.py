@@ -44,8 +44,8 @@ def with_change(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 def test_api_example_normalizes_to_itself_plus_defaults() -> None:
     spec = parse_job_spec(API_EXAMPLE)
-    for section in ("model", "requirements"):
-        assert spec[section] == API_EXAMPLE[section]
+    assert spec["model"] == API_EXAMPLE["model"]
+    assert spec["requirements"] == {**API_EXAMPLE["requirements"], "nodes": 1}
     assert spec["dataset"] == {**API_EXAMPLE["dataset"], "test_fraction": 0.0, "split_seed": 0}
     assert spec["training"].items() >= API_EXAMPLE["training"].items()
     assert (spec["name"], spec["priority"], spec["max_attempts"]) == ("digits-mlp", "normal", 3)
@@ -65,7 +65,7 @@ def test_minimal_spec_gets_every_default() -> None:
     assert (training["weight_decay"], training["seed"], training["kernels"]) == (0.01, 0, "auto")
     assert training["progress_every_steps"] > 0 and training["progress_every_s"] > 0
     assert training["checkpoint"] == {"enabled": True, "min_interval_s": 60.0}
-    assert spec["requirements"] == {"gpu": False, "min_gpu_memory_mb": 0, "min_ram_mb": 0, "labels": {}}
+    assert spec["requirements"] == {"gpu": False, "min_gpu_memory_mb": 0, "min_ram_mb": 0, "labels": {}, "nodes": 1}
     assert (spec["priority"], spec["max_attempts"]) == ("normal", 3)
 
 

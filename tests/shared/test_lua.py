@@ -44,7 +44,8 @@ def test_every_script_is_tested() -> None:
     tested = {"REGISTER_NODE", "HEARTBEAT", "DRAIN_NODE", "REAP", "SUBMIT_JOB", "CANCEL_JOB", "REPORT_PROGRESS",
               "CHECK_UPLOAD", "COMMIT_ARTIFACT", "END_UPLOAD",
               "VERIFY_RESULT", "OBSERVE",  # these two in tests/shared/test_lua_verification.py
-              "APPEND_LOGS"}  # tests/shared/test_lua_logs.py
+              "APPEND_LOGS",  # tests/shared/test_lua_logs.py
+              "RENDEZVOUS"}  # tests/shared/test_lua_gang.py
     assert set(SCRIPTS) == tested
 
 
