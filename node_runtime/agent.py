@@ -367,6 +367,7 @@ class NodeAgent:
 
     async def _take(self, reg: Registration, entry: Assignment) -> None:
         """Start a job process for an entry, or acknowledge an entry whose job is already over."""
+        taken_at = time.monotonic()  # the job's startup_s counts from here
         if self.supervisor.holds(entry) or entry.stream != reg.stream:
             return  # a pending entry read again after a reconnect (it runs), or one of an old registration
         if entry.task_id:  # a verification task: its process learns at its first report whether it is current
@@ -374,7 +375,7 @@ class NodeAgent:
                 await self.report_verification(reg, entry, {"phase": "handback"})
                 await self.stream.ack(entry)
                 return
-            self.supervisor.start_job(reg, entry)
+            await self.supervisor.start_job(reg, entry, taken_at)
             return
         if not entry.job_id or not await self.api.attempt_is_current(entry.job_id, entry.attempt, reg.token):
             log.info("assignment %s (job %s attempt %d) is already over; acknowledging it",
@@ -384,7 +385,7 @@ class NodeAgent:
         if not self.accepting:
             await self._hand_back_unstarted(reg, entry)
             return
-        self.supervisor.start_job(reg, entry)
+        await self.supervisor.start_job(reg, entry, taken_at)
 
     async def _hand_back_unstarted(self, reg: Registration, entry: Assignment) -> None:
         await self.report(reg, entry, seq_base(), {"status": "queued"})

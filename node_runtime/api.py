@@ -10,6 +10,7 @@ process; :class:`AgentApi` (asyncio) serves the runtime's registration, heartbea
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import ssl
 import time
@@ -80,9 +81,12 @@ def check_answer(response: httpx.Response) -> httpx.Response:
     raise ApiRefused(response.status_code, code, message)
 
 
-def tls_verify(ca_file: str | None) -> ssl.SSLContext | bool:
-    """What httpx verifies an https API against: the system's CAs, or also a private CA's file."""
-    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+@functools.cache
+def tls_verify(ca_file: str | None) -> ssl.SSLContext:
+    """What httpx verifies an https API against: its default CAs, or a private CA's file. One context per
+    file and process, shared by its clients: building one reads the whole CA bundle (~30 ms), a job process
+    opens two clients, and the warm forkserver builds it once for all the jobs it forks (warm.py)."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else httpx.create_ssl_context()
 
 
 def _bearer(token: str) -> dict[str, str]:

@@ -1,12 +1,17 @@
 """What this host can run: its capabilities for registration, the device each slot trains on,
-the CPU threads each job gets, and the free GPU memory that heartbeats report."""
+the CPU threads each job gets, and the free GPU memory that heartbeats report.
+
+torch is imported only on a host with an NVIDIA driver: importing it takes 1-2 s, and a node should
+register at once. Without the driver's device nodes and /proc entry no CUDA device can exist, so a
+CPU host answers from the OS alone (and job processes import torch, not the runtime).
+"""
 
 from __future__ import annotations
 
 import os
+from importlib import metadata
+from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def usable_cpu_cores() -> int:
@@ -24,10 +29,30 @@ def total_ram_mb() -> int:
         return 0
 
 
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA kernel driver is loaded: its /proc entry or a /dev/nvidia* device node."""
+    return Path("/proc/driver/nvidia").exists() or any(Path("/dev").glob("nvidia*"))
+
+
+def torch_version() -> str | None:
+    """The installed torch's version, read from its package metadata (no import)."""
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def cuda_usable(device_policy: str) -> bool:
     """Whether jobs on this node train on CUDA: ``auto`` when a GPU is present, ``cuda`` demands one."""
     if device_policy == "cpu":
         return False
+    if not nvidia_driver_present():
+        if device_policy == "cuda":
+            raise RuntimeError("--device cuda was asked for, but this host has no NVIDIA driver loaded "
+                               f"(no /proc/driver/nvidia, no /dev/nvidia*; torch {torch_version()})")
+        return False
+    import torch
+
     available = torch.cuda.is_available()
     if device_policy == "cuda" and not available:
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device "
@@ -38,18 +63,22 @@ def cuda_usable(device_policy: str) -> bool:
 def detect_capabilities(device_policy: str = "auto") -> dict[str, Any]:
     """The capabilities object of the registration body, from real device properties."""
     gpus: list[dict[str, Any]] = []
+    cuda_version = None
     if cuda_usable(device_policy):
+        import torch
+
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             gpus.append({"name": props.name, "memory_mb": int(props.total_memory // 2**20),
                          "compute_capability": f"{props.major}.{props.minor}"})
+        cuda_version = torch.version.cuda if gpus else None
     return {
         "device": "cuda" if gpus else "cpu",
         "gpus": gpus,
         "cpu_cores": usable_cpu_cores(),
         "ram_mb": total_ram_mb(),
-        "cuda_version": torch.version.cuda if gpus else None,
-        "torch_version": torch.__version__,
+        "cuda_version": cuda_version,
+        "torch_version": torch_version(),
     }
 
 
@@ -75,8 +104,6 @@ def threads_per_job(slots: int, override: int | None = None, cores: int | None =
 def gpu_free_mb() -> int | None:
     """Free memory over all GPUs in MB through NVML (no CUDA context in the runtime process), or None
     when there is no GPU or no NVML binding."""
-    if not torch.cuda.is_available():
-        return None
     try:
         import pynvml  # nvidia-ml-py, shipped with CUDA builds of torch
     except ImportError:

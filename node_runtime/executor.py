@@ -1,43 +1,89 @@
-"""Job processes as the runtime sees them: start one per job (multiprocessing, spawn context),
-ask it to stop, notice when it ends, kill it when it will not.
+"""Job processes as the runtime sees them: start one per job, ask it to stop, notice when it ends,
+kill it when it will not.
 
 A job runs in its own process so that a crash, an out-of-memory kill or a hang of one job never
-takes the runtime (or the other slots) down. Spawn, not fork: the runtime holds sockets, threads
-and an event loop that a forked child must not inherit, and CUDA cannot be used after a fork.
+takes the runtime (or the other slots) down. Never a fork of the runtime itself: it holds sockets,
+threads and an event loop that a forked child must not inherit, and CUDA cannot be used after a fork.
+
+Warm processes (the default): job processes are forked from a multiprocessing *forkserver*, a clean
+interpreter the runtime starts once, in the background as it starts, which imports torch and the
+training code and then only forks (``node_runtime/warm.py``). A job is then running in ~20 ms, where a
+fresh interpreter spends 2.5-4 s importing torch and building its first optimizer: longer than a small
+job's whole training. One fork per job keeps one process per job; the fork shares the preloaded memory
+copy-on-write. The alternative, a spawned process kept waiting per free slot, would hold a private copy
+of torch per slot and warm a new one up after every job, competing with the running jobs for the cores.
+Cold processes (``--no-warm-processes``): each job is a fresh interpreter (multiprocessing "spawn").
+
+With a forkserver, the runtime learns a job's exit code from the forkserver: if the forkserver is killed
+(SIGKILL, the OOM killer; it ignores SIGTERM and SIGINT) its running jobs look ended with code 255, are
+reported as node faults and retried, and their processes stop at their next report, which is refused.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
+from multiprocessing import forkserver
+from multiprocessing.context import ForkServerContext, SpawnContext
 
 from node_runtime.job_control import JobControl, JobLaunch, StopReason
 from node_runtime.job_process import EXIT_ORPHANED, EXIT_UNSETTLED, job_process_main
 
-_SPAWN = multiprocessing.get_context("spawn")
+# Process.start() runs in a thread (the first fork waits for the forkserver's preload: seconds), while the
+# event loop polls exit codes. Both read the same pipes (starting reaps finished children's codes), and a
+# code read twice is lost, so they never overlap: the loop's poll skips a round while a start holds this.
+_STARTING = threading.Lock()
+
+
+def job_process_context(warm: bool) -> ForkServerContext | SpawnContext:
+    """The multiprocessing context job processes start in: spawn, or with ``warm`` the forkserver, which
+    starts now in the background. Its preload takes seconds: registration does not wait for it, and a
+    job that arrives meanwhile waits only for the rest of it."""
+    if not warm:
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # "__main__": the runtime's main script (cyxwiz's CLI), which every job process imports again
+    context.set_forkserver_preload(["__main__", "node_runtime.warm"])
+    threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
+    return context
 
 
 class JobProcess:
     """One attempt of one job running in a child process."""
 
-    def __init__(self, launch: JobLaunch) -> None:
+    def __init__(self, launch: JobLaunch, context: ForkServerContext | SpawnContext) -> None:
         self.launch = launch
-        self.control = JobControl(_SPAWN)
-        self.process = _SPAWN.Process(target=job_process_main, args=(launch, self.control),
-                                      name=f"cyxwiz-job-{launch.job_id}")
+        self.control = JobControl(context)
+        self.process = context.Process(target=job_process_main, args=(launch, self.control),
+                                       name=f"cyxwiz-job-{launch.job_id}")
         self.started_at = 0.0
+        self.start_error: str | None = None  # why it could not be started: reported on the job as a node fault
+        self._exitcode: int | None = None
         self.stop_requested_at: float | None = None
         self.killed_for: str | None = None  # why the runtime killed it, when it did
         self.killed_fault = "node"  # whose fault that kill was: "job" past its memory or wall-clock limit
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid
+        """None until it has started."""
+        pid: int | None = self.process.pid
+        return pid
 
     def start(self) -> None:
-        self.process.start()
+        """Start the process. It may block for seconds (a forkserver still preloading): call it in a thread.
+        A failure is kept in ``start_error`` (the process then counts as ended), never raised."""
         self.started_at = time.monotonic()
+        try:
+            with _STARTING:
+                self.process.start()
+        except Exception as error:  # noqa: BLE001 - out of processes or memory: the job's report says so
+            self.start_error = f"{type(error).__name__}: {error}"
+
+    @property
+    def starting(self) -> bool:
+        return self.pid is None and self.start_error is None
 
     @property
     def stop_reason(self) -> StopReason:
@@ -57,23 +103,34 @@ class JobProcess:
     def seconds_since_start(self) -> float:
         return time.monotonic() - self.started_at
 
+    def ended(self) -> bool:
+        return self.start_error is not None or self.exitcode is not None
+
     @property
     def exitcode(self) -> int | None:
-        """None while it runs."""
-        return self.process.exitcode
+        """None while it runs (and before it has started, and while another job process is starting)."""
+        if self._exitcode is None and _STARTING.acquire(blocking=False):
+            try:
+                self._exitcode = self.process.exitcode
+            finally:
+                _STARTING.release()
+        return self._exitcode
 
     def kill(self, why: str, fault: str = "node") -> None:
         """SIGKILL: for a job that ignores a stop request, hangs (the node's problem, as far as anyone
         can tell) or outgrows its limits (``fault`` "job")."""
-        if self.process.exitcode is None:
+        if self.pid is not None and self.exitcode is None:
             self.killed_for = why
             self.killed_fault = fault
             self.process.kill()
 
     def rss_mb(self) -> int | None:
-        """The process's resident memory in MiB (Linux /proc), or None when it cannot be read."""
+        """The process's resident memory in MiB (Linux /proc), or None when it cannot be read. A forked
+        job counts the preloaded pages it shares with the forkserver, as a spawned one counts its own."""
+        if self.pid is None:
+            return None
         try:
-            with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
+            with open(f"/proc/{self.pid}/status", encoding="ascii") as status:
                 for line in status:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) // 1024
@@ -82,12 +139,15 @@ class JobProcess:
         return None
 
     def reap(self) -> None:
-        """Release the process's resources once it has exited."""
-        self.process.join(timeout=0)
+        """Release the process's resources once it has exited (or never started)."""
+        if self.pid is not None:
+            self.process.join(timeout=0)
         self.process.close()
 
     def describe_exit(self) -> str:
         """A sentence for the job's error when the process ended without reporting."""
+        if self.start_error:
+            return f"the job process could not be started: {self.start_error}"
         if self.killed_for:
             return f"the job process was killed by the node runtime: {self.killed_for}"
         code = self.exitcode

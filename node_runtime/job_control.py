@@ -1,12 +1,15 @@
 """What the runtime and one job process share: the launch description (sent once, pickled) and
-three shared values (the stop request, the report sequence, the time of the last training step)."""
+three shared values (the stop request, the report sequence, the time of the last training step).
+
+Times are CLOCK_MONOTONIC (``time.monotonic()``), which on Linux is one clock for every process of
+the host, so a time taken in the runtime can be compared with one taken in the job process."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass
-from multiprocessing.context import SpawnContext
+from multiprocessing.context import BaseContext
 from typing import Any
 
 
@@ -35,7 +38,7 @@ class JobLaunch:
     torch_threads: int
     data_root: str | None
     allow_http: bool
-    parent_pid: int
+    assigned_at: float  # when the runtime took the assignment (monotonic): a job's startup_s counts from it
     retry_max_s: float  # longest wait between retries while the API is unreachable
     memory_limit_mb: int = 0  # the job's memory estimate with its margin; the runtime kills it above this
     dataset_allow_nets: tuple[str, ...] = ()  # see NodeSettings: private networks dataset urls may reach
@@ -56,10 +59,10 @@ def seq_base() -> int:
 class JobControl:
     """Values shared between the runtime and a job process (multiprocessing shared memory)."""
 
-    def __init__(self, context: SpawnContext) -> None:
+    def __init__(self, context: BaseContext) -> None:
         self._stop = context.Value("i", int(StopReason.NONE))
         self._seq = context.Value("q", seq_base())
-        self._last_step_at = context.Value("d", 0.0)  # CLOCK_MONOTONIC (system-wide); 0: no step yet
+        self._last_step_at = context.Value("d", 0.0)  # monotonic; 0: no step yet
 
     @property
     def stop_reason(self) -> StopReason:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -39,10 +40,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def job_process_main(launch: JobLaunch, control: JobControl) -> None:
-    """Entry point of the child process (multiprocessing, spawn context)."""
-    # Ctrl-C in a terminal reaches the whole process group; the runtime alone decides when a job stops.
+    """Entry point of the child process (forked from the warm forkserver, or spawned: executor.py)."""
+    # Ctrl-C in a terminal and `systemctl stop` signal every process of the group or unit; the runtime
+    # alone decides when a job stops: its drain asks the job to save its exact position and hand it back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(launch.parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_runtime()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
@@ -87,15 +90,22 @@ class _ShippedLog:
         self.api.close()
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Exit as soon as the runtime is gone (SIGKILL leaves it no chance to stop us)."""
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent_pid:
-                os._exit(EXIT_ORPHANED)
+def _exit_with_runtime() -> None:
+    """Exit as soon as the runtime is gone (SIGKILL leaves it no chance to stop us).
 
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    multiprocessing hands the child the read end of a pipe whose write end only the runtime holds (until
+    it reaps the child), also when a forkserver forked the child: it reads end-of-file the moment the
+    runtime dies, however it died. The parent pid would not tell: a forked job's parent is the
+    forkserver, and an orphan's new parent is whichever process adopts it."""
+    runtime = multiprocessing.parent_process()
+    if runtime is None:
+        return
+
+    def watch() -> None:
+        runtime.join()
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="runtime-watch", daemon=True).start()
 
 
 class JobAttempt:
@@ -109,6 +119,7 @@ class JobAttempt:
         self.settled = False  # True once the outcome (completed, failed, handed back) was accepted
         self.steps = 0  # training steps this attempt has taken (an out-of-memory before EARLY_STEPS is the job's)
         self.commitment: dict[str, Any] | None = None  # digests of the latest checkpoint, sent with each report
+        self.startup_s: float | None = None  # from the runtime's taking the assignment to the first training step
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
@@ -176,6 +187,8 @@ class JobAttempt:
     def _progress(self, progress: dict[str, Any]) -> None:
         self.control.mark_step()
         metrics = {**finite_metrics(progress["metrics"]), "resumed_from_step": self.resumed_from_step}
+        if self.startup_s is not None:
+            metrics["startup_s"] = self.startup_s
         if self.sender.checkpoint_step is not None:
             metrics["checkpoint_step"] = self.sender.checkpoint_step
         report = {"status": "running", **progress, "metrics": metrics}
@@ -184,6 +197,9 @@ class JobAttempt:
         self.sender.send_report(report)
 
     def _should_stop(self) -> bool:
+        """Called by the training loop before each step (and validation batch)."""
+        if self.startup_s is None:  # the first call: the job is ready to take its first step
+            self.startup_s = round(time.monotonic() - self.launch.assigned_at, 3)
         self.steps += 1
         self.control.mark_step()
         return self.control.stop_reason != StopReason.NONE

@@ -54,6 +54,7 @@ class NodeSettings:
     startup_timeout_s: float = 1800.0  # ... or no first step for this long (imports, data download, checkpoint)
     poll_block_ms: int = 1000          # XREADGROUP BLOCK: also how quickly the consumer notices a re-registration
     retry_max_s: float = 10.0          # longest wait between retries while the API or Redis is unreachable
+    warm_processes: bool = True        # fork job processes from a server that preloaded torch (executor.py)
     state_dir: Path | None = None      # where the node key and the registration are kept (0700): identity and resume
 
 
@@ -82,6 +83,10 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                                                                  "(default: $CYXWIZ_NODE_DEVICE or auto)")
     parser.add_argument("--torch-threads", type=int, help="CPU threads per job (default: $CYXWIZ_NODE_TORCH_THREADS, "
                                                           "else the cores shared among the slots)")
+    parser.add_argument("--warm-processes", action=argparse.BooleanOptionalAction, default=None,
+                        help="start each job in a process forked from a server that preloaded torch (well under "
+                             "a second to the first step), or with --no-warm-processes in a fresh interpreter "
+                             "(seconds of imports) (default: $CYXWIZ_NODE_WARM_PROCESSES or on)")
     parser.add_argument("--data-dir", help="where credentials.json is (default: $CYXWIZ_DATA_DIR or ~/.cyxwiz)")
 
 
@@ -139,6 +144,8 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         stall_timeout_s=_float(env, "CYXWIZ_NODE_STALL_TIMEOUT_S", 600.0),
         startup_timeout_s=_float(env, "CYXWIZ_NODE_STARTUP_TIMEOUT_S", 1800.0),
         retry_max_s=_float(env, "CYXWIZ_NODE_RETRY_MAX_S", 10.0),
+        warm_processes=(args.warm_processes if args.warm_processes is not None
+                        else _flag(env, "CYXWIZ_NODE_WARM_PROCESSES", default=True)),
         job_base_memory_mb=int(_float(env, "CYXWIZ_NODE_JOB_BASE_MEMORY_MB", 0.0)),
         state_dir=data_dir / "nodes",
     )
@@ -211,9 +218,11 @@ def _float(env: dict[str, str], variable: str, default: float) -> float:
     return value
 
 
-def _flag(env: dict[str, str], variable: str) -> bool:
+def _flag(env: dict[str, str], variable: str, default: bool = False) -> bool:
     raw = env.get(variable, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if not raw:
+        return default
+    if raw in ("0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from redis.exceptions import RedisError
 
 from node_runtime.assignments import Assignment
 from node_runtime.device import device_for_slot
-from node_runtime.executor import JobProcess
+from node_runtime.executor import JobProcess, job_process_context
 from node_runtime.job_control import JobLaunch, StopReason
 
 if TYPE_CHECKING:
@@ -62,6 +61,7 @@ class Supervisor:
         self.agent = agent
         self.slots = agent.settings.slots
         self.torch_threads = torch_threads
+        self.context = job_process_context(agent.settings.warm_processes)
         self.jobs: dict[tuple[str, int], RunningJob] = {}
         self.capacity_changed = asyncio.Event()
         self._finishing: set[asyncio.Task[None]] = set()
@@ -85,7 +85,8 @@ class Supervisor:
             await self.capacity_changed.wait()
 
     # --- starting and stopping -----------------------------------------------------------------
-    def start_job(self, reg: Registration, entry: Assignment) -> None:
+    async def start_job(self, reg: Registration, entry: Assignment, assigned_at: float) -> None:
+        """Start a job process for ``entry`` in a free slot; ``assigned_at`` is when the runtime took it."""
         slot = self._free_slot()
         settings = self.agent.settings
         launch = JobLaunch(
@@ -93,13 +94,18 @@ class Supervisor:
             api_url=settings.api_url, ca_file=settings.ca_file, session_token=reg.token,
             device=device_for_slot(self.agent.capabilities, slot), torch_threads=self.torch_threads,
             data_root=str(settings.data_root) if settings.data_root else None, allow_http=settings.allow_http,
-            parent_pid=os.getpid(), retry_max_s=settings.retry_max_s, memory_limit_mb=entry.memory_limit_mb,
+            assigned_at=assigned_at, retry_max_s=settings.retry_max_s, memory_limit_mb=entry.memory_limit_mb,
             dataset_allow_nets=settings.dataset_allow_nets, dataset_timeout_s=settings.dataset_timeout_s,
             dataset_min_rate_bps=settings.dataset_min_rate_bps, max_dataset_mb=settings.max_dataset_mb,
             task_id=entry.task_id, segment=entry.segment)
-        process = JobProcess(launch)
-        process.start()
+        process = JobProcess(launch, self.context)
+        # the slot is taken while it starts; a start cancelled by a shutdown goes on in its thread, and the
+        # job is watched (and drained) like the others once it runs
         self.jobs[entry.key] = RunningJob(entry, reg, slot, process)
+        await asyncio.to_thread(process.start)
+        if process.start_error:
+            log.error("%s: %s", entry.name, process.describe_exit())
+            return
         log.info("%s (%s): started in slot %d on %s, pid %s", entry.name, entry.spec.get("name", "?"), slot,
                  launch.device, process.pid)
 
@@ -146,10 +152,10 @@ class Supervisor:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             for job in list(self.jobs.values()):
-                if job.finishing:
+                if job.finishing or job.process.starting:
                     continue
                 try:
-                    if job.process.exitcode is None:
+                    if not job.process.ended():
                         self._enforce_limits(job)
                         continue
                 except Exception:  # a bug must not stop the watch over the other jobs

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -33,8 +33,10 @@ class NodeProcess:
 
     def __init__(self, api_url: str, join_token: str, log_path: Path, *, slots: int = 1,
                  name: str = "test-node", extra_args: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None, netns: str | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, netns: str | None = None,
+                 own_group: bool = False) -> None:
         self.log_path = log_path
+        self.own_group = own_group  # a session and process group of its own, as systemd or a terminal gives it
         # no store URL: registration hands the node its own; the join token through the environment
         self.command = [*(["ip", "netns", "exec", netns] if netns else []),
                         sys.executable, "-m", "node_runtime", "--api", api_url, "--slots", str(slots),
@@ -49,7 +51,8 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=self.own_group)
         return self
 
     @property
@@ -67,34 +70,41 @@ class NodeProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
+    def signal_group(self, signum: int) -> None:
+        """Signal every process of the runtime's group (runtime, forkserver, job processes), as
+        ``systemctl stop`` or Ctrl-C in a terminal does; only for a node started with ``own_group``."""
+        assert self.process is not None and self.own_group
+        os.killpg(self.pid, signum)
+
     def wait(self, timeout_s: float) -> int:
         assert self.process is not None
         return self.process.wait(timeout_s)
 
-    def job_pids(self) -> list[int]:
-        """Pids of the runtime's child processes (its job processes, plus multiprocessing's helper)."""
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(pid) for pid in text.split()]
+    def descendant_pids(self) -> list[int]:
+        """Pids of the runtime's children and theirs (job processes, the forkserver, multiprocessing's
+        resource tracker)."""
+        found, todo = [], [self.pid]
+        while todo:
+            found += (children := child_pids(todo.pop()))
+            todo += children
+        return found
+
+    def forkserver_pid(self) -> int | None:
+        """The runtime's forkserver (warm job processes), once it has started."""
+        servers = [pid for pid in child_pids(self.pid) if b"forkserver" in _cmdline(pid)]
+        return servers[0] if servers else None
 
     def job_process_pids(self) -> list[int]:
-        """Pids of the runtime's job processes (multiprocessing spawn children)."""
-        found = []
-        for pid in self.job_pids():
-            try:
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-            except OSError:
-                pass
-        return found
+        """Pids of the runtime's job processes: spawned children, or the forkserver's forked ones."""
+        found = [pid for pid in child_pids(self.pid) if b"spawn_main" in _cmdline(pid)]
+        server = self.forkserver_pid()
+        return found + (child_pids(server) if server is not None else [])
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers; its job processes follow it."""
         if self.process is None or self.process.poll() is not None:
             return
-        children = self.job_pids()
+        children = self.descendant_pids()
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(20)
@@ -108,7 +118,26 @@ class NodeProcess:
                 pass
 
 
-def wait_until(check: Callable[[], T], timeout_s: float, interval_s: float = 0.1, what: str = "condition") -> T:
+def child_pids(pid: int) -> list[int]:
+    """The children of every thread of ``pid`` (the runtime starts processes from worker threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def wait_until(check: Callable[[], T | Literal[False] | None], timeout_s: float, interval_s: float = 0.1,
+               what: str = "condition") -> T:
     """Poll ``check`` until it returns something truthy; fail the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:

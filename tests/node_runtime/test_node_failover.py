@@ -60,6 +60,36 @@ def test_sigterm_hands_the_job_back_and_another_node_resumes_it_from_its_checkpo
     assert job["progress"]["metrics"]["val_accuracy"] >= 0.95
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_hands_the_job_back_at_its_exact_step(
+        api: Api, start_node: Callable[..., NodeProcess], signum: int) -> None:
+    """``systemctl stop`` (SIGTERM to every process of the unit) or Ctrl-C in a terminal (SIGINT to the
+    group) reaches the job processes and the forkserver too: they ignore it and leave the drain to the
+    runtime, so the job saves its exact position before it goes back, instead of dying and resuming
+    from an older checkpoint."""
+    first = start_node(name="first", own_group=True)
+    api.wait_nodes(1)
+    job_id = api.submit(long_digits(60))
+    api.wait_progress(job_id, min_step=150, timeout_s=60)
+
+    first.signal_group(signum)
+    assert first.wait(30) == 0
+    job = api.job(job_id)
+    assert job["status"] == "queued" and job["attempt"] == 2 and job["node_id"] is None
+    [handed_back] = [e for e in _attempt_events(api, job_id, 1) if e["status"] == "queued"]
+    step = int(handed_back["step"])  # type: ignore[call-overload]
+    assert step >= 150 and f"stopped at step {step} for the node's shutdown" in first.log()
+    assert "killed" not in first.log()
+
+    start_node(name="second")
+    job = api.wait_status(job_id, ("completed", "failed"), 90)
+    assert job["status"] == "completed" and job["attempt"] == 2, job["error"]
+    # the next attempt started from a checkpoint of exactly the step handed back
+    resumed = {e["metrics"]["resumed_from_step"] for e in api.events(job_id)
+               if e["attempt"] == 2 and "resumed_from_step" in e["metrics"]}
+    assert resumed == {step}
+
+
 @pytest.mark.timeout(240)
 def test_sigkill_loses_no_job(api: Api, start_node: Callable[..., NodeProcess]) -> None:
     doomed = start_node(name="doomed")
@@ -132,7 +162,9 @@ def test_a_reaped_node_registers_again_and_finishes_the_requeued_job(
     job_id = api.submit(long_digits(90))
     api.wait_progress(job_id, min_step=30, timeout_s=60)
     node.signal(signal.SIGSTOP)  # the runtime freezes: no heartbeats for longer than the 2 s TTL
-    time.sleep(3.5)
+    # until the control plane reaped it, however slow the reaper is today
+    wait_until(lambda: all(n["node_id"] != before["node_id"] for n in api.nodes()), 30,
+               what="the frozen node to be reaped")
     node.signal(signal.SIGCONT)
     job = api.wait_status(job_id, ("completed", "failed"), 90)
     assert job["status"] == "completed", job["error"]
