@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import RedisError
@@ -65,6 +65,7 @@ class Registration:
     stream: str
     group: str
     redis_url: str
+    address: str = ""  # where the other nodes of a multi-node job reach this one (the control plane's view)
 
 
 class NodeAgent:
@@ -88,8 +89,10 @@ class NodeAgent:
         self.signals = 0
         self.exit_code = 0
         self.supervisor = Supervisor(self, threads_per_job(settings.slots, settings.torch_threads))
-        self.body = {"name": settings.name, "slots": settings.slots, "capabilities": self.capabilities,
-                     "labels": settings.labels}
+        self.body: dict[str, Any] = {"name": settings.name, "slots": settings.slots,
+                                     "capabilities": self.capabilities, "labels": settings.labels}
+        if settings.address:
+            self.body["address"] = settings.address
         self.identity: Path | None = None
         self.key_path: Path | None = None
         self.identity_lock: IO[bytes] | None = None
@@ -185,7 +188,8 @@ class NodeAgent:
             self.registration = Registration(
                 node_id=answer["node_id"], token=answer["session_token"],
                 heartbeat_interval_s=float(answer["heartbeat_interval_s"]), ttl_s=float(answer["ttl_s"]),
-                stream=assignments["stream"], group=assignments["group"], redis_url=assignments["redis_url"])
+                stream=assignments["stream"], group=assignments["group"], redis_url=assignments["redis_url"],
+                address=str(answer.get("address") or ""))
             await self.stream.use(self._stream_url(self.registration))
             if self.identity is not None:
                 save_identity(self.identity, self.settings.api_url, self.body, asdict(self.registration))
@@ -284,8 +288,13 @@ class NodeAgent:
             await self.stream.use(self._stream_url(reg))
         cancelled = answer.get("cancel") or []
         assert isinstance(cancelled, list)
-        for job_id in cancelled:
-            self.supervisor.stop_job(str(job_id), reg, StopReason.CANCEL, "cancelled by its user")
+        for entry in cancelled:
+            job_id, _, attempt = str(entry).partition(":")
+            if attempt:  # a multi-node job's attempt ended elsewhere (another rank failed): stop that attempt
+                self.supervisor.stop_job(job_id, reg, StopReason.LOST, f"attempt {attempt} ended on another rank",
+                                         attempt=int(attempt) if attempt.isdecimal() else -1)
+            else:
+                self.supervisor.stop_job(job_id, reg, StopReason.CANCEL, "cancelled by its user")
         if answer.get("status") == "draining" and not self.shutdown.is_set() and not self.left_by_control_plane:
             log.info("the control plane is draining this node: no new jobs; leaving once running jobs end")
             self.accepting = False

@@ -117,6 +117,20 @@ class JobApi:
                                             json={**body, "attempt": self.attempt}).json()
         return answer
 
+    def rendezvous(self, rank: int, port: int | None = None, ready: bool = False) -> dict[str, Any]:
+        """A gang rank arrives (rank 0 with its store's ``port``) or says it is ready (docs/distributed.md)."""
+        body: dict[str, Any] = {"attempt": self.attempt, "rank": rank, "ready": ready}
+        if port is not None:
+            body["port"] = port
+        answer: dict[str, Any] = self._send("POST", f"/v1/jobs/{self.job_id}/rendezvous", json=body).json()
+        return answer
+
+    def read_rendezvous(self, rank: int) -> dict[str, Any]:
+        """The rendezvous state of this attempt, as rank ``rank`` sees it."""
+        answer: dict[str, Any] = self._send("GET", f"/v1/jobs/{self.job_id}/rendezvous",
+                                            params={"attempt": self.attempt, "rank": rank}).json()
+        return answer
+
     def append_logs(self, lines: list[dict[str, str]]) -> None:
         """POST log lines (``{"time", "line"}``, oldest first) of this attempt; fenced like reports."""
         self._send("POST", f"/v1/jobs/{self.job_id}/logs", json={"attempt": self.attempt, "lines": lines})

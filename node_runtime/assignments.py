@@ -33,6 +33,8 @@ class Assignment:
     memory_limit_mb: int = 0  # the job's memory estimate with its margin (0: none given)
     task_id: str = ""  # a verification task: replay ``segment`` of the job for an audit, not train it
     segment: dict[str, Any] | None = None
+    rank: int = 0  # a multi-node job (docs/distributed.md): this node's rank among world_size
+    world_size: int = 1
 
     @property
     def key(self) -> tuple[str, int]:
@@ -111,7 +113,8 @@ class AssignmentStream:
                     found.append(Assignment(stream, group, entry_id, fields["job_id"], int(fields["attempt"]),
                                             orjson.loads(fields["spec"]), int(fields.get("memory_mb") or 0),
                                             fields.get("task_id", ""),
-                                            orjson.loads(fields["segment"]) if fields.get("segment") else None))
+                                            orjson.loads(fields["segment"]) if fields.get("segment") else None,
+                                            int(fields.get("rank") or 0), int(fields.get("world_size") or 1)))
                 except (KeyError, TypeError, ValueError):  # deleted after delivery (XDEL) or malformed
                     found.append(Assignment(stream, group, entry_id, "", 0, {}))  # acknowledged, not run
         return found

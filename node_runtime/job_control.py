@@ -47,6 +47,9 @@ class JobLaunch:
     max_dataset_mb: int = 1024
     task_id: str = ""  # a verification task (docs/verification.md): replay ``segment`` instead of training
     segment: dict[str, Any] | None = None
+    rank: int = 0  # a multi-node job (docs/distributed.md): this process's rank among world_size
+    world_size: int = 1
+    own_address: str = ""  # where the other ranks reach this node
 
 
 def seq_base() -> int:

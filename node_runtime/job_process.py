@@ -29,6 +29,8 @@ MODEL_ARTIFACT = "model.safetensors"
 EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the node's TTL lapses
 EXIT_UNSETTLED = 71  # ended with no outcome in the control plane's hands: the runtime reports a node fault
 EARLY_STEPS = 3  # out of memory before this many steps: loading the data or the first batches did it
+RENDEZVOUS_TIMEOUT_S = 120.0  # a gang's ranks wait this long for each other (as the control plane's default)
+RENDEZVOUS_POLL_S = 0.2  # how often a rank > 0 asks whether rank 0 has published its store
 LOG_FLUSH_S = 10.0  # how long the job's log may take to get out before its final report, and at exit
 
 
@@ -120,12 +122,17 @@ class JobAttempt:
         self.steps = 0  # training steps this attempt has taken (an out-of-memory before EARLY_STEPS is the job's)
         self.commitment: dict[str, Any] | None = None  # digests of the latest checkpoint, sent with each report
         self.startup_s: float | None = None  # from the runtime's taking the assignment to the first training step
+        # a multi-node job (docs/distributed.md): rank 0 reports, uploads and ends the attempt; other ranks
+        # train and only ever report their own failure
+        self.rank, self.distributed = launch.rank, launch.world_size > 1
 
     def run(self) -> None:
         from node_runtime.training import JobError, TrainingContext, run_training  # torch loads here, in the child
+        from node_runtime.training.context import PeerLost, RendezvousTimeout
 
         self.sender.start()
-        self.sender.send_report({"status": "running", "epoch": 0, "step": 0, "total_steps": 0, "metrics": {}})
+        if self.rank == 0:
+            self.sender.send_report({"status": "running", "epoch": 0, "step": 0, "total_steps": 0, "metrics": {}})
         try:
             checkpoint = self._download_checkpoint()
         except ApiRefused as refusal:
@@ -139,11 +146,19 @@ class JobAttempt:
             initial_checkpoint=checkpoint, data_root=Path(self.launch.data_root) if self.launch.data_root else None,
             allow_http=self.launch.allow_http, device=self.launch.device, cpu_threads=self.launch.torch_threads,
             dataset_allow_nets=self.launch.dataset_allow_nets, dataset_timeout_s=self.launch.dataset_timeout_s,
-            dataset_min_rate_bps=self.launch.dataset_min_rate_bps, max_dataset_mb=self.launch.max_dataset_mb)
+            dataset_min_rate_bps=self.launch.dataset_min_rate_bps, max_dataset_mb=self.launch.max_dataset_mb,
+            stop_reason=lambda: int(self.control.stop_reason), distributed=self._distributed())
         _cap_gpu_memory(self.launch)
         started = time.monotonic()
         try:
             result = run_training(self.launch.spec, ctx)
+        except ApiRefused as refusal:  # the rendezvous refused: the attempt is over (stale, cancelled)
+            return self._refused(refusal)
+        except (PeerLost, RendezvousTimeout) as error:  # another rank's fault: it pays, not this node
+            if self._abandoned():
+                return
+            log.error("%s: %s", self.job, error)
+            return self._final({"status": "failed", "fault": "peer", "error": f"rank {self.rank}: {error}"})
         except JobError as error:
             log.error("%s failed: %s", self.job, error)
             return self._final({"status": "failed", "error": str(error), "fault": "job"})
@@ -156,8 +171,13 @@ class JobAttempt:
                                              f"({type(error).__name__}): make the job smaller"})
             log.exception("%s crashed", self.job)
             return self._final({"status": "failed", "error": f"{type(error).__name__}: {error}", "fault": "node"})
-        if result.status == "stopped":
-            return self._stopped(result.epoch, result.step, result.total_steps)
+        if result.status == "stopped":  # in a gang, a drain of any rank hands the job back
+            reason = StopReason(max(int(self.control.stop_reason), result.stop_reason))
+            return self._stopped(result.epoch, result.step, result.total_steps, reason)
+        if self.rank > 0:  # rank 0 uploads the weights and reports the outcome for the gang
+            log.info("%s: rank %d done", self.job, self.rank)
+            self.settled = True
+            return
         log.info("%s trained in %.1f s: %s", self.job, time.monotonic() - started,
                  {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
         self.sender.flush()
@@ -200,9 +220,47 @@ class JobAttempt:
         """Called by the training loop before each step (and validation batch)."""
         if self.startup_s is None:  # the first call: the job is ready to take its first step
             self.startup_s = round(time.monotonic() - self.launch.assigned_at, 3)
+            if self.distributed:  # and a gang's process group has formed
+                self._say_ready()
         self.steps += 1
         self.control.mark_step()
         return self.control.stop_reason != StopReason.NONE
+
+    # --- the rendezvous of a multi-node job (docs/distributed.md) -------------------------------
+    def _distributed(self) -> Any:
+        if not self.distributed:
+            return None
+        from node_runtime.training.context import Distributed
+
+        return Distributed(rank=self.rank, world_size=self.launch.world_size, own_address=self.launch.own_address,
+                           publish_master=self._publish_master, find_master=self._find_master,
+                           timeout_s=RENDEZVOUS_TIMEOUT_S)
+
+    def _publish_master(self, port: int) -> None:
+        self.api.retrying(lambda: self.api.rendezvous(0, port=port), give_up=self._abandoned)
+
+    def _find_master(self, timeout_s: float) -> tuple[str, int]:
+        """Arrive, then poll until rank 0 has published its store; RendezvousTimeout past the deadline."""
+        from node_runtime.training.context import RendezvousTimeout
+
+        deadline = time.monotonic() + timeout_s
+        state = self.api.retrying(lambda: self.api.rendezvous(self.rank), give_up=self._abandoned)
+        while not state.get("master"):
+            if time.monotonic() > deadline or self._abandoned():
+                raise RendezvousTimeout(f"rank 0 did not publish its store within {timeout_s:.0f} s")
+            time.sleep(RENDEZVOUS_POLL_S)
+            try:
+                state = self.api.read_rendezvous(self.rank)
+            except ApiUnavailable:
+                continue
+        host, _, port = str(state["master"]).rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def _say_ready(self) -> None:
+        try:
+            self.api.rendezvous(self.rank, ready=True)
+        except (ApiUnavailable, ApiRefused) as error:  # the deadline then speaks for it; training goes on
+            log.warning("%s: could not say rank %d is ready: %s", self.job, self.rank, error)
 
     def _checkpoint(self, data: bytes) -> None:
         if self.control.stop_reason < StopReason.CANCEL:  # a cancelled or lost attempt keeps nothing
@@ -218,8 +276,13 @@ class JobAttempt:
     def _abandoned(self) -> bool:
         return self.control.stop_reason >= StopReason.CANCEL
 
-    def _stopped(self, epoch: int = 0, step: int = 0, total_steps: int = 0) -> None:
-        reason = self.control.stop_reason
+    def _stopped(self, epoch: int = 0, step: int = 0, total_steps: int = 0,
+                 reason: StopReason | None = None) -> None:
+        reason = self.control.stop_reason if reason is None else reason
+        if self.rank > 0:  # rank 0 hands a gang's job back
+            log.info("%s: rank %d stopped at step %d (%s)", self.job, self.rank, step, reason.name.lower())
+            self.settled = True
+            return
         if reason == StopReason.DRAIN:
             self.sender.flush()  # the checkpoint of the exact position is uploaded before the hand-back
             log.info("%s stopped at step %d for the node's shutdown; handing it back", self.job, step)

@@ -36,6 +36,7 @@ class NodeSettings:
     slots: int = 1
     name: str = field(default_factory=socket.gethostname)
     labels: dict[str, str] = field(default_factory=dict)
+    address: str | None = None         # where a multi-node job's other nodes reach it; None: as the gateway sees it
     data_root: Path | None = None      # local dataset files are allowed only under this directory
     allow_http: bool = False           # http(s) dataset URLs are refused unless the operator allows them
     # Dataset downloads never reach loopback, link-local, private or metadata addresses (before and after
@@ -87,6 +88,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start each job in a process forked from a server that preloaded torch (well under "
                              "a second to the first step), or with --no-warm-processes in a fresh interpreter "
                              "(seconds of imports) (default: $CYXWIZ_NODE_WARM_PROCESSES or on)")
+    parser.add_argument("--address", help="the IP or host name the other nodes of a multi-node job reach this "
+                                          "node at (default: $CYXWIZ_NODE_ADDRESS, else the address the "
+                                          "gateway sees it connect from)")
     parser.add_argument("--data-dir", help="where credentials.json is (default: $CYXWIZ_DATA_DIR or ~/.cyxwiz)")
 
 
@@ -131,6 +135,7 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
         slots=_int(args.slots, env, "--slots", "CYXWIZ_NODE_SLOTS", 1, minimum=1) or 1,
         name=pick(args.name, "CYXWIZ_NODE_NAME") or socket.gethostname(),
         labels=_labels(args.label),
+        address=pick(args.address, "CYXWIZ_NODE_ADDRESS"),
         data_root=data_root,
         allow_http=bool(args.allow_http) or _flag(env, "CYXWIZ_NODE_ALLOW_HTTP"),
         dataset_allow_nets=_networks(args.allow_dataset_net, env),

@@ -97,7 +97,8 @@ class Supervisor:
             assigned_at=assigned_at, retry_max_s=settings.retry_max_s, memory_limit_mb=entry.memory_limit_mb,
             dataset_allow_nets=settings.dataset_allow_nets, dataset_timeout_s=settings.dataset_timeout_s,
             dataset_min_rate_bps=settings.dataset_min_rate_bps, max_dataset_mb=settings.max_dataset_mb,
-            task_id=entry.task_id, segment=entry.segment)
+            task_id=entry.task_id, segment=entry.segment, rank=entry.rank, world_size=entry.world_size,
+            own_address=reg.address)
         process = JobProcess(launch, self.context)
         # the slot is taken while it starts; a start cancelled by a shutdown goes on in its thread, and the
         # job is watched (and drained) like the others once it runs
@@ -121,9 +122,12 @@ class Supervisor:
         free = set(range(self.slots)) - {job.slot for job in busy}
         return min(free, key=lambda slot: (load.get(device_for_slot(caps, slot), 0), slot))
 
-    def stop_job(self, job_id: str, reg: Registration, reason: StopReason, why: str) -> None:
+    def stop_job(self, job_id: str, reg: Registration, reason: StopReason, why: str,
+                 attempt: int | None = None) -> None:
+        """Stop the job's process (only that attempt's, given ``attempt``)."""
         for job in self.jobs.values():
-            if job.entry.job_id == job_id and not job.entry.task_id and job.registration is reg and not job.finishing:
+            if (job.entry.job_id == job_id and not job.entry.task_id and job.registration is reg
+                    and not job.finishing and attempt in (None, job.entry.attempt)):
                 log.info("%s: stopping: %s", job.name, why)
                 job.process.request_stop(reason)
 

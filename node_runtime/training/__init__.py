@@ -4,8 +4,16 @@ The node runtime's executor calls ``run_training(spec, ctx)`` in a child process
 """
 
 from node_runtime.training.checkpoints import load_trained_model
-from node_runtime.training.context import JobError, TrainingContext, TrainingResult
+from node_runtime.training.context import (
+    Distributed,
+    JobError,
+    PeerLost,
+    RendezvousTimeout,
+    TrainingContext,
+    TrainingResult,
+)
 from node_runtime.training.loop import run_training
 from node_runtime.training.models import build_model
 
-__all__ = ["JobError", "TrainingContext", "TrainingResult", "build_model", "load_trained_model", "run_training"]
+__all__ = ["Distributed", "JobError", "PeerLost", "RendezvousTimeout", "TrainingContext", "TrainingResult",
+           "build_model", "load_trained_model", "run_training"]

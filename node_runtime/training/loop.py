@@ -2,6 +2,10 @@
 
 Deterministic for a given spec on the CPU: the initial weights come from the seed, the batch
 order from (seed, epoch), dropout from the global generator seeded once and saved in checkpoints.
+With ``ctx.distributed`` the same loop runs on every rank of a data-parallel run (``distributed``):
+each trains on its shard of every global batch, and the ranks agree on when to report, checkpoint and
+stop; rank 0 alone reports and writes checkpoints, which hold the plain model, so they resume on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node_runtime.training import layers
+from node_runtime.training import distributed, layers
 from node_runtime.training.checkpoints import (
     Position,
     Snapshot,
@@ -45,6 +49,12 @@ def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
     Resumes from ``ctx.initial_checkpoint`` when given. Returns status "completed", or "stopped"
     as soon as ``ctx.should_stop()`` turns True. Raises ``JobError`` for failures the job causes
     (unusable data, shapes that do not fit, a loss that turns NaN or infinite).
+
+    With ``ctx.distributed`` over two or more ranks, every rank loads the data and builds the model
+    first, then joins the others (``RendezvousTimeout`` if they do not all come within its timeout_s)
+    and trains its shard; ``PeerLost`` if a peer goes away (a rank whose shard's loss turns NaN raises
+    ``JobError`` and leaves, so its peers raise ``PeerLost``). Ranks other than 0 never call ``report`` or
+    ``save_checkpoint``, and their result has the same status and metrics but no weights (``b""``).
     """
     try:  # idempotent on a normalized spec; fills defaults in a raw one and re-checks it on this node
         spec = parse_job_spec(spec)
@@ -62,7 +72,10 @@ def run_training(spec: dict[str, Any], ctx: TrainingContext) -> TrainingResult:
     data = load_dataset(spec, ctx.data_root, ctx.allow_http, DatasetLimits.of(ctx))
     model = build_model(spec, data.info, use_kernels=use_kernels).to(device)
     optimizer = layers.make_optimizer(model, spec, use_kernels)
-    return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()
+    if ctx.distributed is None or ctx.distributed.world_size == 1:
+        return _Run(spec, ctx, data, model, optimizer, device, use_kernels).train()
+    with distributed.join(ctx.distributed, device) as gang:
+        return _Run(spec, ctx, data, model, optimizer, device, use_kernels, gang).train()
 
 
 def device_kind(device: torch.device) -> str:
@@ -140,6 +153,11 @@ class _CheckpointWriter:
                 self._thread.start()
             self._changed.notify_all()
 
+    def idle(self) -> bool:
+        """Whether a snapshot submitted now would be taken at once."""
+        with self._changed:
+            return self._pending is None and not self._busy
+
     def wait(self) -> None:
         """Return once every submitted checkpoint has been handed to ``save``."""
         with self._changed:
@@ -169,10 +187,14 @@ class _Run:
     checkpoint and epoch boundaries on a GPU, so steps queue up without waiting for each other; on the
     CPU, where reading a scalar costs nothing, every step is read before its backward pass, so a loss
     that turns NaN is caught before it reaches the weights.
+
+    In a distributed run (``gang``) the sums read back are this rank's; they are added up over the
+    ranks (one all-reduce) where metrics are needed: reports, checkpoints and the result.
     """
 
     def __init__(self, spec: dict[str, Any], ctx: TrainingContext, data: Dataset, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, device: torch.device, use_kernels: bool) -> None:
+                 optimizer: torch.optim.Optimizer, device: torch.device, use_kernels: bool,
+                 gang: distributed.Gang | None = None) -> None:
         self.spec, self.ctx, self.data, self.model, self.optimizer, self.device = (
             spec, ctx, data, model, optimizer, device)
         self.training = spec["training"]
@@ -202,6 +224,12 @@ class _Run:
         self.unread_steps, self.unread_predictions, self.unread_samples = 0, 0, 0
         self.timer = time.perf_counter()  # the training time not yet added to the totals starts here
         self.writer = _CheckpointWriter(ctx.save_checkpoint)
+        self.stop_reason = 0  # why the last stop check said stop (0: it did not)
+        # a distributed run trains the DDP-wrapped model; the plain one validates and is saved
+        self.gang, self.leads = gang, gang is None or gang.leads
+        self.trained = model if gang is None else gang.wrap(model)
+        self.unshared, self.unshared_steps = _Totals(), 0  # this rank's sums not yet added up over the ranks
+        self.window_rates, self.epoch_rates = self._rank_totals(), self._rank_totals()  # each rank's throughput
 
     def train(self) -> TrainingResult:
         self.model.train()
@@ -209,6 +237,7 @@ class _Run:
             return self._train()
         finally:
             self.writer.wait()  # every checkpoint is in the executor's hands before the result is
+            self.trained = self.model  # DDP must go before its process group does (distributed.join)
 
     def _train(self) -> TrainingResult:
         batch_size, seed = self.training["batch_size"], self.training["seed"]
@@ -218,18 +247,20 @@ class _Run:
         while self.position.step < self.total_steps:
             epoch = self.position.epoch
             for inputs, targets in self.data.train_batches(seed, epoch, batch_size, self.position.batch):
-                if self.ctx.should_stop():
+                if self._stop_requested():
                     return self._stop()
                 self._step(inputs, targets)
                 if stop_at is not None and self.position.step >= stop_at:
                     return self._segment()
                 if self.position.step >= self.total_steps:
                     break  # training.max_steps ends it mid-epoch
-                if (self.steps_since_report >= self.training["progress_every_steps"]
-                        or time.monotonic() - self.last_report_at >= self.training["progress_every_s"]):
+                # the epoch's end checkpoints after validation
+                report, checkpoint = self._agree(self._report_due(), self.position.batch < self.batches_per_epoch
+                                                 and self._checkpoint_due())
+                if report:
                     self._report()
-                if self.position.batch < self.batches_per_epoch:  # the epoch's end checkpoints after validation
-                    self._checkpoint_if_due()
+                if checkpoint:
+                    self._save_checkpoint()
             if self.position.batch < self.batches_per_epoch:
                 break  # ended mid-epoch: validated below
             self.position = Position(epoch + 1, 0, self.position.step)
@@ -237,8 +268,9 @@ class _Run:
                                                               if self.training["epochs"] else "")):
                 return self._stop()
             if self.position.step < self.total_steps:  # the last epoch's state is the result itself
-                self.epoch_totals = _Totals()
-                self._checkpoint_if_due()
+                self.epoch_totals, self.epoch_rates = _Totals(), self._rank_totals()
+                if self._agree(False, self._checkpoint_due())[1]:
+                    self._save_checkpoint()
         if self.position.batch and not self._end_of_epoch(f"step {self.position.step}/{self.total_steps}"):
             return self._stop()
         if self._has_test_split():
@@ -256,20 +288,54 @@ class _Run:
             return False
         self.val_metrics = validation
         self._report()
-        log.info("%s", _summary(where, self._metrics(self.epoch_totals)))
+        if self.leads:
+            log.info("%s", _summary(where, self._metrics(self.epoch_totals, self.epoch_rates)))
         return True
 
     def _has_test_split(self) -> bool:
         return any(True for _ in self.data.test_batches(self.training["batch_size"]))
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop before the next step or validation batch: should_stop fired here, or in a
+        distributed run on any rank (the same answer on every rank, and ``stop_reason`` the largest)."""
+        self.stop_reason = (self._own_stop_reason() if self.gang is None
+                            else self.gang.stop_reason(self._own_stop_reason))
+        return self.stop_reason > 0
+
+    def _own_stop_reason(self) -> int:
+        if not self.ctx.should_stop():
+            return 0
+        return max(1, self.ctx.stop_reason()) if self.ctx.stop_reason is not None else 1
+
+    def _agree(self, report: bool, checkpoint: bool) -> tuple[bool, bool]:
+        """Whether to report and to checkpoint now (in a distributed run, as rank 0 decides for all)."""
+        return (report, checkpoint) if self.gang is None else self.gang.agree(self._own_stop_reason(), report,
+                                                                                checkpoint)
+
+    def _report_due(self) -> bool:
+        return bool(self.steps_since_report >= self.training["progress_every_steps"]
+                    or time.monotonic() - self.last_report_at >= self.training["progress_every_s"])
+
+    def _checkpoint_due(self) -> bool:
+        """``min_interval_s`` has passed since the last checkpoint. In a distributed run also the writer is
+        free: rank 0 waiting on a slow upload would stall every rank, up to their collectives' timeout."""
+        checkpointing = self.training["checkpoint"]
+        return bool(checkpointing["enabled"] and time.monotonic() - self.last_checkpoint_at
+                    >= checkpointing["min_interval_s"] and (self.gang is None or self.writer.idle()))
+
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        weight = 1.0
+        if self.gang is not None:
+            inputs, targets, weight = self.gang.shard(inputs, targets)
+            self.gang.seed_dropout(self.training["seed"], self.position.step)
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = self._learning_rate(self.position.step)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            outputs = self.model(inputs)
-            loss = self._loss(outputs, targets)
+            outputs = self.trained(inputs)
+            # an empty shard (a last batch with fewer rows than ranks) still joins the gradients' all-reduce
+            loss = self._loss(outputs, targets) if len(targets) else outputs.sum() * 0.0
         predictions = targets.numel() if self.task == "lm" else len(targets)
         self.unread += torch.stack([loss.detach().double() * predictions, self._correct(outputs, targets).double()])
         self.unread_steps += 1
@@ -278,7 +344,11 @@ class _Run:
         if self.sync_every_step:
             self._read_back()
         self.optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
+        if self.gang is None:
+            torch.autograd.backward(loss)
+        else:  # DDP averages the ranks' gradients during this pass: weighted, the average is the global mean's
+            with self.gang.collective("the gradients' all-reduce"):
+                torch.autograd.backward(loss * weight)
         if self.training["grad_clip"] > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.training["grad_clip"])
         self.optimizer.step()
@@ -300,14 +370,40 @@ class _Run:
             at = f"at step {last}" if first == last else f"between steps {first} and {last}"
             raise JobError(f"the loss became {loss_sum} {at} (epoch {self.position.epoch + 1}): lower "
                            "training.learning_rate or check the data")
-        for totals in (self.epoch_totals, self.window):
+        for totals in (self.epoch_totals, self.window) if self.gang is None else (self.unshared,):
             totals.loss_sum += loss_sum
             totals.correct += int(correct)
             totals.predictions += self.unread_predictions
             totals.samples += self.unread_samples
             totals.seconds += now - self.timer
+        self.unshared_steps += self.unread_steps
         self.unread.zero_()
         self.unread_steps, self.unread_predictions, self.unread_samples, self.timer = 0, 0, 0, now
+
+    def _share_totals(self) -> None:
+        """Read back; in a distributed run also add up the ranks' sums since the last time (one all-reduce,
+        skipped on every rank alike when no step was taken since), so that every rank holds the global
+        totals and each rank's throughput. The time is this rank's: the ranks step in lockstep."""
+        self._read_back()
+        if self.gang is None or not self.unshared_steps:
+            return
+        own = self.unshared
+        (loss_sum, correct, predictions, samples), rates = self.gang.add_up_with_rates(
+            [own.loss_sum, own.correct, own.predictions, own.samples], own.samples, own.seconds)
+        for totals in (self.epoch_totals, self.window):
+            totals.loss_sum += loss_sum
+            totals.correct += int(correct)
+            totals.predictions += int(predictions)
+            totals.samples += int(samples)
+            totals.seconds += own.seconds
+        for by_rank in (self.epoch_rates, self.window_rates):
+            for totals, (rank_samples, rank_seconds) in zip(by_rank, rates, strict=True):
+                totals.samples += int(rank_samples)
+                totals.seconds += rank_seconds
+        self.unshared, self.unshared_steps = _Totals(), 0
+
+    def _rank_totals(self) -> list[_Totals]:
+        return [_Totals() for _ in range(self.gang.world_size if self.gang is not None else 0)]
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.cross_entropy is None:
@@ -341,8 +437,12 @@ class _Run:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                  enabled=self.device.type == "cuda"):
                 for inputs, targets in batches:
-                    if self.ctx.should_stop():
+                    if self._stop_requested():
                         return None
+                    if self.gang is not None:  # each rank validates its shard of every held-out batch
+                        inputs, targets, _ = self.gang.shard(inputs, targets)
+                        if not len(targets):
+                            continue
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     outputs = self.model(inputs)
                     count = targets.numel() if self.task == "lm" else len(targets)
@@ -352,15 +452,18 @@ class _Run:
         finally:
             self.model.train()
             self.timer = time.perf_counter()
+        total_loss, total_correct = torch.stack([loss_sum, correct]).tolist()
+        if self.gang is not None:
+            total_loss, total_correct, shared_predictions = self.gang.add_up([total_loss, total_correct, predictions])
+            predictions = int(shared_predictions)
         if predictions == 0:
             return {}
-        total_loss, total_correct = torch.stack([loss_sum, correct]).tolist()
         metrics = {f"{prefix}loss": total_loss / predictions}
         if self.task != "regression":
             metrics[f"{prefix}accuracy"] = total_correct / predictions
         return metrics
 
-    def _metrics(self, totals: _Totals) -> dict[str, Any]:
+    def _metrics(self, totals: _Totals, by_rank: list[_Totals]) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if self.epoch_totals.predictions:
             metrics["loss"] = self.epoch_totals.loss_sum / self.epoch_totals.predictions
@@ -369,6 +472,8 @@ class _Run:
         metrics.update(self.val_metrics)
         metrics.update(self.test_metrics)
         metrics["samples_per_s"] = totals.samples / totals.seconds if totals.seconds > 0 else 0.0
+        for rank, own in enumerate(by_rank):  # a distributed run: the whole run's rate above, each rank's here
+            metrics[f"samples_per_s/rank{rank}"] = own.samples / own.seconds if own.seconds > 0 else 0.0
         if self.task == "lm":
             metrics["tokens_per_s"] = totals.predictions / totals.seconds if totals.seconds > 0 else 0.0
         metrics["gpu_memory_mb"] = (round(torch.cuda.max_memory_allocated(self.device) / 2**20)
@@ -376,17 +481,14 @@ class _Run:
         return metrics
 
     def _report(self) -> None:
-        self._read_back()
-        current_epoch = self.position.epoch + (1 if self.position.batch else 0)
-        self.ctx.report({"epoch": max(1, current_epoch), "step": self.position.step,
-                         "total_steps": self.total_steps, "metrics": self._metrics(self.window)})
-        self.window, self.steps_since_report, self.last_report_at = _Totals(), 0, time.monotonic()
-
-    def _checkpoint_if_due(self) -> None:
-        checkpointing = self.training["checkpoint"]
-        if checkpointing["enabled"] and (time.monotonic() - self.last_checkpoint_at
-                                         >= checkpointing["min_interval_s"]):
-            self._save_checkpoint()
+        self._share_totals()
+        if self.leads:
+            current_epoch = self.position.epoch + (1 if self.position.batch else 0)
+            self.ctx.report({"epoch": max(1, current_epoch), "step": self.position.step,
+                             "total_steps": self.total_steps,
+                             "metrics": self._metrics(self.window, self.window_rates)})
+        self.window, self.window_rates = _Totals(), self._rank_totals()
+        self.steps_since_report, self.last_report_at = 0, time.monotonic()
 
     def _snapshot(self) -> Snapshot:
         self._read_back()  # the epoch's totals go into the checkpoint
@@ -398,14 +500,17 @@ class _Run:
         return snapshot
 
     def _save_checkpoint(self) -> None:
-        """Copy the state here; encoding and uploading happen off the training thread."""
-        self.writer.submit(self._snapshot())
+        """Copy the state here; encoding and uploading happen off the training thread (rank 0's only)."""
+        self._share_totals()  # the epoch's totals go into the checkpoint: every rank's
+        if self.leads:
+            self.writer.submit(self._snapshot())
         self.saved_position, self.last_checkpoint_at = Position(**asdict(self.position)), time.monotonic()
 
     def _segment(self) -> TrainingResult:
         """A replay reached its stop: the whole state there, and where it started."""
         result = self._result("segment")
-        result.checkpoint = self._snapshot().encode()
+        if self.leads:
+            result.checkpoint = self._snapshot().encode()
         return result
 
     def _stop(self) -> TrainingResult:
@@ -415,9 +520,10 @@ class _Run:
         return self._result("stopped")
 
     def _result(self, status: str) -> TrainingResult:
-        self._read_back()
-        return TrainingResult(status=status, metrics=self._metrics(self.epoch_totals),
-                              weights=encode_weights(self.spec, self.data.info, self.model, threads=self.threads,
-                                                     device_kind=self.device_kind, data_digest=self.data_digest),
-                              epoch=self.position.epoch, step=self.position.step, total_steps=self.total_steps,
-                              start_weights=self.start_weights)
+        self._share_totals()
+        weights = encode_weights(self.spec, self.data.info, self.model, threads=self.threads,
+                                 device_kind=self.device_kind, data_digest=self.data_digest) if self.leads else b""
+        return TrainingResult(status=status, metrics=self._metrics(self.epoch_totals, self.epoch_rates),
+                              weights=weights, epoch=self.position.epoch, step=self.position.step,
+                              total_steps=self.total_steps, start_weights=self.start_weights,
+                              stop_reason=self.stop_reason)
