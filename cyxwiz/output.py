@@ -161,7 +161,12 @@ def job_summary(job: dict[str, Any]) -> str:
     lines.append(("status", status))
     attempts = job.get("attempts") or []
     names = {a["node_id"]: a.get("node") for a in attempts}
-    if job.get("node_id"):
+    if job.get("ranks"):  # a multi-node job: every rank's node and throughput
+        lines.append(("nodes", "  ".join(
+            f"rank {printable(r['rank'])} {printable(r['node_id'])}"
+            + (f" {float(r['samples_per_s']):,.0f} samples/s" if r.get("samples_per_s") is not None else "")
+            for r in job["ranks"])))
+    elif job.get("node_id"):
         name = names.get(job["node_id"])
         lines.append(("node", printable(job["node_id"]) + (f" ({printable(name)})" if name else "")))
     where = ", ".join(f"{a['attempt']} on {printable(a['node_id'])}" + (f" ({printable(a['node'])})" if a.get("node")

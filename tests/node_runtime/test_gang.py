@@ -48,7 +48,8 @@ def accuracy(weights: bytes, spec: dict[str, Any]) -> float:
         return float((model(data.val_x).argmax(-1) == data.val_y).float().mean())
 
 
-def test_a_two_node_digits_job_trains_one_model(api: Api, start_node: Callable[..., NodeProcess]) -> None:
+def test_a_two_node_digits_job_trains_one_model(api: Api, start_node: Callable[..., NodeProcess], api_url: str,
+                                                creds: dict[str, str]) -> None:
     start_node(name="rank-a")
     start_node(name="rank-b")
     nodes = {n["node_id"] for n in api.wait_nodes(2)}
@@ -63,6 +64,12 @@ def test_a_two_node_digits_job_trains_one_model(api: Api, start_node: Callable[.
     assert accuracy(api.artifact(job["job_id"]), spec) == pytest.approx(job["progress"]["metrics"]["val_accuracy"],
                                                                         abs=1e-6)
     assert job["verification"]["status"] == "skipped" or job["verification"] is None
+    status = subprocess.run([sys.executable, "-m", "cyxwiz.cli", "status", job["job_id"], "--api", api_url,
+                             "--api-key", creds["api_key"]], capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")})
+    assert status.returncode == 0, status.stderr
+    assert f"rank 0 {job['node_ids'][0]}" in status.stdout and f"rank 1 {job['node_ids'][1]}" in status.stdout
+    assert "samples/s" in status.stdout
 
 
 def test_a_two_node_transformer_job_trains_and_samples(api: Api, start_node: Callable[..., NodeProcess]) -> None:
@@ -107,6 +114,22 @@ def test_a_killed_member_requeues_the_gang_which_finishes_from_its_checkpoint(
     # the node at fault paid; the one whose peer vanished did not
     assert float(r.hget(keys.REPUTATION, "doomed") or 1) < 0.75
     assert float(r.hget(keys.REPUTATION, "keeper") or 0) >= 0.75
+
+
+def test_a_cancel_stops_every_rank_and_frees_both_nodes(api: Api, start_node: Callable[..., NodeProcess]) -> None:
+    members = [start_node(name="c-a"), start_node(name="c-b")]
+    api.wait_nodes(2)
+    job_id = api.submit(gang_digits(epochs=400))
+    api.wait_progress(job_id, 30, 120)
+    assert all(member.job_process_pids() for member in members)  # both ranks are training
+    api.cancel(job_id)
+    wait_until(lambda: not any(member.job_process_pids() for member in members), 60, what="both ranks to stop")
+    assert api.job(job_id)["status"] == "cancelled"
+    wait_until(lambda: all(n["running_jobs"] == 0 for n in api.nodes()), 30, what="both nodes to be free")
+    assert all(member.alive() for member in members)
+    # the freed nodes take the next gang at once
+    job = api.wait_status(api.submit(gang_digits(epochs=1)), ("completed", "failed"), 120)
+    assert job["status"] == "completed", job["error"]
 
 
 def test_two_gangs_needing_more_nodes_than_exist_do_not_deadlock(api: Api,
