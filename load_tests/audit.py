@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import redis
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from load_tests.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(replay / training per audited job {result['replay_over_train_per_audited_job']})", flush=True)
     report = {"benchmark": "audit", "machine": machine_info(), "jobs_per_type": args.jobs_per_type,
               "nodes": args.nodes, "phases": results, "logs": str(workdir)}
-    path = args.out / f"audit-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_results(args.out, "audit", report)
     print(f"audit: written to {path}")
     return 0 if all(r["false_rejections"] == 0 and r["completed"] == r["jobs"] for r in results) else 1
 

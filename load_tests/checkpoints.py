@@ -13,7 +13,6 @@ and written to ``DIR/checkpoints-<time>.json``: the median step time and its rat
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from node_runtime.training import TrainingContext, loop, run_training
 from node_runtime.training.checkpoints import Snapshot, state_digests
 from shared.jobspec import parse_job_spec
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     args = parser.parse_args(argv)
+    if args.steps < WARMUP_STEPS + 2:
+        parser.error(f"--steps must be at least {WARMUP_STEPS + 2}: the first {WARMUP_STEPS} are not timed")
     torch.set_num_threads(1)
     rows = []
     print(f"{'spec':<26} {'setting':<24} {'step ms':>8} {'x off':>6} {'checkpoints':>11} {'MB each':>8}",
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['checkpoints_per_run']:>11} {row['checkpoint_mb']:>8.2f}", flush=True)
     result = {"command": "python -m load_tests.checkpoints " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "rounds": args.rounds, "threads": 1, "machine": machine_info(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"checkpoints-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results(args.out, "checkpoints", result)
     print(f"checkpoints: {path}")
     return 0
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import resource
@@ -33,12 +32,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from load_tests.stack import LocalStack
 from shared.settings import Settings
 
@@ -299,10 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         phase["p99_ratio_to_baseline"] = ratio(beats["p99_ms"], base["p99_ms"])
     results |= {"phases": phases, "node_registered": not lost, "load_average_at_end": os.getloadavg(),
                 "wall_s": round(time.time() - started, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"flood-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = write_results(args.out, "flood", results, at=started)
     print(f"{'phase':<15} {'beats':>6} {'ok':>6} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>6} {'p99 x':>6}  attackers got")
     for phase in phases:
         beats, flood = phase["heartbeats"], phase.get("flood") or {}

@@ -1,7 +1,9 @@
-"""What every results file records about where it was measured: machine, versions and commit."""
+"""What every results file records about where it was measured (machine, versions and commit), and
+where it is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -50,3 +52,12 @@ def machine_info() -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
+
+
+def write_results(out: Path | str, name: str, result: dict[str, Any], at: float | None = None) -> Path:
+    """``result`` as ``out/NAME-YYYYmmddTHHMMSSZ.json`` (UTC, of ``at`` or now); the path written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(at))}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -13,11 +13,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from shared.jobspec import known_data_info, parse_job_spec
 from shared.resources import estimate
 
@@ -93,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     over = [row["name"] for row in rows if row["ratio"] > 1]
     result = {"command": "python -m load_tests.memory " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "machine": machine_info(), "rows": rows, "under_estimate": over}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"memory-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results(args.out, "memory", result)
     print(f"memory: {'every estimate held' if not over else 'measured above the estimate: ' + ', '.join(over)}; "
           f"{path}")
     return 1 if over else 0

@@ -20,7 +20,6 @@ what the interconnect makes it cost, and only a multi-GPU cluster can measure th
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from node_runtime.training import Distributed, TrainingContext, run_training
 from node_runtime.training.distributed import join
 from shared.jobspec import parse_job_spec
@@ -166,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "machine": machine_info(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"scaling-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results(args.out, "scaling", result)
     print(f"scaling: {path} (load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f})")
     return 0
 

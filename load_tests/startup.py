@@ -24,7 +24,6 @@ DIR (default ``load_tests/results``) with every sample, the machine, versions an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -38,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from load_tests.machine import machine_info
+from load_tests.machine import machine_info, write_results
 from load_tests.servers import BENCH_LIMITS
 from load_tests.stack import LocalStack
 from shared.jobspec import DIGITS_MLP_EXAMPLE
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": metadata.version("torch"), "rounds": args.rounds, "jobs": args.jobs, "spec": spec,
               "baseline": str(args.baseline) if args.baseline else None, "summary": summary, "runs": runs,
               "logs": str(logs)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"startup-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results(args.out, "startup", result)
     print(f"startup: written to {path}")
     return 0
 
