@@ -3,18 +3,21 @@ Valkey and gateway, and small waits over the HTTP API."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import httpx
 
-from cyxwiz.server import install_credentials_at
+from cyxwiz.embedded import free_port
+from cyxwiz.server import install_credentials_at, wait_healthy
 from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV, bearer
 
 T = TypeVar("T")
@@ -234,3 +237,21 @@ def install_credentials(redis_url: str) -> tuple[str, str]:
     admin_key, join_token = auth.new_token("cwk"), auth.new_token("cwj")
     install_credentials_at(redis_url, admin_key, join_token)
     return admin_key, join_token
+
+
+@contextmanager
+def serve_on(host_ip: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`cyxwiz serve` listening on ``host_ip`` (the host side of a veth pair), its data in
+    ``tmp_path/server`` and its output in ``tmp_path/serve.log``: yields its API URL and credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | TEST_ENV | {
+        "CYXWIZ_DATA_DIR": str(tmp_path / "server")}
+    api_url = f"http://{host_ip}:{free_port()}"
+    with open(tmp_path / "serve.log", "ab") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--host", host_ip, "--port",
+                                  api_url.rsplit(":", 1)[1]], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_healthy(api_url, 30), (tmp_path / "serve.log").read_text()
+        yield api_url, json.loads((tmp_path / "server" / "credentials.json").read_text())
+    finally:
+        serve.terminate()
+        serve.wait(30)

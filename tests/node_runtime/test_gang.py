@@ -5,7 +5,6 @@ nodes than exist do not deadlock; a member in its own network namespace trains o
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,15 +18,12 @@ import pytest
 import redis
 import torch
 
-from cyxwiz.embedded import free_port
-from cyxwiz.server import wait_healthy
 from load_tests.netns import host_pair, unavailable_reason
 from node_runtime.training import load_trained_model
 from node_runtime.training.datasets import load_dataset
 from shared import keys
 from shared.jobspec import parse_job_spec
-from tests.conftest import REPO, TEST_ENV
-from tests.node_runtime.node_harness import Api, NodeProcess, wait_until
+from tests.node_runtime.node_harness import Api, NodeProcess, serve_on, wait_until
 from tests.node_runtime.test_step_checkpoints import descendants
 
 pytestmark = pytest.mark.timeout(300)
@@ -153,18 +149,9 @@ REASON = unavailable_reason()
 @pytest.mark.slow
 @pytest.mark.skipif(REASON is not None, reason=f"two-host test: {REASON}")
 def test_a_gang_member_in_its_own_network_namespace_trains_over_the_link(tmp_path: Path) -> None:
-    with host_pair("g") as pair:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | TEST_ENV | {
-            "CYXWIZ_DATA_DIR": str(tmp_path / "server")}
-        with open(tmp_path / "serve.log", "ab") as log:
-            serve = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--host", pair.host_ip,
-                                      "--port", str(port)], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        api_url = f"http://{pair.host_ip}:{port}"
+    with host_pair("g") as pair, serve_on(pair.host_ip, tmp_path) as (api_url, creds):
         nodes: list[NodeProcess] = []
         try:
-            assert wait_healthy(api_url, 30), (tmp_path / "serve.log").read_text()
-            creds = json.loads((tmp_path / "server" / "credentials.json").read_text())
             nodes.append(NodeProcess(api_url, creds["join_token"], tmp_path / "local.log", name="local",
                                      extra_env={"CYXWIZ_DATA_DIR": str(tmp_path / "local")}).start())
             nodes.append(NodeProcess(api_url, creds["join_token"], tmp_path / "remote.log", name="remote",
@@ -183,5 +170,3 @@ def test_a_gang_member_in_its_own_network_namespace_trains_over_the_link(tmp_pat
         finally:
             for node in nodes:
                 node.stop()
-            serve.terminate()
-            serve.wait(30)

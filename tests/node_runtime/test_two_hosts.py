@@ -5,21 +5,16 @@ link: its store address comes from its registration, with its own store user."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from cyxwiz.embedded import free_port
-from cyxwiz.server import wait_healthy
 from load_tests.netns import host_pair, unavailable_reason
 from node_runtime.training import load_trained_model
-from tests.conftest import DIGITS_SPEC, REPO, TEST_ENV
-from tests.node_runtime.node_harness import Api, NodeProcess
+from tests.conftest import DIGITS_SPEC
+from tests.node_runtime.node_harness import Api, NodeProcess, serve_on
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
@@ -27,18 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
 
 
 def test_a_node_on_another_host_joins_with_the_api_url_and_join_token_alone(tmp_path: Path) -> None:
-    with host_pair() as pair:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CYXWIZ_")} | TEST_ENV | {
-            "CYXWIZ_DATA_DIR": str(tmp_path / "server")}
-        with open(tmp_path / "serve.log", "ab") as log:
-            serve = subprocess.Popen([sys.executable, "-m", "cyxwiz.cli", "serve", "--host", pair.host_ip,
-                                      "--port", str(port)], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        api_url = f"http://{pair.host_ip}:{port}"
+    with host_pair() as pair, serve_on(pair.host_ip, tmp_path) as (api_url, creds):
         node = None
         try:
-            assert wait_healthy(api_url, 30), (tmp_path / "serve.log").read_text()
-            creds = json.loads((tmp_path / "server" / "credentials.json").read_text())
             assert creds["api_url"] == api_url
             # nothing but the API URL and the join token (through the environment), on the other host
             node = NodeProcess(api_url, creds["join_token"], tmp_path / "node.log", name="remote",
@@ -57,5 +43,3 @@ def test_a_node_on_another_host_joins_with_the_api_url_and_join_token_alone(tmp_
         finally:
             if node is not None:
                 node.stop()
-            serve.terminate()
-            serve.wait(30)
