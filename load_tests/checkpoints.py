@@ -48,10 +48,15 @@ class _OnThreadWriter:
     def __init__(self, save: Any) -> None:
         self.save = save
 
+    last_error = None
+
     def submit(self, snapshot: Snapshot) -> None:
         self.save(snapshot.encode())
 
     def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -134,13 +134,16 @@ class _Totals:
 class _CheckpointWriter:
     """Encodes checkpoint snapshots and hands the bytes to ``save`` on a thread of its own, so a step
     pays only for copying the state. One snapshot at a time: a new one waits for the one before, which
-    bounds memory to one extra copy and keeps every due checkpoint (none is silently skipped)."""
+    bounds memory to one extra copy and keeps every due checkpoint (none is silently skipped). A write
+    that fails costs a resume point, not the job: it is logged and kept in ``last_error``."""
 
     def __init__(self, save: Callable[[bytes], None]) -> None:
         self.save = save
+        self.last_error: Exception | None = None  # of the last write; None once one succeeds
         self._changed = threading.Condition()
         self._pending: Snapshot | None = None
         self._busy = False
+        self._closed = False
         self._thread: threading.Thread | None = None
 
     def submit(self, snapshot: Snapshot) -> None:
@@ -164,19 +167,33 @@ class _CheckpointWriter:
             while self._pending is not None or self._busy:
                 self._changed.wait()
 
+    def close(self) -> None:
+        """Wait for every submitted checkpoint, then end the thread."""
+        with self._changed:
+            while self._pending is not None or self._busy:
+                self._changed.wait()
+            self._closed = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
     def _write_forever(self) -> None:
         while True:
             with self._changed:
-                while self._pending is None:
+                while self._pending is None and not self._closed:
                     self._changed.wait()
+                if self._pending is None:
+                    return
                 snapshot, self._pending, self._busy = self._pending, None, True
+            error = None
             try:
                 self.save(snapshot.encode())
-            except Exception:  # a checkpoint that cannot be written costs a resume point, not the job
-                log.exception("a checkpoint could not be written")
+            except Exception as failed:  # a checkpoint that cannot be written costs a resume point, not the job
+                log.exception("a checkpoint could not be written (position %s)", snapshot.metadata["position"])
+                error = failed
             finally:
                 with self._changed:
-                    self._busy = False
+                    self.last_error, self._busy = error, False
                     self._changed.notify_all()
 
 
@@ -208,21 +225,20 @@ class _Run:
         if ctx.initial_checkpoint is not None:
             self.position, saved = restore_checkpoint(ctx.initial_checkpoint, spec, model, optimizer, device)
             self.val_metrics = saved["val"]
-            if self.position.batch:  # resuming mid-epoch: that epoch's running loss and accuracy go on
-                self.epoch_totals = _Totals(**saved["epoch_totals"])
+            # mid-epoch, that epoch's running loss and accuracy go on; after the last epoch (a stop in the
+            # test evaluation) they are the result's; at other epoch starts they are zeros
+            self.epoch_totals = _Totals(**saved.get("epoch_totals", {}))
         self.saved_position = Position(**asdict(self.position))
         # what a replay must match (recorded in every checkpoint and the final weights)
         self.threads = torch.get_num_threads() if device.type == "cpu" else None
         self.device_kind, self.data_digest = device_kind(device), data_digest(data)
         self.start_weights = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                               if ctx.replay else None)
-        self.window, self.last_report_at, self.last_checkpoint_at = _Totals(), time.monotonic(), time.monotonic()
-        self.steps_since_report = 0
+        self.window, self.steps_since_report = _Totals(), 0
         # steps not yet read back from the device: [loss x predictions, correct] and the host-side counts
         self.sync_every_step = reads_every_step(device)
         self.unread = torch.zeros(2, dtype=torch.float64, device=device)
         self.unread_steps, self.unread_predictions, self.unread_samples = 0, 0, 0
-        self.timer = time.perf_counter()  # the training time not yet added to the totals starts here
         self.writer = _CheckpointWriter(ctx.save_checkpoint)
         self.stop_reason = 0  # why the last stop check said stop (0: it did not)
         # a distributed run trains the DDP-wrapped model; the plain one validates and is saved
@@ -233,10 +249,13 @@ class _Run:
 
     def train(self) -> TrainingResult:
         self.model.train()
+        # the clocks start here, after DDP's first broadcast (which waits for the slowest rank to arrive)
+        self.last_report_at = self.last_checkpoint_at = time.monotonic()
+        self.timer = time.perf_counter()  # the training time not yet added to the totals starts here
         try:
             return self._train()
         finally:
-            self.writer.wait()  # every checkpoint is in the executor's hands before the result is
+            self.writer.close()  # every checkpoint is in the executor's hands before the result is
             self.trained = self.model  # DDP must go before its process group does (distributed.join)
 
     def _train(self) -> TrainingResult:
@@ -263,16 +282,20 @@ class _Run:
                     self._save_checkpoint()
             if self.position.batch < self.batches_per_epoch:
                 break  # ended mid-epoch: validated below
-            self.position = Position(epoch + 1, 0, self.position.step)
-            if not self._end_of_epoch(f"epoch {epoch + 1}" + (f"/{self.training['epochs']}"
-                                                              if self.training["epochs"] else "")):
+            # a stop during the validation keeps (epoch, last batch): a resume validates this epoch again
+            if not self._end_of_epoch(self._epoch_name()):
                 return self._stop()
+            self.position = Position(epoch + 1, 0, self.position.step)
             if self.position.step < self.total_steps:  # the last epoch's state is the result itself
                 self.epoch_totals, self.epoch_rates = _Totals(), self._rank_totals()
                 if self._agree(False, self._checkpoint_due())[1]:
                     self._save_checkpoint()
-        if self.position.batch and not self._end_of_epoch(f"step {self.position.step}/{self.total_steps}"):
-            return self._stop()
+        if self.position.batch:  # a step budget ended mid-epoch, or a resume of a stopped validation
+            whole = self.position.batch == self.batches_per_epoch
+            if not self._end_of_epoch(self._epoch_name() if whole else f"step {self.position.step}/{self.total_steps}"):
+                return self._stop()
+            if whole:
+                self.position = Position(self.position.epoch + 1, 0, self.position.step)
         if self._has_test_split():
             test = self._evaluate(self.data.test_batches(batch_size), "test_")
             if test is None:
@@ -291,6 +314,10 @@ class _Run:
         if self.leads:
             log.info("%s", _summary(where, self._metrics(self.epoch_totals, self.epoch_rates)))
         return True
+
+    def _epoch_name(self) -> str:
+        epochs = self.training["epochs"]
+        return f"epoch {self.position.epoch + 1}" + (f"/{epochs}" if epochs else "")
 
     def _has_test_split(self) -> bool:
         return any(True for _ in self.data.test_batches(self.training["batch_size"]))
@@ -517,6 +544,10 @@ class _Run:
         # always keep the exact position on stop (a draining node's job resumes elsewhere), once
         if self.training["checkpoint"]["enabled"] and self.saved_position != self.position:
             self._save_checkpoint()
+            self.writer.wait()
+            if self.writer.last_error is not None:
+                log.error("the checkpoint of step %d could not be written: the job resumes from its last "
+                          "checkpoint before that", self.position.step)
         return self._result("stopped")
 
     def _result(self, status: str) -> TrainingResult:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,3 +238,53 @@ def test_a_checkpoint_is_taken_at_the_first_step_boundary_after_the_interval(
                  record.context())
     steps = [json.loads(read_metadata(data)["position"])["step"] for data in record.checkpoints]
     assert steps == [3, 6, 9, 12, 15, 18]  # not after step 20: the final state is the result
+
+
+class _StopAtCheck:
+    """A ``should_stop`` that fires from its ``n``-th call on: training steps and held-out batches each ask."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("where", ["the first epoch's validation", "the last epoch's validation",
+                                   "the test evaluation"])
+def test_a_stop_in_a_validation_or_the_test_evaluation_resumes_to_the_same_end(
+        recorder: Callable[..., Recorder], spec_for: SpecFor, where: str) -> None:
+    spec = spec_for(SMALL_MLP, {"name": "digits", "test_fraction": 0.1}, epochs=2)
+    whole_record = recorder()
+    whole = run_training(spec, whole_record.context())
+    per_epoch = whole.total_steps // 2
+    # one stop check per step, then one per held-out batch: the first check after an epoch's last step is
+    # in its validation; the last check of all is in the test evaluation
+    checks = {"the first epoch's validation": per_epoch + 1, "the last epoch's validation": 2 * per_epoch + 2,
+              "the test evaluation": whole_record.stop_checks}[where]
+    first = recorder()
+    stopped = run_training(spec, dataclasses.replace(first.context(), should_stop=_StopAtCheck(checks)))
+    assert stopped.status == "stopped"
+    resumed_record = recorder()
+    resumed = run_training(spec, resumed_record.context(initial_checkpoint=first.checkpoints[-1]))
+    assert resumed.status == "completed" and (resumed.epoch, resumed.step) == (whole.epoch, whole.step)
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+        assert resumed.metrics[name] == pytest.approx(whole.metrics[name], rel=1e-12), name
+    # every epoch's validation was reported once, over the two attempts, with the uninterrupted run's numbers
+    reported = [(r["epoch"], r["metrics"]["val_loss"]) for r in first.reports + resumed_record.reports]
+    assert reported == [(r["epoch"], pytest.approx(r["metrics"]["val_loss"], rel=1e-12)) for r in whole_record.reports]
+    assert all(torch.equal(tensor, weights(whole)[name]) for name, tensor in weights(resumed).items())
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_a_resume_point_not_the_run(
+        recorder: Callable[..., Recorder], spec_for: SpecFor, caplog: pytest.LogCaptureFixture) -> None:
+    def full_disk(data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    record = recorder(stop_after_steps=7)
+    spec = spec_for(SMALL_MLP, epochs=2, progress_every_steps=1, checkpoint={"min_interval_s": 3600})
+    result = run_training(spec, dataclasses.replace(record.context(), save_checkpoint=full_disk))
+    assert result.status == "stopped" and result.step == 7
+    assert "could not be written: the job resumes from its last checkpoint before that" in caplog.text
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]  # the writer's thread ended
