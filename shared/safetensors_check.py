@@ -29,6 +29,7 @@ from typing import Any
 from shared.errors import InvalidArtifact, InvalidField
 from shared.jobspec import data_info, known_data_info
 from shared.model_shapes import expected_parameter_shapes, expected_state_shapes
+from shared.splits import held_out_bytes, held_out_samples, windows_per_epoch
 
 __all__ = ["CHECKPOINT_FORMAT", "MAX_HEADER_BYTES", "WEIGHTS_FORMAT", "ArtifactDigest", "Header",
            "InvalidArtifact", "StreamingDigest", "TensorInfo", "batches_per_epoch", "check_checkpoint",
@@ -359,11 +360,10 @@ def batches_per_epoch(spec: dict[str, Any]) -> int | None:
     val_fraction, test_fraction = float(dataset["val_fraction"]), float(dataset.get("test_fraction", 0.0))
     if dataset["name"] in _TEXT_BYTES:  # the tail is held out; windows of context + 1 bytes, one offset spare
         size, context = _TEXT_BYTES[dataset["name"]], int(spec["model"].get("context", 64))
-        train = size - int(size * val_fraction) - int(size * test_fraction)
-        return math.ceil(max(0, (train - context - 1) // context) / batch_size)
+        val, test = held_out_bytes(size, val_fraction, test_fraction)
+        return math.ceil(windows_per_epoch(size - val - test, context) / batch_size)
     count = DIGITS_SAMPLES if dataset["name"] == "digits" else int(dataset["n_samples"])
-    val = min(count - 1, max(1, round(count * val_fraction))) if val_fraction > 0 else 0
-    test = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
+    val, test = held_out_samples(count, val_fraction, test_fraction)
     return math.ceil(max(0, count - val - test) / batch_size)
 
 

@@ -28,6 +28,7 @@ from node_runtime.training.user_data import (
 )
 from shared.jobspec import TEXT_DATASETS, data_info
 from shared.model_shapes import TEXT_VOCAB_SIZE
+from shared.splits import held_out_bytes, held_out_samples, windows_per_epoch
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # the shipped corpora of the text datasets (node_runtime/data/README.md says where they come from)
@@ -91,8 +92,7 @@ class TextDataset:
     test_tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
 
     def _windows_per_epoch(self) -> int:
-        # room for a random offset in [0, context) so each epoch sees different window boundaries
-        return max(0, (len(self.train_tokens) - self.context - 1) // self.context)
+        return windows_per_epoch(len(self.train_tokens), self.context)
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self._windows_per_epoch() / batch_size)
@@ -163,10 +163,7 @@ def read_text(name: str) -> bytes:
 def _split_arrays(x: np.ndarray, y: np.ndarray, info: dict[str, Any], dataset: dict[str, Any]) -> ArrayDataset:
     """Validation first, then test, from one permutation of dataset.split_seed; the rest trains."""
     count = len(x)
-    val_fraction, test_fraction = dataset["val_fraction"], dataset["test_fraction"]
-    # val keeps at least one sample for training; this formula (and seed 0's permutation) predates the test split
-    val_count = min(count - 1, max(1, round(count * val_fraction))) if val_fraction > 0 else 0
-    test_count = max(1, round(count * test_fraction)) if test_fraction > 0 else 0
+    val_count, test_count = held_out_samples(count, dataset["val_fraction"], dataset["test_fraction"])
     if val_count + test_count >= count:
         raise JobError(f"dataset.test_fraction: {count} samples leave none to train on after {val_count} for "
                        f"validation and {test_count} for test: lower dataset.val_fraction or dataset.test_fraction")
@@ -180,7 +177,7 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, info: dict[str, Any], dataset: d
 def _split_text(data: bytes, dataset: dict[str, Any], context: int) -> TextDataset:
     """Contiguous train | val | test: the held-out parts are the tail, so no window straddles a split."""
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    val_bytes, test_bytes = int(len(tokens) * dataset["val_fraction"]), int(len(tokens) * dataset["test_fraction"])
+    val_bytes, test_bytes = held_out_bytes(len(tokens), dataset["val_fraction"], dataset["test_fraction"])
     train_end, val_end = len(tokens) - val_bytes - test_bytes, len(tokens) - test_bytes
     info = data_info("lm", vocab_size=TEXT_VOCAB_SIZE)
     text = TextDataset(info, tokens[:train_end].clone(), tokens[train_end:val_end].clone(), context,
