@@ -173,6 +173,9 @@ def join(distributed: Distributed, device: torch.device) -> Iterator[Gang]:
         _leave()
         raise RendezvousTimeout(f"rank {distributed.rank} of {distributed.world_size}: the process group did "
                                 f"not form within {distributed.timeout_s:g} s: {error}") from error
+    except BaseException:  # anything else (an interrupt, a backend's own error): leave no half-formed group
+        _leave()
+        raise
     try:
         yield Gang(distributed, device, control)
     finally:

@@ -357,8 +357,9 @@ class _Run:
             self.gang.seed_dropout(self.training["seed"], self.position.step)
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        learning_rate = self._learning_rate(self.position.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self._learning_rate(self.position.step)
+            group["lr"] = learning_rate
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             outputs = self.trained(inputs)
             # an empty shard (a last batch with fewer rows than ranks) still joins the gradients' all-reduce
