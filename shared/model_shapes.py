@@ -215,11 +215,17 @@ def decayed_parameters(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]])
     return {name for name, shape in shapes.items() if len(shape) >= 2 and name not in embeddings}
 
 
-def optimizer_order(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Parameter names in the optimizer's order: one group with decay, then one without (each in the
-    model's order), so checkpoints of the node and the gateway's check agree on what index ``i`` is."""
+def parameter_groups(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+    """The optimizer's two parameter groups, each in the model's order: with weight decay, then without."""
     decayed = decayed_parameters(spec, shapes)
-    return [name for name in shapes if name in decayed] + [name for name in shapes if name not in decayed]
+    return [name for name in shapes if name in decayed], [name for name in shapes if name not in decayed]
+
+
+def optimizer_order(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Parameter names in the optimizer's order (:func:`parameter_groups`, one after the other), so
+    checkpoints of the node and the gateway's check agree on what index ``i`` is."""
+    decayed, rest = parameter_groups(spec, shapes)
+    return decayed + rest
 
 
 def _linear_state(shapes: dict[str, tuple[int, ...]], prefix: str, inputs: int, outputs: int,

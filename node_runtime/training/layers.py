@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from node_runtime.training.context import JobError
-from shared.model_shapes import decayed_parameters
+from shared.model_shapes import parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,16 @@ def cross_entropy(use_kernels: bool) -> nn.Module:
 def make_optimizer(model: nn.Module, spec: dict[str, Any], use_kernels: bool) -> torch.optim.Optimizer:
     """The optimizer ``training.optimizer`` names, with the spec's hyperparameters.
 
-    Two parameter groups: the parameters ``training.weight_decay_on`` selects get ``weight_decay``, the
-    rest none (``shared.model_shapes.decayed_parameters``); the gateway checks checkpoints in this order.
+    Two parameter groups (``shared.model_shapes.parameter_groups``): the parameters
+    ``training.weight_decay_on`` selects get ``weight_decay``, the rest none; the gateway checks
+    checkpoints in this order.
     """
     training = spec["training"]
     lr, decay, betas = training["learning_rate"], training["weight_decay"], tuple(training["betas"])
     named = dict(model.named_parameters())
-    shapes = {name: tuple(parameter.shape) for name, parameter in named.items()}
-    decayed = decayed_parameters(spec, shapes)
-    groups = [{"params": [named[name] for name in shapes if name in decayed], "weight_decay": decay},
-              {"params": [named[name] for name in shapes if name not in decayed], "weight_decay": 0.0}]
-    groups = [group for group in groups if group["params"]]
+    decayed, rest = parameter_groups(spec, {name: tuple(parameter.shape) for name, parameter in named.items()})
+    groups = [{"params": [named[name] for name in names], "weight_decay": group_decay}
+              for names, group_decay in ((decayed, decay), (rest, 0.0)) if names]
     name = training["optimizer"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=training["momentum"])
