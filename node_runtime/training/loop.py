@@ -202,8 +202,8 @@ class _Run:
 
     The step's loss and accuracy are summed on the device and read back (one host sync) at report,
     checkpoint and epoch boundaries on a GPU, so steps queue up without waiting for each other; on the
-    CPU, where reading a scalar costs nothing, every step is read before its backward pass, so a loss
-    that turns NaN is caught before it reaches the weights.
+    CPU, where reading a scalar costs nothing, each step's loss is checked before its backward pass, so
+    a loss that turns NaN is caught before it reaches the weights, and its sums are read once it is done.
 
     In a distributed run (``gang``) the sums read back are this rank's; they are added up over the
     ranks (one all-reduce) where metrics are needed: reports, checkpoints and the result.
@@ -369,8 +369,10 @@ class _Run:
         self.unread_steps += 1
         self.unread_predictions += predictions
         self.unread_samples += len(targets)
-        if self.sync_every_step:
-            self._read_back()
+        if self.sync_every_step:  # on the CPU a NaN is caught before it reaches the weights
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise self._not_finite(value, self.position.step + 1, self.position.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.gang is None:
             torch.autograd.backward(loss)
@@ -383,6 +385,8 @@ class _Run:
         self.position.batch += 1
         self.position.step += 1
         self.steps_since_report += 1
+        if self.sync_every_step:
+            self._read_back()
 
     def _read_back(self) -> None:
         """Add the unread steps' sums (one host sync) and the training time since the last read to the
@@ -392,12 +396,7 @@ class _Run:
         loss_sum, correct = self.unread.tolist()
         now = time.perf_counter()
         if not math.isfinite(loss_sum):
-            # read on the CPU before its own step is counted, on a GPU after the steps since the last read
-            last = self.position.step + (1 if self.sync_every_step else 0)
-            first = last - self.unread_steps + 1
-            at = f"at step {last}" if first == last else f"between steps {first} and {last}"
-            raise JobError(f"the loss became {loss_sum} {at} (epoch {self.position.epoch + 1}): lower "
-                           "training.learning_rate or check the data")
+            raise self._not_finite(loss_sum, self.position.step - self.unread_steps + 1, self.position.step)
         for totals in (self.epoch_totals, self.window) if self.gang is None else (self.unshared,):
             totals.loss_sum += loss_sum
             totals.correct += int(correct)
@@ -407,6 +406,11 @@ class _Run:
         self.unshared_steps += self.unread_steps
         self.unread.zero_()
         self.unread_steps, self.unread_predictions, self.unread_samples, self.timer = 0, 0, 0, now
+
+    def _not_finite(self, loss: float, first: int, last: int) -> JobError:
+        at = f"at step {last}" if first == last else f"between steps {first} and {last}"
+        return JobError(f"the loss became {loss} {at} (epoch {self.position.epoch + 1}): lower "
+                        "training.learning_rate or check the data")
 
     def _share_totals(self) -> None:
         """Read back; in a distributed run also add up the ranks' sums since the last time (one all-reduce,
