@@ -135,6 +135,14 @@ class Settings:
         total = weights.reputation + weights.availability + weights.capability + weights.uptime
         if abs(total - 1.0) > 1e-6:
             raise SettingsError(f"CYXWIZ_WEIGHT_* must sum to 1, got {total}")
+        # a gang's nodes are found among the top CYXWIZ_SCHEDULE_SCAN free nodes of a class: a larger gang
+        # could never be placed
+        schedule_scan = _read_int(env, "CYXWIZ_SCHEDULE_SCAN", 64, minimum=1)
+        max_gang_nodes = _read_int(env, "CYXWIZ_MAX_GANG_NODES", 16, minimum=1)
+        if max_gang_nodes > schedule_scan:
+            raise SettingsError(f"CYXWIZ_MAX_GANG_NODES ({max_gang_nodes}) must be <= CYXWIZ_SCHEDULE_SCAN "
+                                f"({schedule_scan}): placement looks for a gang's nodes among that many free "
+                                "nodes of a class")
         return cls(
             redis_url=_read(env, "CYXWIZ_REDIS_URL", "redis://127.0.0.1:6379/0"),
             heartbeat_interval_s=interval,
@@ -144,7 +152,7 @@ class Settings:
             max_artifact_bytes=_read_int(env, "CYXWIZ_MAX_ARTIFACT_BYTES", 256 << 20, minimum=1),
             max_job_artifact_bytes=_read_int(env, "CYXWIZ_MAX_JOB_ARTIFACT_BYTES", 512 << 20, minimum=1),
             redis_timeout_s=_read_float(env, "CYXWIZ_REDIS_TIMEOUT_S", 2.0, minimum=0.05),
-            schedule_scan=_read_int(env, "CYXWIZ_SCHEDULE_SCAN", 64, minimum=1),
+            schedule_scan=schedule_scan,
             queue_scan=_read_int(env, "CYXWIZ_QUEUE_SCAN", 200, minimum=1),
             reap_batch=_read_int(env, "CYXWIZ_REAP_BATCH", 20, minimum=1),
             reputation_floor=_read_float(env, "CYXWIZ_REPUTATION_FLOOR", 0.3),
@@ -162,7 +170,7 @@ class Settings:
             retention_days=_read_float(env, "CYXWIZ_RETENTION_DAYS", 30.0, minimum=1e-6),
             max_job_duration_s=_read_float(env, "CYXWIZ_MAX_JOB_DURATION_S", 7 * 86400.0, minimum=1.0),
             max_artifacts_per_job=_read_int(env, "CYXWIZ_MAX_ARTIFACTS_PER_JOB", 32, minimum=2),
-            max_gang_nodes=_read_int(env, "CYXWIZ_MAX_GANG_NODES", 16, minimum=1),
+            max_gang_nodes=max_gang_nodes,
             gang_reserve_s=_read_float(env, "CYXWIZ_GANG_RESERVE_S", 60.0, minimum=0.0),
             rendezvous_timeout_s=_read_float(env, "CYXWIZ_RENDEZVOUS_TIMEOUT_S", 120.0, minimum=1.0),
             body_timeout_s=_read_float(env, "CYXWIZ_BODY_TIMEOUT_S", 10.0, minimum=0.1),
