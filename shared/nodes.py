@@ -18,6 +18,7 @@ import msgspec
 import orjson
 
 from shared import auth, errors, keys, store_users
+from shared.jobspec import METADATA_HOSTS
 from shared.store import Store, is_unavailable
 from shared.validation import convert
 from shared.views import node_view
@@ -122,23 +123,37 @@ def _validate(reg: Registration, body: Any = None) -> None:
                                    for k, v in reg.labels.items()):
         raise errors.InvalidField("at most 64 labels, printable keys up to 64 and values up to 256 characters",
                                   field="labels")
-    if reg.address is not None and not _is_host(reg.address):
-        raise errors.InvalidField("address must be an IP address or a host name", field="address")
+    if reg.address is not None:
+        _check_address(reg.address)
     if reg.node_key is not None and not 16 <= len(reg.node_key) <= 256:
         raise errors.InvalidField("node_key must be the key a first registration returned", field="node_key")
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
-def _is_host(text: str) -> bool:
-    """An IP address or a DNS host name (letters, digits and hyphens in dot-separated labels)."""
+def _check_address(text: str) -> None:
+    """A node's stated address (where its gang's other ranks connect): an IP address or a DNS host name
+    (letters, digits and hyphens in dot-separated labels, the last one starting with a letter: a numeric
+    one such as ``2852039166`` or ``0xa9fea9fe`` is an IPv4 address to the resolver). Never a cloud
+    metadata host (the list dataset URLs are refused for, :data:`shared.jobspec.METADATA_HOSTS`), nor a
+    link-local, unspecified, multicast or broadcast address: a hostile rank 0 must not point its peers
+    there. Names are not resolved here (docs/distributed.md, Trust)."""
     try:
-        ipaddress.ip_address(text)
-        return True
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(text)
     except ValueError:
-        pass
-    return 0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.rstrip(".").split("."))
+        address = None
+        labels = text.rstrip(".").split(".")
+        if not (0 < len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+                and labels[-1][0].isalpha()):
+            raise errors.InvalidField("address must be an IP address or a host name", field="address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if text.rstrip(".").lower() in METADATA_HOSTS or (address is not None and (
+            address.is_link_local or address.is_unspecified or address.is_multicast or address == BROADCAST)):
+        raise errors.InvalidField("address may not be a metadata host, nor a link-local, unspecified, multicast or "
+                                  "broadcast address", field="address")
 
 
 HOST_RESERVE_MB = 1024  # a CPU node's RAM kept for its OS and the runtime itself

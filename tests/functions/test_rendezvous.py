@@ -110,7 +110,15 @@ def test_a_one_node_job_has_no_rendezvous(http: httpx.Client, creds: dict[str, s
     assert keyspace(r) == before
 
 
-@pytest.mark.parametrize("address", ["", "not an address", "a" * 300, "http://10.0.0.1", "10.0.0.1:22", 7])
+# where a hostile node would send its gang's other ranks: metadata services, link-local, unspecified, multicast
+# and broadcast addresses (numeric host names are IPv4 addresses to a resolver: 2852039166 is 169.254.169.254)
+UNSAFE_ADDRESSES = ["169.254.169.254", "fe80::1", "metadata.google.internal", "Metadata.Google.Internal.",
+                    "metadata", "instance-data", "0.0.0.0", "::", "224.0.0.251", "ff02::1", "255.255.255.255",
+                    "::ffff:169.254.169.254", "2852039166", "0xa9fea9fe", "169.254.43518", "10.0.0.1.2"]
+
+
+@pytest.mark.parametrize("address", ["", "not an address", "a" * 300, "http://10.0.0.1", "10.0.0.1:22", 7,
+                                     *UNSAFE_ADDRESSES])
 def test_a_node_states_a_reachable_address_or_is_refused(http: httpx.Client, creds: dict[str, str],
                                                           r: redis.Redis, address: object) -> None:
     before = keyspace(r)
@@ -119,6 +127,12 @@ def test_a_node_states_a_reachable_address_or_is_refused(http: httpx.Client, cre
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_field", resp.text
     assert resp.json()["error"].get("field") == "address"
     assert keyspace(r) == before
+
+
+@pytest.mark.parametrize("address", ["10.1.2.3", "192.168.7.7", "127.0.0.1", "fd12::3", "node-7.example",
+                                     "gpu01.cluster.internal.", "localhost"])
+def test_ordinary_addresses_are_accepted(http: httpx.Client, creds: dict[str, str], address: str) -> None:
+    assert join(http, creds["join_token"], "ordinary", address)["address"] == address
 
 
 def test_the_address_defaults_to_what_the_gateway_saw(http: httpx.Client, creds: dict[str, str]) -> None:
