@@ -110,6 +110,14 @@ async def submit_job(store: Store, who: Principal, body: Any,
         raise errors.InvalidField(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
                                   field="Idempotency-Key")
     req = spec["requirements"]
+    if req["nodes"] > 1:
+        # a gang holds one slot per node toward its tenant's running limit: one larger than the limit never runs
+        own = await store.redis.hget(keys.tenant_key(who.tenant), "max_running_jobs")
+        limit = int(own) if own is not None else settings.max_running_jobs
+        if req["nodes"] > limit:
+            raise errors.InvalidField(
+                f"requirements.nodes is {req['nodes']}, more than tenant {who.tenant} may hold at once "
+                f"(max_running_jobs {limit}; each node of a multi-node job counts)", field="requirements.nodes")
     job_id = "j-" + uuid.uuid4().hex[:20]
     reply = await store.run("SUBMIT_JOB", [
         job_id, who.tenant, idempotency_key or "", spec["name"], spec["priority"],
@@ -163,8 +171,10 @@ async def provenance(store: Store, job_id: str) -> list[dict[str, Any]]:
 
 async def pending_reasons(store: Store, hashes: list[dict[str, str]]) -> dict[str, str]:
     """Why each queued job of ``hashes`` waits, like Slurm's reason codes: ``no_node_fits`` (parked: no
-    live node could hold it), ``tenant_limit`` (its tenant holds max_running_jobs slots), ``priority``
-    (a job of a higher priority band waits for the same class of node), else ``waiting_for_capacity``."""
+    live node could hold it), ``tenant_limit`` (its tenant's slots, one per node of a gang, plus the job's
+    own would pass max_running_jobs), ``gang`` (a multi-node job waiting for its nodes free at once),
+    ``priority`` (a job of a higher priority band waits for the same class of node), else
+    ``waiting_for_capacity``."""
     queued = [h for h in hashes if h.get("status") == "queued"]
     if not queued:
         return {}
@@ -177,19 +187,20 @@ async def pending_reasons(store: Store, hashes: list[dict[str, str]]) -> dict[st
         for tenant in tenants:
             pipe.zcard(keys.jobs_index_key(tenant, "assigned"))
             pipe.zcard(keys.jobs_index_key(tenant, "running"))
-            pipe.hget(keys.tenant_key(tenant), "max_running_jobs")
+            pipe.hmget(keys.tenant_key(tenant), ["max_running_jobs", "gang_extra_slots"])
         answers = await pipe.execute()
     per_job, per_tenant = answers[:2 * len(queued)], answers[2 * len(queued):]
-    at_limit = {}
+    room = {}  # slots each tenant may still take
     for index, tenant in enumerate(tenants):
-        assigned, running, limit = per_tenant[3 * index:3 * index + 3]
-        at_limit[tenant] = assigned + running >= int(limit or store.settings.max_running_jobs)
+        assigned, running, (limit, gang_extra) = per_tenant[3 * index:3 * index + 3]
+        limit = int(limit) if limit is not None else store.settings.max_running_jobs
+        room[tenant] = limit - (assigned + running + int(gang_extra or 0))
     reasons = {}
     for index, h in enumerate(queued):
         parked, ahead = per_job[2 * index], per_job[2 * index + 1]
         if parked is not None:
             reasons[h["job_id"]] = "no_node_fits"
-        elif at_limit[h["tenant"]]:
+        elif room[h["tenant"]] < int(h.get("gang") or 1):
             reasons[h["job_id"]] = "tenant_limit"
         elif int(h.get("gang") or 1) > 1:
             reasons[h["job_id"]] = "gang"  # waits for requirements.nodes nodes free at once

@@ -381,7 +381,7 @@ elseif status == 'failed' and fault == 'node' then
     adjust_reputation(before[3], before[2], 'refund', now)
   else
     redis.call('HSET', jk, 'fault_signature', signature, 'fault_node', name or '', 'fault_node_id', node_id)
-    avoid(job_id, node_id, now)
+    avoid(job_id, {node_id}, now)
     adjust_reputation(node_id, name, 'node_fault', now)
     if requeue(job_id, now, true, error_text) == 'queued' then place_or_park(job_id, now) end
   end
@@ -395,7 +395,7 @@ elseif status == 'queued' then
   -- A hand-back: never straight back onto the same node, and past MAX_HANDBACKS each one costs an attempt.
   release(job_id, node_id, now)
   local handbacks = redis.call('HINCRBY', jk, 'handbacks', 1)
-  avoid(job_id, node_id, now)
+  avoid(job_id, {node_id}, now)
   local reason = 'handed back ' .. handbacks .. ' times (more than ' .. MAX_HANDBACKS .. ' count as lost attempts)'
   if requeue(job_id, now, handbacks > MAX_HANDBACKS, reason) == 'queued' then place_or_park(job_id, now) end
 end

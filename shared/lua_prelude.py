@@ -44,7 +44,8 @@ end
 local SESSION_UNKNOWN = "unknown node session token (if the node's heartbeat lapsed, register again)"
 
 -- Move a job between statuses: the only place a status changes. Keeps the listing indexes in step,
--- and the retention and wall-clock bookkeeping of jobs that end.
+-- the retention and wall-clock bookkeeping of jobs that end, and the slots a tenant's gangs hold
+-- beyond one per job (``gang_extra_slots`` on the tenant's hash: a gang of N holds N).
 local function set_status(job_id, from, to, tenant, seq)
   if not TRANSITIONS[from] or not TRANSITIONS[from][to] then
     -- stop the script here (callers change a status before anything else they write)
@@ -56,6 +57,15 @@ local function set_status(job_id, from, to, tenant, seq)
   redis.call('ZADD', jobs_index_key(tenant, to), seq, job_id)
   redis.call('ZADD', jobs_index_key(nil, to), seq, job_id)
   if TERMINAL[from] then redis.call('ZREM', JOBS_FINISHED, job_id) end  -- an audit re-runs a completed job
+  local holds = to == 'assigned' or to == 'running'  -- node slots, counted by the tenant's running limit
+  if holds ~= (from == 'assigned' or from == 'running') then
+    local extra = (tonumber(redis.call('HGET', job_key(job_id), 'gang') or '1') or 1) - 1
+    if extra > 0 and holds then
+      redis.call('HINCRBY', tenant_key(tenant), 'gang_extra_slots', extra)
+    elseif extra > 0 and tonumber(redis.call('HINCRBY', tenant_key(tenant), 'gang_extra_slots', -extra)) < 0 then
+      redis.call('HSET', tenant_key(tenant), 'gang_extra_slots', 0)  -- a gang placed before this was counted
+    end
+  end
   if TERMINAL[to] then
     redis.call('HINCRBY', STATS, 'jobs_finished:' .. to, 1)
     redis.call('ZADD', JOBS_FINISHED, now_ms(), job_id)
@@ -69,14 +79,16 @@ local function tenant_limit(tenant, field, default)
   return tonumber(redis.call('HGET', tenant_key(tenant), field) or default)
 end
 
--- jobs of the tenant holding a node slot (assigned or running)
+-- node slots the tenant's jobs hold (assigned or running): one per job, a gang's one per node
 local function tenant_running(tenant)
   return redis.call('ZCARD', jobs_index_key(tenant, 'assigned'))
     + redis.call('ZCARD', jobs_index_key(tenant, 'running'))
+    + tonumber(redis.call('HGET', tenant_key(tenant), 'gang_extra_slots') or '0')
 end
 
-local function tenant_at_running_limit(tenant)
-  return tenant_running(tenant) >= tenant_limit(tenant, 'max_running_jobs', MAX_RUNNING_JOBS)
+-- Would ``need`` more slots (1, or a gang's size) take the tenant past its running limit?
+local function tenant_at_running_limit(tenant, need)
+  return tenant_running(tenant) + (need or 1) > tenant_limit(tenant, 'max_running_jobs', MAX_RUNNING_JOBS)
 end
 
 -- --- queues: one per class for counts, one per (class, tenant) that nodes pull from, and the parked set
@@ -164,10 +176,11 @@ local function adjust_reputation(node_id, name, outcome, now)
   end
 end
 
--- A job's needs: {req_gpu, req_gpu_mem, req_ram, req_labels, memory_mb, avoid_node, avoid_until_ms, gang}.
+-- A job's needs: {req_gpu, req_gpu_mem, req_ram, req_labels, memory_mb, avoid_node, avoid_until_ms, gang},
+-- then its tenant and status (read in the same call: placement needs them too).
 local function job_requirements(job_id)
   return redis.call('HMGET', job_key(job_id), 'req_gpu', 'req_gpu_mem', 'req_ram', 'req_labels', 'memory_mb',
-    'avoid_node', 'avoid_until_ms', 'gang')
+    'avoid_node', 'avoid_until_ms', 'gang', 'tenant', 'status')
 end
 
 -- How many nodes a job trains on at once (requirements.nodes): 1, or a gang's size.
@@ -181,10 +194,11 @@ local function holds_upload(job_id, name, upload_id)
   return entry ~= false and string.sub(entry, 1, #upload_id + 1) == upload_id .. '|'
 end
 
--- The node that last failed or handed back a job does not get it again for AVOID_MS while another live
--- node could hold it: another node first.
-local function avoid(job_id, node_id, now)
-  redis.call('HSET', job_key(job_id), 'avoid_node', node_id, 'avoid_until_ms', now + AVOID_MS)
+-- The nodes that last failed or handed back a job (for a gang, every rank that did not show up) do not get
+-- it again for AVOID_MS while other live nodes could hold it without them: other nodes first (see
+-- node_can_take). ``nodes``: their ids, kept space-separated in avoid_node.
+local function avoid(job_id, nodes, now)
+  redis.call('HSET', job_key(job_id), 'avoid_node', table.concat(nodes, ' '), 'avoid_until_ms', now + AVOID_MS)
 end
 
 local function labels_match(want_json, have_json)
@@ -204,11 +218,13 @@ local function fits_profile(r, p)
   return labels_match(r[4], cjson.encode(p.labels))
 end
 
--- How many live nodes could hold the job (one check per distinct node profile, not per node)?
-local function fitting_nodes(r, enough)
+-- How many live nodes could hold the job (one check per distinct node profile, not per node), of any
+-- class or only of ``class``? Counting stops at ``enough``.
+local function fitting_nodes(r, enough, class)
   local profiles, count = redis.call('HGETALL', NODES_PROFILES), 0
   for i = 1, #profiles, 2 do
-    if fits_profile(r, cjson.decode(profiles[i])) then
+    local p = cjson.decode(profiles[i])
+    if (not class or (p.gpu == 1) == (class == 'gpu')) and fits_profile(r, p) then
       count = count + tonumber(profiles[i + 1])
       if count >= enough then return count end
     end
@@ -216,10 +232,15 @@ local function fitting_nodes(r, enough)
   return count
 end
 
--- Could live nodes hold the job: one that fits, or for a gang as many distinct ones as it has ranks?
+-- Could live nodes hold the job: one that fits or, for a gang, as many distinct ones as it has ranks, all
+-- of one class (GANG.place takes a gang's nodes from one class)?
 local function fits_some_node(r)
   local size = GANG.size(r)
-  return fitting_nodes(r, size) >= size
+  if size == 1 then return fitting_nodes(r, 1) >= 1 end
+  for _, class in ipairs(NODE_CLASSES) do
+    if fitting_nodes(r, size, class) >= size then return true end
+  end
+  return false
 end
 
 -- Has this node room for one more job or verification task needing ``memory`` MiB now: online and healthy,
@@ -244,18 +265,35 @@ end
 -- Can this node take this job now?
 local function node_can_take(node_id, r, now)
   local n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'name', 'health', 'mem_job_mb',
-    'mem_total_mb', 'mem_reserved_mb', 'gpu', 'gpu_memory_mb', 'ram_mb', 'labels')
+    'mem_total_mb', 'mem_reserved_mb', 'gpu', 'gpu_memory_mb', 'ram_mb', 'labels', 'class')
   if not n[1] then
     for _, class in ipairs(NODE_CLASSES) do redis.call('ZREM', nodes_free_key(class), node_id) end
     return false
   end
   if not node_has_room(node_id, n, tonumber(r[5] or '0'), now) then return false end
-  -- see avoid(): another node first, unless this is the only one that could hold the job
-  if r[6] == node_id and tonumber(r[7] or '0') > now and fitting_nodes(r, 2) >= 2 then return false end
   if r[1] == '1' and n[9] ~= '1' then return false end
   if tonumber(r[2]) > tonumber(n[10]) then return false end
   if tonumber(r[3]) > tonumber(n[11]) then return false end
-  return labels_match(r[4], n[12])
+  if not labels_match(r[4], n[12]) then return false end
+  -- see avoid(): other nodes first while enough others could hold the job without the avoided ones (a job
+  -- needs one, a gang its size of one class); a job that needs every node that fits it runs there again
+  if (r[6] or '') ~= '' and tonumber(r[7] or '0') > now
+      and string.find(' ' .. r[6] .. ' ', ' ' .. node_id .. ' ', 1, true) then
+    local size, class = GANG.size(r), nil
+    if size > 1 then class = n[13] end
+    local enough = size + select(2, string.gsub(r[6], '%S+', ''))
+    if fitting_nodes(r, enough, class) >= enough then return false end
+  end
+  return true
+end
+
+-- Is this node held for a waiting gang other than ``job_id`` (nil: held for any gang)? It is while the gang
+-- that reserves (GANG.reserving) could use it. The one check of the reservation: single-node placement,
+-- gangs, pulls and verification tasks all ask it. ``held``: GANG.reserving's answer as {id, requirements},
+-- when the caller looks at many nodes at one moment; else it is read here.
+function GANG.reserved_for_other(node_id, job_id, now, held)
+  held = held or {GANG.reserving(now)}
+  return held[1] ~= nil and held[1] ~= job_id and node_can_take(node_id, held[2], now)
 end
 
 -- Give a queued job to a node: status, slot, memory, the node's job set, and the node's stream entry.
@@ -301,19 +339,24 @@ function GANG.assign(job_id, members, now)
 end
 
 -- N distinct free nodes for a gang, all of one class (the top SCHEDULE_SCAN of it, best score first;
--- CPU gangs try the CPU class first), or nothing: a gang never holds part of what it needs.
+-- CPU gangs try the CPU class first), none held for another gang, or nothing: a gang never holds part
+-- of what it needs. A class with fewer free nodes than the gang's size is not looked at.
 function GANG.place(job_id, r, now)
   local size = GANG.size(r)
   local classes = NODE_CLASSES
   if r[1] == '1' then classes = {'gpu'} end
+  local held = nil
   for _, class in ipairs(classes) do
-    local members = {}
-    for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
-      if node_can_take(node_id, r, now) then
-        table.insert(members, node_id)
-        if #members == size then
-          GANG.assign(job_id, members, now)
-          return members[1]
+    if redis.call('ZCARD', nodes_free_key(class)) >= size then
+      held = held or {GANG.reserving(now)}
+      local members = {}
+      for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
+        if node_can_take(node_id, r, now) and not GANG.reserved_for_other(node_id, job_id, now, held) then
+          table.insert(members, node_id)
+          if #members == size then
+            GANG.assign(job_id, members, now)
+            return members[1]
+          end
         end
       end
     end
@@ -321,14 +364,15 @@ function GANG.place(job_id, r, now)
   return false
 end
 
--- The requirements of the gang that reserves free nodes now, or nil: the first queued gang (tenants at
--- their running limit aside) once it has waited GANG.RESERVE_MS. A node it could use takes no
--- single-node job until the gang has all its nodes, so a big gang is not starved by small jobs forever.
+-- The gang that reserves free nodes now: its id and requirements, or nil: the first queued gang (tenants at
+-- their running limit aside) once it has waited GANG.RESERVE_MS. A node it could use takes no other work
+-- (GANG.reserved_for_other) until the gang has all its nodes, so a big gang is not starved by small jobs or
+-- smaller gangs forever.
 function GANG.reserving(now)
   for _, job_id in ipairs(redis.call('ZRANGE', GANG.QUEUE, 0, GANG.SCAN - 1)) do
-    local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant', 'queued_ms', 'created_ms')
-    if j[1] == 'queued' and not tenant_at_running_limit(j[2]) then
-      if now - tonumber(j[3] or j[4] or now) >= GANG.RESERVE_MS then return job_requirements(job_id) end
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant', 'queued_ms', 'created_ms', 'gang')
+    if j[1] == 'queued' and not tenant_at_running_limit(j[2], tonumber(j[5] or '1')) then
+      if now - tonumber(j[3] or j[4] or now) >= GANG.RESERVE_MS then return job_id, job_requirements(job_id) end
       return nil
     end
   end
@@ -340,15 +384,15 @@ end
 -- A gang takes all its nodes at once, or none.
 local function place(job_id, now)
   local r = job_requirements(job_id)
-  if tenant_at_running_limit(redis.call('HGET', job_key(job_id), 'tenant')) then return false end
+  if tenant_at_running_limit(r[9], GANG.size(r)) then return false end
   if GANG.size(r) > 1 then return GANG.place(job_id, r, now) end
-  local reserve = GANG.reserving(now)
+  local held = {GANG.reserving(now)}
   local classes = NODE_CLASSES
   if r[1] == '1' then classes = {'gpu'} end
   for _, class in ipairs(classes) do
     local ids = redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)
     for _, node_id in ipairs(ids) do
-      if node_can_take(node_id, r, now) and not (reserve and node_can_take(node_id, reserve, now)) then
+      if node_can_take(node_id, r, now) and not GANG.reserved_for_other(node_id, job_id, now, held) then
         assign(job_id, node_id, now)
         return node_id
       end
@@ -377,12 +421,13 @@ local function place_or_park(job_id, now)
 end
 
 -- A node registered: parked jobs its profile fits go back to their queues (PARK_SCAN at most, in
--- priority then submission order).
+-- priority then submission order); a gang once enough live nodes of one class fit it.
 local function unpark_for(profile)
   local p = cjson.decode(profile)
   local moved = 0
   for _, job_id in ipairs(redis.call('ZRANGE', QUEUE_PARKED, 0, PARK_SCAN - 1)) do
-    if fits_profile(job_requirements(job_id), p) then
+    local r = job_requirements(job_id)
+    if fits_profile(r, p) and (GANG.size(r) == 1 or fits_some_node(r)) then
       enqueue(job_id, queue_entry(job_id))
       moved = moved + 1
     end
@@ -390,14 +435,26 @@ local function unpark_for(profile)
   return moved
 end
 
--- Queued gangs in queue order, GANG.SCAN of them: each is placed if its nodes are free now.
-function GANG.place_waiting(now)
+-- Capacity appeared on ``node_id``: the queued gangs it could join, in queue order (GANG.SCAN looked at),
+-- are each placed if their nodes are free now. Only gangs this node can take are tried: a try looks at up to
+-- SCHEDULE_SCAN nodes per class, and this runs at every heartbeat of a node with room (a gang whose nodes
+-- free up elsewhere is tried at those nodes' pulls). Once this node is held for a gang that could not be
+-- placed, no later gang may take it: the look stops.
+function GANG.place_waiting(node_id, now)
+  local held = {GANG.reserving(now)}
   for _, job_id in ipairs(redis.call('ZRANGE', GANG.QUEUE, 0, GANG.SCAN - 1)) do
-    local j = redis.call('HMGET', job_key(job_id), 'status', 'tenant')
-    if j[1] ~= 'queued' then
+    local r = job_requirements(job_id)
+    if r[10] ~= 'queued' then
       redis.call('ZREM', GANG.QUEUE, job_id)
-    elseif not tenant_at_running_limit(j[2]) then
-      GANG.place(job_id, job_requirements(job_id), now)
+    elseif node_can_take(node_id, r, now) and not tenant_at_running_limit(r[9], GANG.size(r)) then
+      if GANG.reserved_for_other(node_id, job_id, now, held) then return end
+      if GANG.place(job_id, r, now) then
+        local n = redis.call('HMGET', node_key(node_id), 'slots', 'running')
+        if not n[1] or tonumber(n[2]) >= tonumber(n[1]) then return end
+        held = {GANG.reserving(now)}
+      elseif job_id == held[1] then
+        return  -- the gang this node is held for still waits
+      end
     end
   end
 end
@@ -416,12 +473,11 @@ local function pull_queue(node_id, now)
   if not n[1] or n[1] ~= 'online' then return assigned end
   local free = tonumber(n[2]) - tonumber(n[3])
   if free <= 0 then return assigned end
-  GANG.place_waiting(now)
+  GANG.place_waiting(node_id, now)
   n = redis.call('HMGET', node_key(node_id), 'status', 'slots', 'running', 'class')  -- a gang may have taken it
   free = tonumber(n[2]) - tonumber(n[3])
   if free <= 0 then return assigned end
-  local reserve = GANG.reserving(now)
-  if reserve and node_can_take(node_id, reserve, now) then return assigned end  -- held for a waiting gang
+  if GANG.reserved_for_other(node_id, nil, now) then return assigned end  -- held for a waiting gang
   local classes = {'cpu'}
   if n[4] == 'gpu' then classes = {'cpu', 'gpu'} end  -- a GPU node serves both
   local budget = PULL_BUDGET
@@ -684,13 +740,14 @@ function GANG.expire_rendezvous(job_id, now)
     end
     if #absent > 0 then break end
   end
-  local names = {}
+  local names, ids = {}, {}
   for _, a in ipairs(absent) do
     local name = redis.call('HGET', NODE_NAMES, a[2])
     adjust_reputation(a[2], name, 'node_fault', now)
-    avoid(job_id, a[2], now)
+    table.insert(ids, a[2])
     table.insert(names, 'rank ' .. a[1] .. ' (node ' .. a[2] .. ')')
   end
+  avoid(job_id, ids, now)  -- every one of them, not only the last
   release(job_id, members[1], now)
   local reason = table.concat(names, ', ') .. ' did not join the rendezvous within '
     .. (GANG.RENDEZVOUS_TIMEOUT_MS / 1000) .. ' s'
@@ -701,8 +758,11 @@ end
 local function expire_stale_assignments(node_id, now)
   local resumed = nil
   for _, job_id in ipairs(redis.call('SMEMBERS', node_jobs_key(node_id))) do
-    GANG.expire_rendezvous(job_id, now)
-    local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms')
+    local j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms', 'gang')
+    if tonumber(j[4] or '1') > 1 then  -- a gang: its rendezvous deadlines first (one-node jobs have none)
+      GANG.expire_rendezvous(job_id, now)
+      j = redis.call('HMGET', job_key(job_id), 'status', 'node_id', 'assigned_ms', 'gang')
+    end
     if j[1] == 'assigned' and j[2] == node_id and now - tonumber(j[3]) > ASSIGN_TIMEOUT_MS then
       resumed = resumed or tonumber(redis.call('GET', PLANE_RESUMED) or '0')
       if now - math.max(tonumber(j[3]), resumed) > ASSIGN_TIMEOUT_MS then

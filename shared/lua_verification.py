@@ -227,9 +227,10 @@ place_task = function(task_id, now)
   if not kind or not task_wanted(task_id) then return false end
   local classes = {'gpu'}
   if kind == 'cpu' then classes = {'cpu'} elseif kind == '*' then classes = NODE_CLASSES end
+  local held = {GANG.reserving(now)}
   for _, class in ipairs(classes) do
     for _, node_id in ipairs(redis.call('ZREVRANGE', nodes_free_key(class), 0, SCHEDULE_SCAN - 1)) do
-      if task_fits_node(task_id, node_id, now) then
+      if task_fits_node(task_id, node_id, now) and not GANG.reserved_for_other(node_id, nil, now, held) then
         assign_task(task_id, node_id, now)
         return node_id
       end
@@ -239,7 +240,9 @@ place_task = function(task_id, now)
 end
 
 pull_tasks = function(node_id, now)
-  for _, task_id in ipairs(redis.call('ZRANGE', VERIFY_QUEUE, 0, TASK_SCAN - 1)) do
+  local tasks = redis.call('ZRANGE', VERIFY_QUEUE, 0, TASK_SCAN - 1)
+  if #tasks == 0 or GANG.reserved_for_other(node_id, nil, now) then return end  -- held for a waiting gang
+  for _, task_id in ipairs(tasks) do
     if task_fits_node(task_id, node_id, now) and task_wanted(task_id) then assign_task(task_id, node_id, now) end
   end
 end

@@ -153,6 +153,26 @@ def test_reasons_a_job_waits(http: httpx.Client, creds: dict[str, str], r: redis
     assert heartbeat(http, reg)["assigned"] == 0  # still full: nothing changes for "limited" until a slot frees
 
 
+def test_each_node_of_a_gang_counts_toward_the_running_limit(http: httpx.Client, creds: dict[str, str],
+                                                             r: redis.Redis) -> None:
+    admin = creds["api_key"]
+    limited = tenant_key(http, admin, "limited")
+    assert http.put("/v1/tenants/limited", json={"max_running_jobs": 2}, headers=bearer(admin)).status_code == 200
+    for _ in range(3):
+        register(http, creds["join_token"])
+    gang = {**DIGITS_SPEC, "requirements": {"nodes": 2}}
+    before = keyspace(r)
+    too_big = http.post("/v1/jobs", json={**DIGITS_SPEC, "requirements": {"nodes": 4}}, headers=bearer(limited))
+    assert too_big.status_code == 422, too_big.text  # four nodes at once: it could never run
+    assert too_big.json()["error"]["field"] == "requirements.nodes" and keyspace(r) == before
+    single = submit(http, limited)
+    waiting = submit(http, limited, gang)  # two free nodes, but two slots more would make three
+    assert waiting["status"] == "queued" and job(http, limited, waiting["job_id"])["pending_reason"] == "tenant_limit"
+    http.post(f"/v1/jobs/{single['job_id']}/cancel", headers=bearer(limited))
+    assert job(http, limited, waiting["job_id"])["status"] == "assigned"
+    assert submit(http, limited)["status"] == "queued"  # the gang holds both slots
+
+
 def test_a_tenant_over_its_queued_limit_gets_429_and_nothing_changes(http: httpx.Client, creds: dict[str, str],
                                                                       r: redis.Redis) -> None:
     admin = creds["api_key"]

@@ -17,18 +17,24 @@ from tests.shared.test_lua import W
 GIB = 1024
 
 
-async def register(store: Store, node_id: str, slots: int = 1, address: str = "") -> list[str]:
-    profile = orjson.dumps({"gpu": 0, "gpu_mem": 0, "labels": {}, "mem": 4 * GIB, "ram": 8 * GIB},
-                           option=orjson.OPT_SORT_KEYS).decode()
-    return await store.run("REGISTER_NODE", [node_id, node_id, slots, "cpu", 0, 0, 8 * GIB, "{}", "{}", "hash",
-                                             60_000, 0.1, *W, "", f"key-{node_id}", "stream-digest", 4 * GIB,
-                                             4 * GIB * slots, profile, "cpu", address or f"10.0.0.{node_id[-1]}"])
+async def register(store: Store, node_id: str, slots: int = 1, address: str = "", gpu: bool = False,
+                   labels: dict[str, str] | None = None) -> list[str]:
+    """A node of 4 GiB per job (one GPU of that, with ``gpu``), named as its id."""
+    gpu_mem = 4 * GIB if gpu else 0
+    profile = orjson.dumps({"gpu": int(gpu), "gpu_mem": gpu_mem, "labels": labels or {}, "mem": 4 * GIB,
+                            "ram": 8 * GIB}, option=orjson.OPT_SORT_KEYS).decode()
+    return await store.run("REGISTER_NODE", [node_id, node_id, slots, "gpu" if gpu else "cpu", int(gpu), gpu_mem,
+                                             8 * GIB, "{}", orjson.dumps(labels or {}).decode(), "hash", 60_000,
+                                             0.1, *W, "", f"key-{node_id}", "stream-digest", 4 * GIB,
+                                             4 * GIB * slots, profile, "gpu-x" if gpu else "cpu",
+                                             address or f"10.0.0.{node_id[-1]}"])
 
 
 async def submit(store: Store, job_id: str, nodes: int = 2, memory_mb: int = 1000, priority: str = "normal",
-                 tenant: str = "t") -> list[str]:
+                 tenant: str = "t", gpu: bool = False, labels: dict[str, str] | None = None) -> list[str]:
     band = {"high": 0, "normal": 1, "low": 2}[priority]
-    return await store.run("SUBMIT_JOB", [job_id, tenant, "", "job", priority, band, 3, "{}", 0, 0, 0, "{}",
+    return await store.run("SUBMIT_JOB", [job_id, tenant, "", "job", priority, band, 3, "{}", int(gpu), 0, 0,
+                                          orjson.dumps(labels or {}, option=orjson.OPT_SORT_KEYS).decode(),
                                           memory_mb, 3_600_000, 1000, nodes])
 
 
@@ -200,3 +206,4 @@ async def test_cancelling_a_gang_stops_every_rank(store: Store, r: redis.Redis) 
     await store.run("CANCEL_JOB", ["g", ""])
     assert running(r, rank0, rank1) == [0, 0]
     assert "g" in r.smembers(keys.node_cancels_key(rank0)) and r.smembers(keys.node_cancels_key(rank1)) == {"g:1"}
+
