@@ -282,8 +282,11 @@ if status == 'failed' and fault == 'peer' then
   end
   local now = now_ms()
   local rk = GANG.rendezvous_key(job_id)
-  redis.call('HSET', rk, 'peer:' .. rank, now)
-  redis.call('XADD', job_progress_key(job_id), 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'event', event)
+  if redis.call('HSETNX', rk, 'peer:' .. rank, now) == 1 then  -- a retry of the report adds nothing
+    -- from the first such report the other ranks have a deadline to end the attempt (expire_rendezvous)
+    redis.call('HSETNX', rk, 'peer_since', now)
+    redis.call('XADD', job_progress_key(job_id), 'MAXLEN', '~', PROGRESS_MAXLEN, '*', 'event', event)
+  end
   if redis.call('SREM', node_jobs_key(node_id), job_id) == 1 then
     free_slot(node_id, tonumber(redis.call('HGET', jk, 'memory_mb') or '0'), now)
   end
@@ -294,7 +297,7 @@ if status == 'failed' and fault == 'peer' then
       return {'ok', j[1]}
     end
   end
-  release(job_id, node_id, now)
+  release(job_id, node_id, now, node_id)
   if requeue(job_id, now, true, 'every rank lost its peers: ' .. error_text) == 'queued' then
     place_or_park(job_id, now)
   end
@@ -354,7 +357,7 @@ elseif status == 'completed' then
   f.artifact = 'model.safetensors'
   record_state(job_id, attempt, node_id, f, now)  -- its step was checked above
   redis.call('HSET', jk, 'final_state', f.id)
-  release(job_id, node_id, now)
+  release(job_id, node_id, now, node_id)
   local audit = begin_audit(job_id, now, draw, draw2)
   if j[1] == 'assigned' then set_status(job_id, j[1], 'running', j[2], j[3]) end
   if audit == 'pending' then
@@ -369,7 +372,7 @@ elseif status == 'completed' then
   end
   pull_queue(node_id, now)
 elseif status == 'failed' and fault == 'node' then
-  release(job_id, node_id, now)
+  release(job_id, node_id, now, node_id)
   -- The same failure on a second node is the job's: it fails, and the first node's charge is taken back.
   -- Failures compare with ids and numbers blanked out.
   local signature = string.lower(string.sub(error_text, 1, 300)):gsub('[nj]%-%x+', '?'):gsub('%d+', '#')
@@ -389,11 +392,11 @@ elseif status == 'failed' and fault == 'node' then
 elseif status == 'failed' then
   set_status(job_id, j[1], 'failed', j[2], j[3])
   redis.call('HSET', jk, 'finished_ms', now, 'error', error_text)
-  release(job_id, node_id, now)
+  release(job_id, node_id, now, node_id)
   pull_queue(node_id, now)
 elseif status == 'queued' then
   -- A hand-back: never straight back onto the same node, and past MAX_HANDBACKS each one costs an attempt.
-  release(job_id, node_id, now)
+  release(job_id, node_id, now, node_id)
   local handbacks = redis.call('HINCRBY', jk, 'handbacks', 1)
   avoid(job_id, {node_id}, now)
   local reason = 'handed back ' .. handbacks .. ' times (more than ' .. MAX_HANDBACKS .. ' count as lost attempts)'
@@ -574,8 +577,10 @@ return {'ok', added}
 
 # A gang's rendezvous (docs/distributed.md): a rank of the current attempt says it arrived (rank 0 with the
 # port of its c10d store, which is published as its node's registered address and that port) or that it is
-# ready (its process group formed). Answers the state: master ("host:port" or ""), world size, the ranks
-# arrived and ready. The first call of each kind counts; the deadline is expire_rendezvous's.
+# ready (its process group formed; rank 0 only once it published its store). Answers the state: master
+# ("host:port" or ""), world size, the ranks arrived and ready. The first call of each kind counts: rank 0
+# retrying its publication with the same port is answered as the first time, another port is refused (the
+# other ranks may be connecting to the first). The deadline is expire_rendezvous's.
 RENDEZVOUS = _FENCE + r"""
 local job_id = ARGV[1]
 local node_id = ARGV[2]
@@ -612,7 +617,13 @@ if write then
     local address = redis.call('HGET', node_key(node_id), 'address') or ''
     if address == '' then return fail('invalid_field', 'node ' .. node_id .. ' registered no address', 'port') end
     if string.find(address, ':', 1, true) then address = '[' .. address .. ']' end  -- IPv6
-    redis.call('HSET', rk, 'master', address .. ':' .. port)
+    local master = address .. ':' .. port
+    if redis.call('HSETNX', rk, 'master', master) == 0 and redis.call('HGET', rk, 'master') ~= master then
+      return fail('conflict', 'rank 0 of attempt ' .. attempt .. ' published its store at '
+        .. redis.call('HGET', rk, 'master') .. ' already')
+    end
+  elseif rank == 0 and ready == '1' and redis.call('HEXISTS', rk, 'master') == 0 then
+    return fail('conflict', 'rank 0 publishes its store (port) before it is ready')
   end
   redis.call('HSETNX', rk, 'arrived:' .. rank, now)
   if ready == '1' then

@@ -618,9 +618,11 @@ function GANG.rank(job_id, node_id, attempt)
 end
 
 -- A job leaves its node(s) (ended, cancelled, lost or handed back): free the slot of every node holding
--- its current attempt. A gang's other members are told to stop that attempt (``job:attempt`` in their
--- heartbeat's cancel list; a later attempt of the same job on the same node is not touched).
-local function release(job_id, node_id, now)
+-- its current attempt. ``told``: the node that knows already (it reported the end, or is being removed);
+-- every other member of a gang still holding the attempt is told to stop it (``job:attempt`` in its cancel
+-- set, the heartbeat's ``stop`` list; a later attempt of the same job on the same node is not touched).
+-- nil: every member is told.
+local function release(job_id, node_id, now, told)
   if not node_id or node_id == '' then return end
   local jk = job_key(job_id)
   local j = redis.call('HMGET', jk, 'attempt', 'memory_mb')
@@ -629,7 +631,7 @@ local function release(job_id, node_id, now)
   if members then
     for _, member in ipairs(cjson.decode(members)) do
       if redis.call('SREM', node_jobs_key(member), job_id) == 1 then
-        if member ~= node_id then redis.call('SADD', node_cancels_key(member), job_id .. ':' .. j[1]) end
+        if member ~= told then redis.call('SADD', node_cancels_key(member), job_id .. ':' .. j[1]) end
         free_slot(member, memory, now)
       end
     end
@@ -688,7 +690,7 @@ remove_node = function(node_id, now, lost)
       if j[2] ~= node_id or redis.call('HEXISTS', job_key(job_id), 'nodes:' .. j[3]) == 1 then
         -- a gang: its other members stop this attempt and free their slots
         redis.call('SREM', node_jobs_key(node_id), job_id)
-        release(job_id, node_id, now)
+        release(job_id, node_id, now, node_id)
       end
       if requeue(job_id, now, lost, 'heartbeat of node ' .. node_id .. ' lapsed') == 'queued' then
         place_or_park(job_id, now)
@@ -720,39 +722,54 @@ end
 -- against the node (reputation) and as one of the job's attempts, so a job that keeps bouncing ends
 -- failed with that reason. Time the whole control plane was down does not count.
 -- A gang whose ranks did not all join the rendezvous within GANG.RENDEZVOUS_TIMEOUT_MS of its placement fails
--- that attempt as the fault of the nodes that did not show up: the ranks that never arrived, or when all
--- arrived, those that never got ready (connected to rank 0's store). They pay in reputation; the job goes
+-- that attempt as the fault of the nodes that did not show up: the ranks that never arrived (rank 0 has not
+-- arrived until it published its store: without it no other rank can get ready), or when all arrived, those
+-- that never got ready (connected to rank 0's store). Likewise, once a rank reported that it lost its peers
+-- (fault ``peer``), every other rank must end the attempt within as long (its own failure report, a peer
+-- report, or its node's reaping): the ranks still silent then are at fault. They pay in reputation and do
+-- not get the job again first; every member still holding the attempt is told to stop it; the job goes
 -- back to the queue with attempt + 1. Time the whole control plane was down does not count.
 function GANG.expire_rendezvous(job_id, now)
   local jk = job_key(job_id)
-  local j = redis.call('HMGET', jk, 'status', 'attempt', 'nodes:' .. (redis.call('HGET', jk, 'attempt') or ''))
-  if not j[3] or (j[1] ~= 'assigned' and j[1] ~= 'running') then return end
+  local j = redis.call('HMGET', jk, 'status', 'attempt')
+  if j[1] ~= 'assigned' and j[1] ~= 'running' then return end
+  local members = redis.call('HGET', jk, 'nodes:' .. j[2])
+  if not members then return end
   local rk = GANG.rendezvous_key(job_id)
-  local rdv = redis.call('HMGET', rk, 'attempt', 'started_ms', 'complete')
-  if rdv[1] ~= j[2] or rdv[3] then return end
-  local started = math.max(tonumber(rdv[2] or now), tonumber(redis.call('GET', PLANE_RESUMED) or '0'))
-  if now - started <= GANG.RENDEZVOUS_TIMEOUT_MS then return end
-  local members = cjson.decode(j[3])
-  local absent = {}
-  for _, field in ipairs({'arrived:', 'ready:'}) do
-    for rank, member in ipairs(members) do
-      if redis.call('HEXISTS', rk, field .. (rank - 1)) == 0 then table.insert(absent, {rank - 1, member}) end
+  local rdv = redis.call('HMGET', rk, 'attempt', 'started_ms', 'complete', 'master', 'peer_since')
+  if rdv[1] ~= j[2] or rdv[3] == 'failed' then return end
+  local resumed = tonumber(redis.call('GET', PLANE_RESUMED) or '0')
+  local function past(since) return since and now - math.max(tonumber(since), resumed) > GANG.RENDEZVOUS_TIMEOUT_MS end
+  members = cjson.decode(members)
+  local timeout = (GANG.RENDEZVOUS_TIMEOUT_MS / 1000) .. ' s'
+  local absent, why = {}, nil
+  if not rdv[3] and past(rdv[2] or now) then
+    why = ' did not join the rendezvous within ' .. timeout
+    for _, field in ipairs({'arrived:', 'ready:'}) do
+      for rank, member in ipairs(members) do
+        local missing = redis.call('HEXISTS', rk, field .. (rank - 1)) == 0
+        if field == 'arrived:' and rank == 1 and not rdv[4] then missing = true end
+        if missing then table.insert(absent, {rank - 1, member}) end
+      end
+      if #absent > 0 then break end
     end
-    if #absent > 0 then break end
+  elseif past(rdv[5]) then
+    why = ' did not end the attempt within ' .. timeout .. ' of a rank reporting that it lost its peers'
+    for rank, member in ipairs(members) do
+      if redis.call('HEXISTS', rk, 'peer:' .. (rank - 1)) == 0 then table.insert(absent, {rank - 1, member}) end
+    end
   end
+  if #absent == 0 then return end
   local names, ids = {}, {}
   for _, a in ipairs(absent) do
-    local name = redis.call('HGET', NODE_NAMES, a[2])
-    adjust_reputation(a[2], name, 'node_fault', now)
+    adjust_reputation(a[2], redis.call('HGET', NODE_NAMES, a[2]), 'node_fault', now)
     table.insert(ids, a[2])
     table.insert(names, 'rank ' .. a[1] .. ' (node ' .. a[2] .. ')')
   end
-  avoid(job_id, ids, now)  -- every one of them, not only the last
-  release(job_id, members[1], now)
-  local reason = table.concat(names, ', ') .. ' did not join the rendezvous within '
-    .. (GANG.RENDEZVOUS_TIMEOUT_MS / 1000) .. ' s'
+  avoid(job_id, ids, now)
+  release(job_id, members[1], now, nil)
   redis.call('HSET', rk, 'complete', 'failed')
-  if requeue(job_id, now, true, reason) == 'queued' then place_or_park(job_id, now) end
+  if requeue(job_id, now, true, table.concat(names, ', ') .. why) == 'queued' then place_or_park(job_id, now) end
 end
 
 local function expire_stale_assignments(node_id, now)
@@ -766,7 +783,7 @@ local function expire_stale_assignments(node_id, now)
     if j[1] == 'assigned' and j[2] == node_id and now - tonumber(j[3]) > ASSIGN_TIMEOUT_MS then
       resumed = resumed or tonumber(redis.call('GET', PLANE_RESUMED) or '0')
       if now - math.max(tonumber(j[3]), resumed) > ASSIGN_TIMEOUT_MS then
-        release(job_id, node_id, now)
+        release(job_id, node_id, now, node_id)
         local reason = 'node ' .. node_id .. ' did not start it within ' .. (ASSIGN_TIMEOUT_MS / 1000)
           .. ' s of its assignment (it could not read its assignment stream?)'
         adjust_reputation(node_id, redis.call('HGET', NODE_NAMES, node_id), 'node_fault', now)
@@ -803,7 +820,7 @@ local function end_job(job_id, to, error_text, now)
   dequeue(job_id, job_class(j[5]), j[2])
   if j[4] ~= '' then
     redis.call('SADD', node_cancels_key(j[4]), job_id)
-    release(job_id, j[4], now)
+    release(job_id, j[4], now, j[4])
   end
   return j[4]
 end
@@ -839,7 +856,8 @@ local function purge_expired(now)
         redis.call('ZREM', jobs_index_key(t or nil, j[2]), job_id)
       end
     end
-    redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id), job_states_key(job_id))
+    redis.call('DEL', jk, job_progress_key(job_id), job_uploads_key(job_id), job_states_key(job_id),
+      GANG.rendezvous_key(job_id))
     for attempt = 1, tonumber(j[4] or '0') do redis.call('DEL', job_logs_key(job_id, attempt)) end
     redis.call('ZREM', JOBS_FINISHED, job_id)
   end

@@ -336,7 +336,7 @@ local function rerun(job_id, now, reason)
   local j = redis.call('HMGET', jk, 'status', 'tenant', 'seq', 'attempt', 'band', 'req_gpu', 'node_id')
   redis.call('HDEL', jk, 'held', 'finished_ms')
   if j[1] ~= 'running' and j[1] ~= 'assigned' and j[1] ~= 'completed' then return end
-  if j[7] ~= '' then release(job_id, j[7], now) end
+  if j[7] ~= '' then release(job_id, j[7], now, j[7]) end
   redis.call('HSET', jk, 'attempt', tonumber(j[4]) + 1, 'node_id', '', 'error', reason)
   redis.call('HINCRBY', STATS, 'reassignments', 1)
   set_status(job_id, j[1], 'queued', j[2], j[3])
@@ -399,6 +399,7 @@ local function begin_audit(job_id, now, draw, draw2)
   if tonumber(redis.call('HGET', jk, 'gang') or '1') > 1 then
     -- a replay on one node is not bitwise a gang's all-reduced steps (docs/distributed.md)
     redis.call('HSET', jk, 'verify_status', 'skipped', 'verify_note', 'multi-node results are not replayed yet')
+    note_unaudited(job_id, 0, now)  -- so a later slash of an identity it rests on re-checks it
     return 'skipped'
   end
   local candidates, musts = {}, {}

@@ -1,6 +1,7 @@
 """The rendezvous of a multi-node job over HTTP (docs/distributed.md): only the gang's members, each with
-its own rank, of the current attempt; rank 0 alone publishes its store, at its registered address; bad
-input gets the contract's error and changes nothing; a node's stated address is checked."""
+its own rank, of the current attempt; rank 0 alone publishes its store, once, at its registered address, before
+it may say it is ready; bad input gets the contract's error and changes nothing; a node's stated address is
+checked."""
 
 from __future__ import annotations
 
@@ -108,6 +109,22 @@ def test_a_one_node_job_has_no_rendezvous(http: httpx.Client, creds: dict[str, s
     resp = rendezvous(http, node["session_token"], job_id, attempt=1, rank=0, port=29500)
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_field"
     assert keyspace(r) == before
+
+
+def test_rank_0_is_ready_only_once_it_published_its_store(http: httpx.Client, creds: dict[str, str],
+                                                          r: redis.Redis) -> None:
+    job_id, ranks = placed_gang(http, creds)
+    assert rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0).status_code == 200  # arrived
+    before = keyspace(r)
+    early = rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0, ready=True)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "conflict", early.text
+    assert keyspace(r) == before
+    published = rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0, port=29500)
+    again = rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0, port=29500)  # a retry
+    assert again.status_code == 200 and again.json()["master"] == published.json()["master"]
+    moved = rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0, port=29501)
+    assert moved.status_code == 409 and moved.json()["error"]["code"] == "conflict", moved.text
+    assert rendezvous(http, ranks[0]["session_token"], job_id, attempt=1, rank=0, ready=True).json()["ready"] == [0]
 
 
 # where a hostile node would send its gang's other ranks: metadata services, link-local, unspecified, multicast

@@ -12,7 +12,8 @@ import redis
 from shared import errors, keys
 from shared.store import Store
 from tests.shared.conftest import script_store
-from tests.shared.test_lua import W
+from tests.shared.test_lua import W, state
+from tests.shared.test_lua_verification import W1, commit, complete
 
 GIB = 1024
 
@@ -207,3 +208,103 @@ async def test_cancelling_a_gang_stops_every_rank(store: Store, r: redis.Redis) 
     assert running(r, rank0, rank1) == [0, 0]
     assert "g" in r.smembers(keys.node_cancels_key(rank0)) and r.smembers(keys.node_cancels_key(rank1)) == {"g:1"}
 
+
+async def test_a_rank_silent_after_a_peer_reported_losing_it_fails_the_attempt(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank0, rank1 = orjson.loads(r.hget(keys.job_key("g"), "nodes:1"))
+    await rendezvous(store, "g", rank0, 1, 0, port=29500, ready=True)
+    await rendezvous(store, "g", rank1, 1, 1, ready=True)  # complete: the rendezvous deadline no longer applies
+    await report(store, "g", rank0, 1, "failed", fault="peer")  # rank 1 stays alive and says nothing
+    await store.run("HEARTBEAT", [rank1, ""])
+    assert r.hget(keys.job_key("g"), "attempt") == "1"  # within the deadline
+    r.hset(keys.job_rendezvous_key("g"), "peer_since", 1)  # rank 0 lost it long ago
+    beat = await store.run("HEARTBEAT", [rank1, ""])
+    job = r.hgetall(keys.job_key("g"))
+    assert job["attempt"] == "2" and job["ended:1"] == (f"rank 1 (node {rank1}) did not end the attempt within "
+                                                        "120 s of a rank reporting that it lost its peers")
+    assert float(r.hget(keys.REPUTATION, rank1)) < 0.75 == float(r.hget(keys.REPUTATION, rank0))
+    assert "g:1" in beat[4:]  # told to stop that attempt
+
+
+async def test_a_rendezvous_timeout_tells_every_rank_to_stop(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank0, rank1 = orjson.loads(r.hget(keys.job_key("g"), "nodes:1"))
+    await rendezvous(store, "g", rank0, 1, 0, port=29500)
+    r.hset(keys.job_rendezvous_key("g"), "started_ms", 1)  # rank 1 never came
+    beat = await store.run("HEARTBEAT", [rank0, ""])
+    assert r.hget(keys.job_key("g"), "attempt") == "2"
+    assert "g:1" in beat[4:] and r.smembers(keys.node_cancels_key(rank1)) == {"g:1"}  # rank 0 too, not only rank 1
+
+
+async def test_rank_0_that_never_publishes_its_store_is_the_one_charged(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank0, rank1 = orjson.loads(r.hget(keys.job_key("g"), "nodes:1"))
+    await rendezvous(store, "g", rank0, 1, 0)  # arrives, publishes nothing
+    before = state(r)
+    with pytest.raises(errors.Conflict, match="before it is ready"):
+        await rendezvous(store, "g", rank0, 1, 0, ready=True)
+    assert state(r) == before
+    await rendezvous(store, "g", rank1, 1, 1)  # arrives, and can only wait for rank 0's store
+    r.hset(keys.job_rendezvous_key("g"), "started_ms", 1)
+    await store.run("HEARTBEAT", [rank1, ""])
+    job = r.hgetall(keys.job_key("g"))
+    assert job["attempt"] == "2" and job["ended:1"] == f"rank 0 (node {rank0}) did not join the rendezvous within 120 s"
+    assert float(r.hget(keys.REPUTATION, rank0)) < 0.75 == float(r.hget(keys.REPUTATION, rank1))
+
+
+async def test_rank_0s_store_is_published_once(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank0 = r.hget(keys.job_key("g"), "node_id")
+    first = await rendezvous(store, "g", rank0, 1, 0, port=29500)
+    assert await rendezvous(store, "g", rank0, 1, 0, port=29500) == first  # a retry after a lost answer
+    before = state(r)
+    with pytest.raises(errors.Conflict, match="already"):  # the others may be connecting to the first
+        await rendezvous(store, "g", rank0, 1, 0, port=29501)
+    assert state(r) == before and first[1].endswith(":29500")
+
+
+async def test_a_repeated_peer_report_counts_once(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank1 = orjson.loads(r.hget(keys.job_key("g"), "nodes:1"))[1]
+    for _ in range(2):  # a retry after a lost answer
+        await report(store, "g", rank1, 1, "failed", fault="peer")
+    rendezvous_state = r.hgetall(keys.job_rendezvous_key("g"))
+    assert r.xlen(keys.job_progress_key("g")) == 1 and rendezvous_state["peer_since"] == rendezvous_state["peer:1"]
+
+
+async def test_a_gangs_rendezvous_is_purged_with_it(store: Store, r: redis.Redis) -> None:
+    for node in ("n1", "n2"):
+        await register(store, node)
+    await submit(store, "g")
+    rank0 = r.hget(keys.job_key("g"), "node_id")
+    await rendezvous(store, "g", rank0, 1, 0, port=29500)
+    await store.run("CANCEL_JOB", ["g", ""])
+    r.zadd(keys.JOBS_FINISHED, {"g": 1})  # it ended long ago
+    await store.run("REAP", [])
+    assert not r.exists(keys.job_key("g"), keys.job_rendezvous_key("g"))
+
+
+async def test_a_gang_result_is_rechecked_if_its_rank_0_is_ever_slashed(redis_url: str, r: redis.Redis) -> None:
+    audited = script_store(redis_url, CYXWIZ_PROBATION_AUDITS="2", CYXWIZ_AUDIT_FRACTION="0.1")
+    try:
+        for node in ("n1", "n2"):
+            await register(audited, node)
+        await submit(audited, "g")
+        rank0 = r.hget(keys.job_key("g"), "node_id")
+        await commit(audited, r, "g", rank0, 1, "weights", {"weights": W1})
+        await complete(audited, "g", rank0, 1, 50)
+        job = r.hgetall(keys.job_key("g"))
+        assert job["status"] == "completed" and job["verify_status"] == "skipped"  # not replayed yet
+        assert r.zscore(keys.node_results_key(rank0), "g") is not None  # but it rests on rank 0's work
+    finally:
+        await audited.close()
