@@ -288,13 +288,14 @@ class NodeAgent:
             await self.stream.use(self._stream_url(reg))
         cancelled = answer.get("cancel") or []
         assert isinstance(cancelled, list)
-        for entry in cancelled:
-            job_id, _, attempt = str(entry).partition(":")
-            if attempt:  # a multi-node job's attempt ended elsewhere (another rank failed): stop that attempt
-                self.supervisor.stop_job(job_id, reg, StopReason.LOST, f"attempt {attempt} ended on another rank",
-                                         attempt=int(attempt) if attempt.isdecimal() else -1)
-            else:
-                self.supervisor.stop_job(job_id, reg, StopReason.CANCEL, "cancelled by its user")
+        for job_id in cancelled:
+            self.supervisor.stop_job(str(job_id), reg, StopReason.CANCEL, "cancelled by its user")
+        stopped = answer.get("stop") or []
+        assert isinstance(stopped, list)
+        for entry in stopped:  # a multi-node job's attempt ended elsewhere (another rank failed): stop that attempt
+            if isinstance(entry, dict) and isinstance(entry.get("attempt"), int):
+                self.supervisor.stop_job(str(entry.get("job_id")), reg, StopReason.LOST,
+                                         f"attempt {entry['attempt']} ended on another rank", attempt=entry["attempt"])
         if answer.get("status") == "draining" and not self.shutdown.is_set() and not self.left_by_control_plane:
             log.info("the control plane is draining this node: no new jobs; leaving once running jobs end")
             self.accepting = False

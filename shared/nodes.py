@@ -228,8 +228,11 @@ async def register_node(store: Store, body: Any, request_host: str | None = None
 
 async def heartbeat(store: Store, node_id: str, body: Any, token_hash: str = "",
                     request_host: str | None = None) -> dict[str, Any]:
-    """Keep a node alive; answer with the ids of its jobs that users cancelled since the last beat.
-    With ``token_hash`` the script itself checks the session token first (401, nothing changed).
+    """Keep a node alive; answer with the ids of its jobs that were cancelled since the last beat
+    (``cancel``: a user's cancel or the wall-clock limit; stop the job) and the attempts of multi-node jobs
+    that ended elsewhere (``stop``: ``{"job_id", "attempt"}``, another rank failed or the rendezvous timed
+    out; stop that attempt only). With ``token_hash`` the script itself checks the session token first
+    (401, nothing changed).
 
     A node that cannot read its assignment stream says so (``stream_error``): it is not scheduled
     while it lasts, its store user is recreated (a restarted store may have lost it), and the answer
@@ -242,7 +245,15 @@ async def heartbeat(store: Store, node_id: str, body: Any, token_hash: str = "",
             gpu_free_frac = str(max(0.0, min(1.0, beat.gpu_free_mb / int(total))))
     health = (beat.stream_error or "")[:MAX_STREAM_ERROR]
     reply = await store.run("HEARTBEAT", [node_id, gpu_free_frac, token_hash, health])
-    answer: dict[str, Any] = {"ttl_s": store.settings.ttl_s, "cancel": list(reply[4:]), "status": reply[1],
+    cancel: list[str] = []
+    stop: list[dict[str, Any]] = []
+    for entry in reply[4:]:  # the node's cancel set: job ids, and job_id:attempt for a gang's attempt
+        job_id, _, attempt = entry.partition(":")
+        if attempt:
+            stop.append({"job_id": job_id, "attempt": int(attempt)})
+        else:
+            cancel.append(job_id)
+    answer: dict[str, Any] = {"ttl_s": store.settings.ttl_s, "cancel": cancel, "stop": stop, "status": reply[1],
                               "assigned": int(reply[2])}
     if health:
         if reply[3]:

@@ -19,7 +19,7 @@ def test_heartbeat_refreshes_ttl(http: httpx.Client, creds: dict[str, str], r: r
     time.sleep(1.0)
     resp = beat(http, reg)
     assert resp.status_code == 200
-    assert resp.json() == {"ttl_s": 2.0, "cancel": [], "status": "online", "assigned": 0}
+    assert resp.json() == {"ttl_s": 2.0, "cancel": [], "stop": [], "status": "online", "assigned": 0}
     now_ms = float(r.time()[0]) * 1000
     assert r.zscore("cyxwiz:nodes:deadline", reg["node_id"]) > now_ms + 1500
     # liveness is the deadline, not a Redis TTL: an outage of the control plane deletes no node
@@ -66,6 +66,26 @@ def test_heartbeat_pulls_queued_work(http: httpx.Client, creds: dict[str, str]) 
     # cancelling freed the slot and pulled the queue already; the heartbeat reports the cancel
     assert beat(http, reg).json()["cancel"] == [first["job_id"]]
     assert http.get(f"/v1/jobs/{second['job_id']}", headers=bearer(creds["api_key"])).json()["status"] == "assigned"
+
+
+def test_cancel_lists_job_ids_and_stop_lists_gang_attempts_ended_elsewhere(http: httpx.Client,
+                                                                            creds: dict[str, str]) -> None:
+    from tests.functions.test_rendezvous import placed_gang
+
+    job_id, ranks = placed_gang(http, creds)
+    failed = http.post(f"/v1/jobs/{job_id}/progress", headers=bearer(ranks[1]["session_token"]),
+                       json={"attempt": 1, "seq": 1, "status": "failed", "error": "lost GPU", "fault": "node"})
+    assert failed.status_code == 200, failed.text
+    answer = beat(http, ranks[0]).json()  # rank 0 stops attempt 1 only: the job itself goes on
+    assert answer["cancel"] == [] and answer["stop"] == [{"job_id": job_id, "attempt": 1}]
+    assert beat(http, ranks[0]).json()["stop"] == []  # said once
+    job = http.get(f"/v1/jobs/{job_id}", headers=bearer(creds["api_key"])).json()
+    assert job["attempt"] == 2 and job["status"] == "assigned"  # placed again on the same two nodes
+    http.post(f"/v1/jobs/{job_id}/cancel", headers=bearer(creds["api_key"]))
+    by_id = {reg["node_id"]: reg for reg in ranks.values()}
+    first, second = (beat(http, by_id[node_id]).json() for node_id in job["node_ids"])
+    assert (first["cancel"], first["stop"]) == ([job_id], [])  # the job's node (rank 0) hears of the cancel
+    assert (second["cancel"], second["stop"]) == ([], [{"job_id": job_id, "attempt": 2}])  # the other, its attempt
 
 
 def test_lapsed_node_is_reaped_and_its_job_moves(http: httpx.Client, creds: dict[str, str], r: redis.Redis) -> None:
