@@ -16,7 +16,8 @@ Cold processes (``--no-warm-processes``): each job is a fresh interpreter (multi
 
 With a forkserver, the runtime learns a job's exit code from the forkserver: if the forkserver is killed
 (SIGKILL, the OOM killer; it ignores SIGTERM and SIGINT) its running jobs look ended with code 255, are
-reported as node faults and retried, and their processes stop at their next report, which is refused.
+reported as node faults and retried. Their processes die with it (job_process.py sets PR_SET_PDEATHSIG),
+so the next attempt never trains beside an orphan the runtime can neither see nor kill.
 """
 
 from __future__ import annotations

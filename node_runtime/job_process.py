@@ -8,6 +8,7 @@ the OOM killer) is for the runtime to report as a node fault.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -32,6 +33,8 @@ EARLY_STEPS = 3  # out of memory before this many steps: loading the data or the
 RENDEZVOUS_TIMEOUT_S = 120.0  # a gang's ranks wait this long for each other (as the control plane's default)
 RENDEZVOUS_POLL_S = 0.2  # how often a rank > 0 asks whether rank 0 has published its store
 LOG_FLUSH_S = 10.0  # how long the job's log may take to get out before its final report, and at exit
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+OOM_SCORE_ADJ = "1000"  # the OOM killer's first choice on the host: a job process, never its runtime
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -47,7 +50,9 @@ def job_process_main(launch: JobLaunch, control: JobControl) -> None:
     # alone decides when a job stops: its drain asks the job to save its exact position and hand it back.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_forkserver()
     _exit_with_runtime()
+    _first_for_the_oom_killer()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     api = JobApi(launch.api_url, launch.session_token, launch.job_id, launch.attempt, launch.retry_max_s,
@@ -108,6 +113,37 @@ def _exit_with_runtime() -> None:
         os._exit(EXIT_ORPHANED)
 
     threading.Thread(target=watch, name="runtime-watch", daemon=True).start()
+
+
+def _die_with_forkserver() -> None:
+    """A job forked from the forkserver dies with it (Linux; elsewhere nothing changes).
+
+    The runtime learns a forked job's exit only from the forkserver: once the server is gone (SIGKILL, the
+    OOM killer) the job looks ended, its slot is freed and the next job starts there, maybe the next
+    attempt of this very job. A job left running would train beside it unseen, and the runtime could not
+    even kill it (its process handle already holds an exit code)."""
+    warm = sys.modules.get("node_runtime.warm")  # only the forkserver imports it (its preload)
+    server = getattr(warm, "SERVER_PID", None)
+    if server is None or server == os.getpid() or not sys.platform.startswith("linux"):
+        return  # spawned: the runtime is the parent and sees the exit itself
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError) as error:
+        log.warning("this job process cannot be tied to its forkserver: %s", error)
+        return
+    if os.getppid() != server:  # the server died between the fork and the prctl: nobody would signal us
+        os._exit(EXIT_ORPHANED)
+
+
+def _first_for_the_oom_killer() -> None:
+    """Make this process the one the kernel's OOM killer picks over the runtime and the forkserver (jobs
+    are strangers' workloads; the runtime's loss would cost every slot). Raising it needs no privilege."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(OOM_SCORE_ADJ)
+    except OSError:
+        pass  # not Linux, or /proc not mounted: the kernel's own choice (the largest process) stands
 
 
 class JobAttempt:

@@ -21,15 +21,20 @@ It ignores SIGTERM and SIGINT, first of all: ``systemctl stop`` signals every pr
 Ctrl-C every process of the terminal's group, a forkserver killed by either would take the exit codes of
 the running jobs with it, and the drain is the runtime's. (multiprocessing's forkserver ignores SIGINT
 too, but only once its preload is done.) Forked jobs inherit this. The server exits by itself once the
-runtime is gone (the end of multiprocessing's "alive" pipe).
+runtime and its job processes are gone (the end of multiprocessing's "alive" pipe: the runtime holds its
+write end and hands it to every job; jobs exit as soon as the runtime is gone, job_process.py).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+# The forkserver's pid, as the job processes forked from it see it: they die with it (job_process.py).
+SERVER_PID = os.getpid()
 
 
 def _preload() -> None:
