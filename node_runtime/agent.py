@@ -111,6 +111,7 @@ class NodeAgent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         tasks: list[asyncio.Task[None]] = []
+        self.supervisor.start()  # only now: a runtime refused at construction (its name in use) never pays it
         try:
             if not await self._register():
                 return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 from multiprocessing import forkserver
@@ -40,15 +41,36 @@ _STARTING = threading.Lock()
 
 def job_process_context(warm: bool) -> ForkServerContext | SpawnContext:
     """The multiprocessing context job processes start in: spawn, or with ``warm`` the forkserver, which
-    starts now in the background. Its preload takes seconds: registration does not wait for it, and a
-    job that arrives meanwhile waits only for the rest of it."""
+    ``start_forkserver`` starts."""
     if not warm:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    # "__main__": the runtime's main script (cyxwiz's CLI), which every job process imports again
-    context.set_forkserver_preload(["__main__", "node_runtime.warm"])
-    threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
+    context.set_forkserver_preload(forkserver_preload())
     return context
+
+
+def forkserver_preload() -> list[str]:
+    """What the forkserver imports before it forks: the warm-up (first: it makes the server ignore
+    SIGTERM and SIGINT), then the module every job process runs again as its ``__main__``.
+
+    Python's own "__main__" preload does nothing here (3.11 hands the server no main path), so each job
+    would import the runtime's command line code anew: under ``python -m`` that module, by its name; under
+    a console script such as ``cyxwiz`` (a file without a module name, whose ``from cyxwiz.cli import
+    main`` each job runs again), the module its ``main`` comes from."""
+    modules = ["node_runtime.warm"]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None) or getattr(getattr(main, "main", None), "__module__", None)
+    if isinstance(name, str) and name not in ("__main__", "__mp_main__"):
+        modules.append(name)
+    return modules
+
+
+def start_forkserver(context: ForkServerContext | SpawnContext) -> None:
+    """Start the forkserver of a warm context in the background: its preload takes seconds, registration
+    does not wait for it, and a job that arrives meanwhile waits only for the rest of it."""
+    if isinstance(context, ForkServerContext):
+        threading.Thread(target=forkserver.ensure_running, name="forkserver-start", daemon=True).start()
 
 
 class JobProcess:

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from node_runtime.assignments import Assignment
 from node_runtime.device import device_for_slot
-from node_runtime.executor import JobProcess, job_process_context
+from node_runtime.executor import JobProcess, job_process_context, start_forkserver
 from node_runtime.job_control import JobLaunch, StopReason
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Supervisor:
         self.agent = agent
         self.slots = agent.settings.slots
         self.torch_threads = torch_threads
-        self.context = job_process_context(agent.settings.warm_processes)
+        self.context = job_process_context(agent.settings.warm_processes)  # started by start()
         self.jobs: dict[tuple[str, int], RunningJob] = {}
         self.capacity_changed = asyncio.Event()
         self._finishing: set[asyncio.Task[None]] = set()
@@ -85,6 +85,10 @@ class Supervisor:
             await self.capacity_changed.wait()
 
     # --- starting and stopping -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start warming up job processes (the forkserver's preload: seconds, in the background)."""
+        start_forkserver(self.context)
+
     async def start_job(self, reg: Registration, entry: Assignment, assigned_at: float) -> None:
         """Start a job process for ``entry`` in a free slot; ``assigned_at`` is when the runtime took it."""
         slot = self._free_slot()

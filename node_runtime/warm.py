@@ -23,10 +23,14 @@ the running jobs with it, and the drain is the runtime's. (multiprocessing's for
 too, but only once its preload is done.) Forked jobs inherit this. The server exits by itself once the
 runtime and its job processes are gone (the end of multiprocessing's "alive" pipe: the runtime holds its
 write end and hands it to every job; jobs exit as soon as the runtime is gone, job_process.py).
+
+A preload that fails is only a slower start: the server logs it and forks as it is, since a server that
+died of it would fail every job start and be started again, to fail again, for each job.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -50,4 +54,8 @@ def _preload() -> None:
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
 
-_preload()
+try:
+    _preload()
+except Exception:  # noqa: BLE001 - only an optimisation: jobs import what is missing themselves
+    logging.getLogger("cyxwiz.node.warm").warning("preloading the job processes' code failed; each job "
+                                                   "imports what is missing itself", exc_info=True)

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import certifi
 import pytest
 
-from tests.conftest import DIGITS_SPEC
+from tests.conftest import DIGITS_SPEC, REPO
 from tests.node_runtime.api_proxy import ProxiedNodes
-from tests.node_runtime.node_harness import Api, wait_until
+from tests.node_runtime.node_harness import Api, NodeProcess, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -114,3 +118,76 @@ def test_a_killed_forkserver_takes_its_job_processes_with_it(
     assert failed["attempt"] == 1 and "code 255" in failed["error"]  # a node fault, reported by the runtime
     assert node.alive() and node.forkserver_pid() not in (None, server)
     api.cancel(job_id)
+
+
+def _imports(log: str, module: str) -> int:
+    """How many processes imported ``module`` (python -X importtime: one line per import done)."""
+    return len(re.findall(rf"^import time:.*\|\s+{re.escape(module)}\s*$", log, re.MULTILINE))
+
+
+def test_under_the_cyxwiz_command_the_forkserver_preloads_its_module_for_every_job(
+        api: Api, api_url: str, creds: dict[str, str], tmp_path: Path) -> None:
+    """`cyxwiz node` runs as a console script: every job process runs that script again as its __main__,
+    and it imports cyxwiz.cli; the forkserver imports it once, before the first fork."""
+    node = NodeProcess(api_url, creds["join_token"], tmp_path / "node.log", name="cli-node",
+                       extra_env={"PYTHONPROFILEIMPORTTIME": "1", "CYXWIZ_DATA_DIR": str(tmp_path / "data")})
+    assert node.command[1:3] == ["-m", "node_runtime"]
+    node.command = [str(Path(sys.executable).parent / "cyxwiz"), "node", *node.command[3:]]
+    node.start()
+    try:
+        first = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 90)
+        assert first["status"] == "completed", first["error"]
+        before = node.log()
+        assert _imports(before, "cyxwiz.cli") == 2, before[-3000:]  # the runtime, and its forkserver
+        second = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 90)
+        assert second["status"] == "completed", second["error"]
+        assert _imports(node.log()[len(before):], "cyxwiz.cli") == 0  # the second job imported nothing of it
+    finally:
+        node.stop()
+
+
+def test_a_preload_that_fails_costs_the_jobs_their_warm_start_only(
+        api: Api, start_node: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    """The preload builds the default TLS context, which a bad SSL_CERT_FILE breaks; this node's jobs use
+    its --ca-file. A server dead of its preload would fail every job start, and be started again for each."""
+    node = start_node(extra_args=["--ca-file", certifi.where()],
+                      extra_env={"SSL_CERT_FILE": str(tmp_path / "missing.pem")})
+    for _ in range(2):
+        job = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 90)
+        assert job["status"] == "completed" and job["attempt"] == 1, job["error"]
+    assert "preloading the job processes' code failed" in node.log()
+    assert node.forkserver_pid() is not None
+
+
+REFUSED_RUNTIME = r"""
+import argparse, os, sys, threading
+from node_runtime.agent import NodeAgent
+from node_runtime.identity import identity_path, lock_identity
+from node_runtime.settings import add_node_arguments, settings_from_args
+from tests.node_runtime.node_harness import child_pids
+
+parser = argparse.ArgumentParser()
+add_node_arguments(parser)
+settings = settings_from_args(parser.parse_args(["--api", "http://127.0.0.1:9", "--join-token", "t",
+                                                 "--data-dir", sys.argv[1], "--name", "taken"]), env={})
+held = lock_identity(identity_path(settings.state_dir, settings.name))  # another runtime of that name
+assert held is not None
+try:
+    NodeAgent(settings)
+except RuntimeError as error:
+    print("refused:", error)
+for thread in threading.enumerate():
+    if thread is not threading.main_thread():
+        thread.join()
+print("children:", child_pids(os.getpid()))
+"""
+
+
+def test_a_runtime_refused_for_its_name_starts_no_forkserver(tmp_path: Path) -> None:
+    """A second runtime of a name is refused as it is constructed: it must not pay the preload (seconds of
+    a core) nor leave a forkserver behind."""
+    run = subprocess.run([sys.executable, "-c", REFUSED_RUNTIME, str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "refused: another node runtime named 'taken'" in run.stdout
+    assert "children: []" in run.stdout, run.stdout
