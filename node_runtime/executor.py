@@ -27,6 +27,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext, SpawnContext
 
@@ -34,9 +36,24 @@ from node_runtime.job_control import JobControl, JobLaunch, StopReason
 from node_runtime.job_process import EXIT_ORPHANED, EXIT_UNSETTLED, job_process_main
 
 # Process.start() runs in a thread (the first fork waits for the forkserver's preload: seconds), while the
-# event loop polls exit codes. Both read the same pipes (starting reaps finished children's codes), and a
-# code read twice is lost, so they never overlap: the loop's poll skips a round while a start holds this.
-_STARTING = threading.Lock()
+# event loop polls exit codes. Both read the same pipes (starting polls the other children too), and a code
+# read twice is lost, so they never overlap: a start holds this lock, and the loop reads exit codes (and
+# sends kills) only in ``exit_codes_readable``, skipping its round while a start is under way.
+_STARTING = threading.RLock()
+
+
+@contextmanager
+def exit_codes_readable() -> Iterator[bool]:
+    """Yield True, holding off job starts meanwhile, if no job process is starting now; else False. Only
+    while True can an exit be seen, and only then is a running job's pid surely still its own: the
+    forkserver reaps a forked job at once, and the kernel may give its pid to another process."""
+    if not _STARTING.acquire(blocking=False):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _STARTING.release()
 
 
 def job_process_context(warm: bool) -> ForkServerContext | SpawnContext:
@@ -87,6 +104,7 @@ class JobProcess:
         self.stop_requested_at: float | None = None
         self.killed_for: str | None = None  # why the runtime killed it, when it did
         self.killed_fault = "node"  # whose fault that kill was: "job" past its memory or wall-clock limit
+        self._kill_asked: tuple[str, str] | None = None  # (why, fault) of a kill not yet sent
 
     @property
     def pid(self) -> int | None:
@@ -132,20 +150,29 @@ class JobProcess:
     @property
     def exitcode(self) -> int | None:
         """None while it runs (and before it has started, and while another job process is starting)."""
-        if self._exitcode is None and _STARTING.acquire(blocking=False):
-            try:
-                self._exitcode = self.process.exitcode
-            finally:
-                _STARTING.release()
+        if self._exitcode is None:
+            with exit_codes_readable() as readable:
+                if readable:
+                    self._exitcode = self.process.exitcode
         return self._exitcode
 
     def kill(self, why: str, fault: str = "node") -> None:
         """SIGKILL: for a job that ignores a stop request, hangs (the node's problem, as far as anyone
-        can tell) or outgrows its limits (``fault`` "job")."""
-        if self.pid is not None and self.exitcode is None:
-            self.killed_for = why
-            self.killed_fault = fault
-            self.process.kill()
+        can tell) or outgrows its limits (``fault`` "job"). Asked while this or another job process is
+        starting, it is sent once the start is over (the next ``kill_if_asked``): until then neither its
+        exit nor its pid can be trusted."""
+        if self._kill_asked is None:
+            self._kill_asked = (why, fault)
+        self.kill_if_asked()
+
+    def kill_if_asked(self) -> None:
+        """Send the SIGKILL ``kill`` asked for, if the process is still running and it can tell."""
+        if self._kill_asked is None or self.pid is None:
+            return
+        with exit_codes_readable() as readable:
+            if readable and self.exitcode is None:
+                self.killed_for, self.killed_fault = self._kill_asked
+                self.process.kill()
 
     def rss_mb(self) -> int | None:
         """The process's resident memory in MiB (Linux /proc), or None when it cannot be read. A forked

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from node_runtime.assignments import Assignment
 from node_runtime.device import device_for_slot
-from node_runtime.executor import JobProcess, job_process_context, start_forkserver
+from node_runtime.executor import JobProcess, exit_codes_readable, job_process_context, start_forkserver
 from node_runtime.job_control import JobLaunch, StopReason
 
 if TYPE_CHECKING:
@@ -159,21 +159,29 @@ class Supervisor:
     async def watch_forever(self) -> None:
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
-            for job in list(self.jobs.values()):
-                if job.finishing or job.process.starting:
+            with exit_codes_readable() as readable:
+                # while a job process starts (seconds, while the forkserver preloads) no exit can be seen:
+                # a job that ended meanwhile must not be judged, nor a pid the forkserver reaped be killed
+                if readable:
+                    self._watch_round()
+
+    def _watch_round(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.finishing or job.process.starting:
+                continue
+            try:
+                if not job.process.ended():
+                    job.process.kill_if_asked()  # a kill asked for while a job process was starting
+                    self._enforce_limits(job)
                     continue
-                try:
-                    if not job.process.ended():
-                        self._enforce_limits(job)
-                        continue
-                except Exception:  # a bug must not stop the watch over the other jobs
-                    log.exception("%s: unexpected error while watching it", job.name)
-                    continue
-                job.finishing = True
-                self.capacity_changed.set()
-                task = asyncio.create_task(self._finish(job), name=f"finish {job.name}")
-                self._finishing.add(task)
-                task.add_done_callback(self._finishing.discard)
+            except Exception:  # a bug must not stop the watch over the other jobs
+                log.exception("%s: unexpected error while watching it", job.name)
+                continue
+            job.finishing = True
+            self.capacity_changed.set()
+            task = asyncio.create_task(self._finish(job), name=f"finish {job.name}")
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
 
     def _enforce_limits(self, job: RunningJob) -> None:
         process, settings = job.process, self.agent.settings

@@ -120,6 +120,58 @@ def test_a_killed_forkserver_takes_its_job_processes_with_it(
     api.cancel(job_id)
 
 
+# A kill asked while another job process is starting. The forkserver is stopped (SIGSTOP), as it is busy
+# while it preloads: the second start waits for it, holding the pipes the runtime reads exit codes from.
+KILL_DURING_A_START = r"""
+import os, signal, sys, threading, time
+from node_runtime.executor import JobProcess, exit_codes_readable, job_process_context, start_forkserver
+from node_runtime.job_control import JobLaunch
+from tests.node_runtime.node_harness import child_pids, wait_until
+
+def launch(job_id):  # an API that is not there: the job retries its first calls until it is killed
+    return JobLaunch(job_id=job_id, attempt=1, spec={}, node_id="n-test", api_url="http://127.0.0.1:9",
+                     ca_file=None, session_token="t", device="cpu", torch_threads=1, data_root=None,
+                     allow_http=False, assigned_at=time.monotonic(), retry_max_s=0.5)
+
+context = job_process_context(True)
+start_forkserver(context)
+running = JobProcess(launch("j-running"), context)
+running.start()
+assert running.start_error is None and running.exitcode is None, running.describe_exit()
+[server] = [p for p in child_pids(os.getpid()) if b"forkserver" in open(f"/proc/{p}/cmdline", "rb").read()]
+os.kill(server, signal.SIGSTOP)
+starting = JobProcess(launch("j-starting"), context)
+thread = threading.Thread(target=starting.start)
+thread.start()
+
+def start_under_way():
+    with exit_codes_readable() as readable:
+        return not readable
+
+wait_until(start_under_way, 30, what="the second start to wait for the forkserver")
+running.kill("asked during a start")
+print("during the start:", running.killed_for, running.exitcode)
+os.kill(server, signal.SIGCONT)
+thread.join()
+running.kill_if_asked()  # the supervisor's next watch round
+code = wait_until(lambda: running.exitcode, 30, what="the running job to be killed")
+print("after the start:", code, running.describe_exit())
+starting.kill("the test is over")
+wait_until(lambda: starting.exitcode, 30, what="the second job to be killed")
+"""
+
+
+def test_a_kill_asked_while_another_job_process_starts_waits_for_the_start() -> None:
+    """While a start holds the forkserver's pipes no exit can be read, so a pid may be one the forkserver
+    reaped (and the kernel handed on): the kill is not sent then, but as soon as the start is over."""
+    run = subprocess.run([sys.executable, "-c", KILL_DURING_A_START], cwd=REPO, capture_output=True, text=True,
+                         timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "during the start: None None", run.stdout
+    assert lines[1] == ("after the start: -9 the job process was killed by the node runtime: asked during a start")
+
+
 def _imports(log: str, module: str) -> int:
     """How many processes imported ``module`` (python -X importtime: one line per import done)."""
     return len(re.findall(rf"^import time:.*\|\s+{re.escape(module)}\s*$", log, re.MULTILINE))
