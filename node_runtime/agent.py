@@ -443,6 +443,8 @@ class NodeAgent:
             return
         removed = await self._deregister(reg, slack_s=0.0) == "removed"
         self.supervisor.stop_all(StopReason.DRAIN)
+        log.info("asked %d job process(es) to stop at their next step and hand their jobs back",
+                 len(self.supervisor.jobs))
         if not removed:
             await self._hand_back_unread(reg)
         await self.supervisor.wait_idle(self.drain_deadline - time.monotonic() + 10)

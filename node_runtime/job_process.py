@@ -18,12 +18,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node_runtime.api import STOP_CODES, ApiRefused, ApiUnavailable, JobApi
 from node_runtime.job_control import JobControl, JobLaunch, StopReason
 from node_runtime.log_shipper import LogShipper, capture_output
 from node_runtime.progress_sender import CHECKPOINT_ARTIFACT, ProgressSender, checkpoint_step
+
+if TYPE_CHECKING:
+    from node_runtime.training.context import Distributed
 
 log = logging.getLogger("cyxwiz.node.job")
 MODEL_ARTIFACT = "model.safetensors"
@@ -31,7 +34,7 @@ EXIT_ORPHANED = 70  # the runtime died: this attempt will be requeued once the n
 EXIT_UNSETTLED = 71  # ended with no outcome in the control plane's hands: the runtime reports a node fault
 EARLY_STEPS = 3  # out of memory before this many steps: loading the data or the first batches did it
 RENDEZVOUS_TIMEOUT_S = 120.0  # a gang's ranks wait this long for each other (as the control plane's default)
-RENDEZVOUS_POLL_S = 0.2  # how often a rank > 0 asks whether rank 0 has published its store
+RENDEZVOUS_POLL_S = (0.2, 2.0)  # a rank > 0 asks whether rank 0 published its store: first wait, longest wait
 LOG_FLUSH_S = 10.0  # how long the job's log may take to get out before its final report, and at exit
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 OOM_SCORE_ADJ = "1000"  # the OOM killer's first choice on the host: a job process, never its runtime
@@ -176,7 +179,7 @@ class JobAttempt:
         except ApiUnavailable:
             return  # stopped while the API was away
         if self.control.stop_reason != StopReason.NONE:
-            return self._stopped()
+            return self._stopped(trained=False)
         ctx = TrainingContext(
             report=self._progress, should_stop=self._should_stop, save_checkpoint=self._checkpoint,
             initial_checkpoint=checkpoint, data_root=Path(self.launch.data_root) if self.launch.data_root else None,
@@ -211,9 +214,7 @@ class JobAttempt:
             reason = StopReason(max(int(self.control.stop_reason), result.stop_reason))
             return self._stopped(result.epoch, result.step, result.total_steps, reason)
         if self.rank > 0:  # rank 0 uploads the weights and reports the outcome for the gang
-            log.info("%s: rank %d done", self.job, self.rank)
-            self.settled = True
-            return
+            return self._leave_it_to_rank_0("done")
         log.info("%s trained in %.1f s: %s", self.job, time.monotonic() - started,
                  {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
         self.sender.flush()
@@ -263,7 +264,7 @@ class JobAttempt:
         return self.control.stop_reason != StopReason.NONE
 
     # --- the rendezvous of a multi-node job (docs/distributed.md) -------------------------------
-    def _distributed(self) -> Any:
+    def _distributed(self) -> Distributed | None:
         if not self.distributed:
             return None
         from node_runtime.training.context import Distributed
@@ -276,27 +277,39 @@ class JobAttempt:
         self.api.retrying(lambda: self.api.rendezvous(0, port=port), give_up=self._abandoned)
 
     def _find_master(self, timeout_s: float) -> tuple[str, int]:
-        """Arrive, then poll until rank 0 has published its store; RendezvousTimeout past the deadline."""
+        """Arrive, then poll until rank 0 has published its store; RendezvousTimeout past the deadline
+        (also while the API is unavailable: each call is retried, honouring Retry-After, until then)."""
         from node_runtime.training.context import RendezvousTimeout
 
         deadline = time.monotonic() + timeout_s
-        state = self.api.retrying(lambda: self.api.rendezvous(self.rank), give_up=self._abandoned)
-        while not state.get("master"):
-            if time.monotonic() > deadline or self._abandoned():
-                raise RendezvousTimeout(f"rank 0 did not publish its store within {timeout_s:.0f} s")
-            time.sleep(RENDEZVOUS_POLL_S)
-            try:
-                state = self.api.read_rendezvous(self.rank)
-            except ApiUnavailable:
-                continue
+
+        def give_up() -> bool:
+            return self._abandoned() or time.monotonic() > deadline
+
+        wait_s, longest_s = RENDEZVOUS_POLL_S
+        try:
+            state = self.api.retrying(lambda: self.api.rendezvous(self.rank), give_up=give_up)
+            while not state.get("master"):
+                if give_up():
+                    break
+                time.sleep(max(0.0, min(wait_s, deadline - time.monotonic())))
+                wait_s = min(2 * wait_s, longest_s)
+                state = self.api.retrying(lambda: self.api.read_rendezvous(self.rank), give_up=give_up)
+        except ApiUnavailable as error:
+            raise RendezvousTimeout(f"the control plane did not answer before the deadline ({error})") from error
+        if not state.get("master"):
+            raise RendezvousTimeout(f"rank 0 did not publish its store within {timeout_s:.0f} s")
         host, _, port = str(state["master"]).rpartition(":")
         return host.strip("[]"), int(port)
 
     def _say_ready(self) -> None:
+        """Tell the control plane this rank's process group formed (its deadline counts the ranks that did)."""
         try:
-            self.api.rendezvous(self.rank, ready=True)
-        except (ApiUnavailable, ApiRefused) as error:  # the deadline then speaks for it; training goes on
-            log.warning("%s: could not say rank %d is ready: %s", self.job, self.rank, error)
+            self.api.retrying(lambda: self.api.rendezvous(self.rank, ready=True), give_up=self._abandoned)
+        except ApiRefused as refusal:  # the attempt is over (stale, cancelled): the next stop check ends it
+            self._refused(refusal)
+        except ApiUnavailable:
+            pass  # given up: the attempt is no longer ours
 
     def _checkpoint(self, data: bytes) -> None:
         if self.control.stop_reason < StopReason.CANCEL:  # a cancelled or lost attempt keeps nothing
@@ -313,18 +326,28 @@ class JobAttempt:
         return self.control.stop_reason >= StopReason.CANCEL
 
     def _stopped(self, epoch: int = 0, step: int = 0, total_steps: int = 0,
-                 reason: StopReason | None = None) -> None:
+                 reason: StopReason | None = None, trained: bool = True) -> None:
+        """Stopped before the next step (``trained``) or before training began."""
         reason = self.control.stop_reason if reason is None else reason
-        if self.rank > 0:  # rank 0 hands a gang's job back
-            log.info("%s: rank %d stopped at step %d (%s)", self.job, self.rank, step, reason.name.lower())
-            self.settled = True
-            return
+        if self.rank > 0 and reason == StopReason.DRAIN and not trained:
+            # the gang has not formed, so rank 0 cannot stop with it and hand the job back: this rank does
+            # (no attempt spent), or the rendezvous deadline would fail the attempt as this node's fault
+            log.info("%s: rank %d stopped before training for the node's shutdown; handing it back",
+                     self.job, self.rank)
+            return self._final({"status": "queued"})
+        if self.rank > 0:  # rank 0 saved the gang's position and hands the job back
+            return self._leave_it_to_rank_0(f"stopped at step {step} ({reason.name.lower()})")
         if reason == StopReason.DRAIN:
             self.sender.flush()  # the checkpoint of the exact position is uploaded before the hand-back
             log.info("%s stopped at step %d for the node's shutdown; handing it back", self.job, step)
             self._final({"status": "queued", "epoch": epoch, "step": step, "total_steps": total_steps})
         else:
             log.info("%s stopped at step %d (%s)", self.job, step, reason.name.lower())
+
+    def _leave_it_to_rank_0(self, what: str) -> None:
+        """A rank > 0 ends quietly: rank 0 reports the gang's outcome (completed, handed back)."""
+        log.info("%s: rank %d %s", self.job, self.rank, what)
+        self.settled = True
 
     def _final(self, body: dict[str, Any]) -> None:
         """Send a final report after everything queued before it; retried until delivered or refused."""
