@@ -244,8 +244,6 @@ class JobAttempt:
     def _progress(self, progress: dict[str, Any]) -> None:
         self.control.mark_step()
         metrics = {**finite_metrics(progress["metrics"]), "resumed_from_step": self.resumed_from_step}
-        if self.startup_s is not None:
-            metrics["startup_s"] = self.startup_s
         if self.sender.checkpoint_step is not None:
             metrics["checkpoint_step"] = self.sender.checkpoint_step
         report = {"status": "running", **progress, "metrics": metrics}
@@ -257,6 +255,7 @@ class JobAttempt:
         """Called by the training loop before each step (and validation batch)."""
         if self.startup_s is None:  # the first call: the job is ready to take its first step
             self.startup_s = round(time.monotonic() - self.launch.assigned_at, 3)
+            self.sender.send_once({"startup_s": self.startup_s})  # with the next report that gets through
             if self.distributed:  # and a gang's process group has formed
                 self._say_ready()
         self.steps += 1

@@ -28,6 +28,7 @@ class ProgressSender:
         self.api, self.control, self.on_refused = api, control, on_refused
         self._changed = threading.Condition()
         self._report: dict[str, Any] | None = None
+        self._once: dict[str, Any] = {}  # metrics for the next report delivered, and no other
         self._checkpoint: bytes | None = None
         self._in_flight = False
         self._closed = False
@@ -43,6 +44,12 @@ class ProgressSender:
         with self._changed:
             self._report = report
             self._changed.notify_all()
+
+    def send_once(self, metrics: dict[str, Any]) -> None:
+        """Add ``metrics`` to the next progress report that gets through, and to no later one (a report
+        replaced before it was sent passes them on to the one that replaced it)."""
+        with self._changed:
+            self._once.update(metrics)
 
     def save_checkpoint(self, data: bytes) -> None:
         """Queue a checkpoint upload (replacing one not yet uploaded); returns at once."""
@@ -98,8 +105,16 @@ class ProgressSender:
                     self._changed.notify_all()
 
     def _send_report(self, report: dict[str, Any]) -> None:
+        with self._changed:
+            once = dict(self._once)
+        if once:
+            report = {**report, "metrics": {**report.get("metrics", {}), **once}}
         self._deliver(lambda: self.api.report({**report, "seq": self.control.next_seq()}),
                       superseded=lambda: self._report is not None)
+        with self._changed:
+            for name, value in once.items():
+                if self._once.get(name) == value:
+                    del self._once[name]
 
     def _upload_checkpoint(self, data: bytes) -> None:
         self._deliver(lambda: self.api.upload(CHECKPOINT_ARTIFACT, data),
