@@ -213,6 +213,9 @@ class NodeAgent:
             reg = Registration(**saved)
         except TypeError:
             return False
+        if "address" not in saved:
+            await self._leave_stale(reg)
+            return False
         backoff = Backoff(0.5, self.settings.retry_max_s)
         while not self.shutdown.is_set():
             try:
@@ -237,6 +240,21 @@ class NodeAgent:
             self.supervisor.capacity_changed.set()
             return True
         return False
+
+    async def _leave_stale(self, reg: Registration) -> None:
+        """Give up a saved registration this runtime cannot be (one saved before registrations kept the
+        node's address: its gang ranks would not know where the others reach them). DELETE makes it draining,
+        and a draining registration gives way to a new one of its name at once, its jobs going back to the
+        queue; else the new registration would wait for the old one's heartbeat to lapse."""
+        log.info("node %s of an earlier run was saved without its address; leaving it and registering afresh",
+                 reg.node_id)
+        assert self.identity is not None
+        forget_identity(self.identity)
+        try:
+            await retry_async(lambda: self.api.deregister(reg.node_id, reg.token), give_up=self.shutdown.is_set,
+                              backoff=self._backoff())
+        except (ApiRefused, ApiUnavailable) as exc:  # gone already, or the API is away: registering decides
+            log.info("leaving node %s: %s", reg.node_id, exc)
 
     async def _heartbeat_forever(self) -> None:
         loop = asyncio.get_running_loop()
