@@ -302,13 +302,18 @@ class JobAttempt:
         return host.strip("[]"), int(port)
 
     def _say_ready(self) -> None:
-        """Tell the control plane this rank's process group formed (its deadline counts the ranks that did)."""
+        """Tell the control plane this rank's process group formed (its deadline counts the ranks that did).
+        Retried while the API is unavailable, for as long as the rendezvous may take: by then the control
+        plane has decided without it, and training goes on until told to stop."""
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
         try:
-            self.api.retrying(lambda: self.api.rendezvous(self.rank, ready=True), give_up=self._abandoned)
+            self.api.retrying(lambda: self.api.rendezvous(self.rank, ready=True),
+                              give_up=lambda: self._abandoned() or time.monotonic() > deadline)
         except ApiRefused as refusal:  # the attempt is over (stale, cancelled): the next stop check ends it
             self._refused(refusal)
-        except ApiUnavailable:
-            pass  # given up: the attempt is no longer ours
+        except ApiUnavailable as error:
+            if not self._abandoned():
+                log.warning("%s: could not say rank %d is ready: %s", self.job, self.rank, error)
 
     def _checkpoint(self, data: bytes) -> None:
         if self.control.stop_reason < StopReason.CANCEL:  # a cancelled or lost attempt keeps nothing
