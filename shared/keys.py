@@ -216,8 +216,9 @@ JOBS_DEADLINE = PREFIX + "deadline:jobs"  # ZSET job_id -> ms by which it must e
 
 
 def tenant_key(tenant: str) -> str:
-    """Hash: an admin's limits for one tenant (``max_queued_jobs``, ``max_running_jobs``); absent
-    fields take the settings' defaults."""
+    """Hash: an admin's limits for one tenant (``max_queued_jobs``, ``max_running_jobs``; absent fields
+    take the settings' defaults) and ``gang_extra_slots``, the node slots its multi-node jobs hold beyond
+    one each, counted toward ``max_running_jobs`` (kept by the scripts)."""
     return PREFIX + "tenant:" + tenant
 JOB_SEQ = PREFIX + "seq:jobs"  # STRING counter: creation order; also the listing cursor
 
