@@ -255,3 +255,12 @@ def serve_on(host_ip: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]
     finally:
         serve.terminate()
         serve.wait(30)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

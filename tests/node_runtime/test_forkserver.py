@@ -19,19 +19,11 @@ import pytest
 
 from tests.conftest import DIGITS_SPEC, REPO
 from tests.node_runtime.api_proxy import ProxiedNodes
-from tests.node_runtime.node_harness import Api, NodeProcess, wait_until
+from tests.node_runtime.node_harness import Api, NodeProcess, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 DATASET_HOST = "127.0.0.2"  # loopback, but not 127.0.0.1: the address a node's operator allows
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 class DrippingDataset:
@@ -109,7 +101,7 @@ def test_a_killed_forkserver_takes_its_job_processes_with_it(
                       and (seen.body or {}).get("status") == "failed")
     os.kill(server, signal.SIGKILL)
     assert lost.arrived.wait(60)  # the runtime saw the job end and reports it
-    wait_until(lambda: not _alive(pid), 30, what="the job process to die with its forkserver")
+    wait_until(lambda: not process_alive(pid), 30, what="the job process to die with its forkserver")
     lost.release.set()
     wait_until(lambda: dripping.requests >= 2, 90, what="the next attempt to download the dataset")
     job = api.job(job_id)

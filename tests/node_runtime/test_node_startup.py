@@ -21,17 +21,9 @@ from node_runtime.device import nvidia_driver_present
 from node_runtime.settings import add_node_arguments, settings_from_args
 from node_runtime.supervisor import BASE_MEMORY_MB
 from tests.conftest import DIGITS_SPEC, REPO
-from tests.node_runtime.node_harness import Api, NodeProcess, long_digits, wait_until
+from tests.node_runtime.node_harness import Api, NodeProcess, long_digits, process_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _status(pid: int, field: str) -> str:
@@ -76,10 +68,10 @@ def test_a_warm_job_runs_in_a_process_of_its_own_forked_from_the_preloaded_serve
 
     job = api.wait_status(job_id, ("completed", "failed"), 90)
     assert job["status"] == "completed", job["error"]
-    wait_until(lambda: not _alive(pid), 10, what="the job process to exit")
+    wait_until(lambda: not process_alive(pid), 10, what="the job process to exit")
     startup = _startup_seconds(api, job_id)
     assert len(startup) == 1 and isinstance(startup[0], float) and startup[0] > 0  # sent once per attempt
-    assert _alive(server) and node.alive()
+    assert process_alive(server) and node.alive()
 
 
 def test_cold_job_processes_are_spawned_and_report_startup_s(
@@ -107,7 +99,7 @@ def test_a_killed_warm_job_takes_neither_the_runtime_nor_the_forkserver_down(
     assert job["status"] == "completed" and job["attempt"] == 2, job["error"]
     [failed] = [e for e in api.events(job_id) if e["status"] == "failed"]
     assert "SIGKILL" in str(failed["error"])
-    assert node.alive() and node.forkserver_pid() == server and server is not None and _alive(server)
+    assert node.alive() and node.forkserver_pid() == server and server is not None and process_alive(server)
 
     next_job = api.wait_status(api.submit(DIGITS_SPEC), ("completed", "failed"), 60)
     assert next_job["status"] == "completed", next_job["error"]
@@ -126,7 +118,7 @@ def test_a_killed_forkserver_costs_its_running_job_one_attempt_and_is_started_ag
     os.kill(server, signal.SIGKILL)
     job = api.wait_status(job_id, ("completed", "failed"), 90)
     assert job["status"] == "completed" and job["attempt"] == 2, job["error"]
-    wait_until(lambda: not _alive(pid), 30, what="the first attempt's process to stop")
+    wait_until(lambda: not process_alive(pid), 30, what="the first attempt's process to stop")
     assert node.alive() and node.forkserver_pid() not in (None, server)
 
 
@@ -143,7 +135,7 @@ def test_sigkill_of_the_runtime_ends_its_job_process_and_the_forkserver(
     node.wait(10)
     # neither trains on nor waits for a node that is gone: the job is requeued once the node's TTL lapses
     left = [pid, server] if server is not None else [pid]
-    wait_until(lambda: not any(_alive(p) for p in left), 10, what="the job process and the forkserver to exit")
+    wait_until(lambda: not any(process_alive(p) for p in left), 10, what="the job process and the forkserver to exit")
 
 
 def test_the_warm_processes_setting() -> None:
